@@ -1,0 +1,123 @@
+"""The accelerator interface and the per-run object that holds the active accelerators.
+
+An `Accelerator` sees every sub-attention and every block chain of a model call through the SCM
+dispatch (`dispatch.py`) and may answer it from its cache, narrow it, or pass it on. Its state is
+kept per stream (cond, uncond, or both batched), since ComfyUI may evaluate them in separate calls
+whose activations must never mix.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..dispatch import SCMDispatch
+from ..layout import SCMLayout
+from ..run import StepInfo, schedule_position
+from .stats import RunStats
+
+
+class Accelerator:
+    """Pass-through behaviour; subclasses override what they accelerate."""
+
+    name = "accelerator"
+    state_class: Callable = None  # a class with reset(); one instance per stream
+
+    def __init__(self):
+        self.streams: dict = {}
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything: called at the start and end of every run, on interrupt, and when
+        a stream's shape, dtype or device changes."""
+        for st in self.streams.values():
+            st.reset()
+        self.streams.clear()
+
+    def state(self, dispatch: SCMDispatch):
+        key = dispatch.step.stream if dispatch.step is not None else "default"
+        st = self.streams.get(key)
+        if st is None:
+            st = self.streams[key] = self.state_class()
+        return st
+
+    def begin_call(self, dispatch: SCMDispatch) -> None:
+        pass
+
+    def end_call(self, dispatch: SCMDispatch) -> None:
+        pass
+
+    def cache_bytes(self) -> int:
+        return sum(getattr(st, "nbytes", lambda: 0)() for st in self.streams.values())
+
+    # --- behaviour ------------------------------------------------------------------------
+    def attend(self, dispatch: SCMDispatch, block: int, axis: str, seqs: torch.Tensor,
+               index: Optional[torch.Tensor], nxt) -> torch.Tensor:
+        return nxt(seqs, index)
+
+    def chain(self, dispatch: SCMDispatch, block: int, x: torch.Tensor, nxt) -> torch.Tensor:
+        return nxt(x)
+
+    def summary(self) -> dict:
+        return {}
+
+
+class Turbo4DRun:
+    """One sampling run: the accelerators in order, their counters, and the per-call dispatch.
+
+    `begin()` and `end()` bracket a run (the ComfyUI adapter calls them from an OUTER_SAMPLE
+    wrapper, inside try/finally, so an interrupted run leaves no cache behind)."""
+
+    def __init__(self, accelerators: Sequence[Accelerator] = (), backend: str = "sdpa"):
+        self.accelerators = list(accelerators)
+        self.backend = backend
+        self.stats: Optional[RunStats] = None
+        self._calls: dict = {}
+        self._signature: dict = {}
+
+    def begin(self) -> None:
+        for a in self.accelerators:
+            a.reset()
+        self.stats = None
+        self._calls.clear()
+        self._signature.clear()
+
+    def dispatch(self, layout: SCMLayout, sigma: float, sample_sigmas=None, stream: str = "default",
+                 dtype=None, device=None, blocks: int = 0, cost: Optional[dict] = None) -> SCMDispatch:
+        if self.stats is None:
+            self.stats = RunStats(blocks=blocks, cost=dict(cost or {}))
+        sig = (layout, dtype, str(device))
+        if self._signature.get(stream, sig) != sig:
+            # A new shape, dtype or device makes every cached activation of this stream invalid.
+            for a in self.accelerators:
+                st = a.streams.pop(stream, None)
+                if st is not None:
+                    st.reset()
+            self._calls[stream] = 0
+        self._signature[stream] = sig
+        index = self._calls.get(stream, 0)
+        self._calls[stream] = index + 1
+        percent, total = schedule_position(sigma, sample_sigmas)
+        step = StepInfo(index=index, sigma=float(sigma), percent=percent, total=total, stream=stream)
+        d = SCMDispatch(layout, step, self.accelerators, backend=self.backend, stats=self.stats)
+        self.stats.begin_call(step, layout)
+        for a in self.accelerators:
+            a.begin_call(d)
+        return d
+
+    def end_call(self, dispatch: SCMDispatch) -> None:
+        for a in self.accelerators:
+            a.end_call(dispatch)
+        if self.stats is not None:
+            self.stats.cache_memory(sum(a.cache_bytes() for a in self.accelerators))
+
+    def end(self, peak_memory_bytes: Optional[int] = None) -> RunStats:
+        stats = self.stats or RunStats()
+        stats.finish(peak_memory_bytes)
+        for a in self.accelerators:
+            stats.__dict__.setdefault("accelerators", {})[a.name] = a.summary()
+            a.reset()  # free the cache memory now, not at the next run
+        self._calls.clear()
+        self._signature.clear()
+        self.stats = stats
+        return stats

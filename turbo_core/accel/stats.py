@@ -1,0 +1,150 @@
+"""What happened in one sampling run, for the log, the nodes' outputs and the GUI.
+
+Counts are taken where the work happens (the dispatch and the accelerators), so the figures a user
+sees are the work that was really done, not a prediction.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..layout import AXES
+
+# Cell states of the steps x blocks map, in order of precedence.
+RAN, PRUNED, CACHED, BYPASSED = "ran", "pruned", "cached", "bypassed"
+
+
+@dataclass
+class RunStats:
+    """Counters of one run. `cost` maps "spatial"/"camera"/"motion" to FLOPs per sequence and
+    "mlp" to FLOPs per image chain, from the network's cost model; it turns counts into a
+    compute fraction."""
+
+    blocks: int = 0
+    cost: dict = field(default_factory=dict)
+    calls: int = 0
+    chains_ran: int = 0
+    chains_bypassed: int = 0
+    sequences_total: dict = field(default_factory=lambda: defaultdict(int))
+    sequences_computed: dict = field(default_factory=lambda: defaultdict(int))
+    sequences_reused: dict = field(default_factory=lambda: defaultdict(int))
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_bytes_peak: int = 0
+    # per model call: {"step", "sigma", "stream", "cells": {block: state}, "signal": {...}}
+    timeline: list = field(default_factory=list)
+    flops_full: float = 0.0
+    flops_done: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0
+    peak_memory_bytes: Optional[int] = None
+
+    # --- recording --------------------------------------------------------------------------
+    def begin_call(self, step, layout) -> None:
+        self.calls += 1
+        self.timeline.append({"step": step.index, "sigma": step.sigma, "percent": step.percent,
+                              "stream": step.stream, "cells": {}, "signal": {}})
+        images = layout.images
+        for axis in AXES:
+            n = layout.axis_shape(axis)[0] * self.blocks
+            self.sequences_total[axis] += n
+            self.flops_full += n * self.cost.get(axis, 0.0)
+        self.flops_full += images * self.blocks * self.cost.get("mlp", 0.0)
+
+    def _cell(self, block: int, state: str) -> None:
+        if not self.timeline:
+            return
+        cells = self.timeline[-1]["cells"]
+        order = (RAN, PRUNED, CACHED, BYPASSED)
+        old = cells.get(block)
+        # A block that ran some sub-attention in full stays "ran"; "pruned" and "cached" mark a
+        # block where part of the work was skipped; "bypassed" means none of it ran.
+        if old is None or order.index(state) < order.index(old):
+            cells[block] = state
+
+    def chain_ran(self, step, block: int) -> None:
+        self.chains_ran += 1
+
+    def chain_bypassed(self, step, block: int, images: int) -> None:
+        self.chains_bypassed += 1
+        self._cell(block, BYPASSED)
+
+    def mlp_ran(self, images: int) -> None:
+        self.flops_done += images * self.cost.get("mlp", 0.0)
+
+    def attention_ran(self, step, block: int, axis: str, computed: int, total: int) -> None:
+        self.sequences_computed[axis] += computed
+        self.flops_done += computed * self.cost.get(axis, 0.0)
+        self._cell(block, RAN if computed == total else PRUNED)
+
+    def attention_reused(self, block: int, axis: str, sequences: int, whole: bool) -> None:
+        self.sequences_reused[axis] += sequences
+        if whole:
+            self.cache_hits += 1
+            self._cell(block, CACHED)
+        else:
+            self._cell(block, PRUNED)
+
+    def signal(self, name: str, value: float, threshold: Optional[float] = None) -> None:
+        """A change signal and the threshold it was compared with, for the report's plot."""
+        if self.timeline:
+            self.timeline[-1]["signal"].setdefault(name, []).append(
+                (float(value), None if threshold is None else float(threshold)))
+
+    def cache_memory(self, nbytes: int) -> None:
+        self.cache_bytes_peak = max(self.cache_bytes_peak, int(nbytes))
+
+    # --- reading ----------------------------------------------------------------------------
+    def finish(self, peak_memory_bytes: Optional[int] = None) -> "RunStats":
+        self.seconds = time.perf_counter() - self.started
+        self.peak_memory_bytes = peak_memory_bytes
+        return self
+
+    @property
+    def compute_fraction(self) -> float:
+        return self.flops_done / self.flops_full if self.flops_full else 1.0
+
+    @property
+    def compute_speedup(self) -> float:
+        """Full-compute FLOPs of the SCM blocks over the FLOPs really spent on them."""
+        return self.flops_full / self.flops_done if self.flops_done else float("inf") if self.flops_full else 1.0
+
+    def summary(self) -> dict:
+        tot = sum(self.sequences_total[a] for a in ("camera", "motion"))
+        skipped = tot - sum(self.sequences_computed[a] for a in ("camera", "motion"))
+        chains = self.chains_ran + self.chains_bypassed
+        return {
+            "model_calls": self.calls,
+            "blocks": self.blocks,
+            "chains_bypassed": self.chains_bypassed,
+            "chains_total": chains,
+            "steps_fully_bypassed": sum(
+                1 for t in self.timeline if self.blocks and len(t["cells"]) == self.blocks
+                and all(c == BYPASSED for c in t["cells"].values())),
+            "tokens_pruned_camera_motion": skipped,
+            "tokens_total_camera_motion": tot,
+            "sequences_computed": dict(self.sequences_computed),
+            "sequences_total": dict(self.sequences_total),
+            "cache_hits": self.cache_hits,
+            "cache_misses": self.cache_misses,
+            "cache_memory_peak_mb": round(self.cache_bytes_peak / 2**20, 3),
+            "compute_fraction": round(self.compute_fraction, 4),
+            "compute_speedup": round(self.compute_speedup, 3) if self.flops_done else None,
+            "seconds": round(self.seconds, 3),
+            "peak_memory_mb": None if self.peak_memory_bytes is None else round(self.peak_memory_bytes / 2**20, 1),
+        }
+
+    def timeline_grid(self) -> list[list[str]]:
+        """steps x blocks of cell states, for the map."""
+        return [[t["cells"].get(b, BYPASSED if False else RAN) for b in range(self.blocks)] for t in self.timeline]
+
+    def format_line(self, label: str = "Turbo4D") -> str:
+        s = self.summary()
+        sp = s["compute_speedup"]
+        return (f"{label}: {s['chains_bypassed']}/{s['chains_total']} block chains bypassed, "
+                f"{s['tokens_pruned_camera_motion']}/{s['tokens_total_camera_motion']} camera+motion sequences pruned, "
+                f"{s['cache_hits']} cache hits, cache {s['cache_memory_peak_mb']:.1f} MB, "
+                f"compute {s['compute_fraction'] * 100:.1f}% of full ({sp if sp is None else f'{sp:.2f}'}x), "
+                f"{s['seconds']:.2f}s")

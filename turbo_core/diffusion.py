@@ -1,0 +1,73 @@
+"""EDM (Karras et al. 2022) preconditioning, noise schedule, loss and a plain Euler sampler.
+
+ComfyUI's `ModelType.EDM` with `ModelSamplingContinuousEDM` applies exactly this preconditioning
+(c_in, c_noise = log(sigma)/4, c_skip, c_out with sigma_data), so the network trained here samples
+the same through ComfyUI's samplers; `tests/test_diffusion.py` checks the two agree.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class EDM:
+    sigma_data: float = 0.5
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    p_mean: float = -1.0   # training noise levels: log-normal
+    p_std: float = 1.4
+
+    def coefficients(self, sigma: torch.Tensor):
+        sd2 = self.sigma_data ** 2
+        s2 = sigma ** 2
+        c_skip = sd2 / (s2 + sd2)
+        c_out = sigma * self.sigma_data / (s2 + sd2).sqrt()
+        c_in = 1.0 / (s2 + sd2).sqrt()
+        c_noise = sigma.log() / 4.0
+        return c_skip, c_out, c_in, c_noise
+
+    def denoise(self, net, x: torch.Tensor, sigma: torch.Tensor, cond: torch.Tensor, camera: torch.Tensor,
+                views: int, frames: int, dispatch=None, frame_index=None) -> torch.Tensor:
+        """D(x; sigma): x (N, C, H, W) noisy images, sigma (N,) or scalar, cond (N, Cc, H, W)."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
+        if sigma.numel() == 1:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in, c_noise = (c.view(-1, 1, 1, 1) for c in self.coefficients(sigma))
+        inp = torch.cat([x * c_in, cond.to(x.dtype)], dim=1)
+        f = net(inp, c_noise.view(-1), camera, views, frames, frame_index=frame_index, dispatch=dispatch)
+        return c_skip * x + c_out * f.float()
+
+    def sample_sigma(self, n: int, device=None, generator=None) -> torch.Tensor:
+        z = torch.randn(n, device=device, generator=generator)
+        return (z * self.p_std + self.p_mean).exp()
+
+    def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
+        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+
+def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+                  device=None) -> torch.Tensor:
+    """steps+1 decreasing sigmas ending in 0 (ComfyUI's "karras" scheduler)."""
+    ramp = torch.linspace(0, 1, steps, device=device, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    s = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([s, s.new_zeros(1)]).float()
+
+
+@torch.no_grad()
+def sample_euler(denoise: Callable[[torch.Tensor, float, int], torch.Tensor], noise: torch.Tensor,
+                 sigmas: torch.Tensor, callback: Optional[Callable] = None) -> torch.Tensor:
+    """Euler ODE sampler (ComfyUI's "euler"): denoise(x, sigma, step) -> D(x)."""
+    x = noise * sigmas[0]
+    for i in range(len(sigmas) - 1):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        den = denoise(x, s, i)
+        d = (x - den) / s
+        x = x + d * (s_next - s)
+        if callback is not None:
+            callback(i, x, den)
+    return x

@@ -1,0 +1,45 @@
+"""What one model call knows about where it is in a sampling run."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    """One model call. `index` counts calls of this stream since the run began (a sampler that
+    evaluates the model twice per step, like Heun, makes two calls); `percent` is how far the
+    noise level is through the schedule, 0 at the first sigma and 1 at the last."""
+
+    index: int
+    sigma: float
+    percent: float
+    total: int  # model calls the schedule implies for a one-call-per-step sampler
+    stream: str  # which forward this is (cond, uncond, both batched): caches are per stream
+
+
+def schedule_position(sigma: float, sample_sigmas: Optional[Sequence[float] | torch.Tensor]) -> tuple[float, int]:
+    """(percent, total steps) of `sigma` within a sampling schedule. Sigmas between two schedule
+    entries (second-order samplers) get an interpolated percent."""
+    if sample_sigmas is None or len(sample_sigmas) < 2:
+        return 0.0, 1
+    s = torch.as_tensor(sample_sigmas, dtype=torch.float64).flatten().cpu()
+    total = len(s) - 1
+    if s[-1] <= 0:  # the final 0 is never evaluated
+        s_eval = s[:-1]
+    else:
+        s_eval = s
+    if len(s_eval) < 2:
+        return 0.0, total
+    # Schedules are decreasing; find the segment holding sigma.
+    sig = float(sigma)
+    if sig >= float(s_eval[0]):
+        return 0.0, total
+    if sig <= float(s_eval[-1]):
+        return 1.0, total
+    i = int((s_eval > sig).sum().item()) - 1
+    hi, lo = float(s_eval[i]), float(s_eval[i + 1])
+    frac = (hi - sig) / max(hi - lo, 1e-12)
+    return (i + frac) / (len(s_eval) - 1), total
