@@ -41,12 +41,19 @@ class SCMDispatch:
 
     def __init__(self, layout: SCMLayout, step: Optional[StepInfo] = None,
                  accelerators: Sequence = (), backend: str = "sdpa", stats=None):
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)}")
+        # A backend is a name from BACKENDS or an attention function itself (q, k, v) -> o, e.g. a
+        # counting wrapper in tests or a fused kernel a host provides.
+        if callable(backend):
+            attention = backend
+        elif backend in BACKENDS:
+            attention = BACKENDS[backend]
+        else:
+            raise ValueError(f"unknown attention backend {backend!r}; expected one of {sorted(BACKENDS)} "
+                             f"or a function (q, k, v) -> o")
         self.layout = layout
         self.step = step
         self.accelerators = list(accelerators)
-        self.attention = BACKENDS[backend]
+        self.attention = attention
         self.stats = stats
 
     def attend(self, block: int, axis: str, seqs: torch.Tensor, compute: Compute) -> torch.Tensor:

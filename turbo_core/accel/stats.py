@@ -30,6 +30,7 @@ class RunStats:
     sequences_total: dict = field(default_factory=lambda: defaultdict(int))
     sequences_computed: dict = field(default_factory=lambda: defaultdict(int))
     sequences_reused: dict = field(default_factory=lambda: defaultdict(int))
+    reused_by: dict = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
     cache_hits: int = 0
     cache_misses: int = 0
     cache_bytes_peak: int = 0
@@ -77,15 +78,26 @@ class RunStats:
     def attention_ran(self, step, block: int, axis: str, computed: int, total: int) -> None:
         self.sequences_computed[axis] += computed
         self.flops_done += computed * self.cost.get(axis, 0.0)
-        self._cell(block, RAN if computed == total else PRUNED)
+        # A partial computation was narrowed by an accelerator, which marks the cell itself
+        # (cached or pruned) through attention_reused.
+        if computed == total:
+            self._cell(block, RAN)
 
-    def attention_reused(self, block: int, axis: str, sequences: int, whole: bool) -> None:
+    def attention_reused(self, block: int, axis: str, sequences: int, whole: bool, source: str = "cache") -> None:
+        """`sequences` of this sub-attention were answered from a cache instead of computed.
+        source "cache": the block-level rolling cache (a cache hit, whether some groups were
+        refreshed or none, `whole`); "prune": the token pruner."""
         self.sequences_reused[axis] += sequences
-        if whole:
+        self.reused_by[source][axis] += sequences
+        if source == "cache":
             self.cache_hits += 1
             self._cell(block, CACHED)
         else:
             self._cell(block, PRUNED)
+
+    def cache_miss(self) -> None:
+        """A cached sub-attention was recomputed in full (change signal over its threshold, or no entry)."""
+        self.cache_misses += 1
 
     def signal(self, name: str, value: float, threshold: Optional[float] = None) -> None:
         """A change signal and the threshold it was compared with, for the report's plot."""

@@ -1,0 +1,192 @@
+"""Calibration: the fastest setting of one accelerator that stays within a quality budget.
+
+Thresholds of change signals are model-specific (the users of every step-cache pack ask for this).
+Given a full-compute reference run per sample and candidate values ordered from safest to fastest,
+each candidate is sampled with the same noise; the PSNR of its result against the reference is
+taken per image, and its minimum over the samples decides. The chosen value is the last candidate
+in that order for which it and every safer candidate stay at or above `target_psnr`: stopping at
+the first failure makes the choice robust to a candidate that passes by luck after one failed.
+The result is saved as JSON and loaded back into a config / spec list.
+
+    python -m turbo_core.accel.calibrate --model models/turbo4d_default.safetensors \
+        --mechanism bypass --candidates 0.02,0.04,0.08,0.12,0.2 --target-psnr 35 --out calibrated.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from ..diffusion import EDM, karras_sigmas
+from ..metrics import psnr
+from .bypass import ChainBypassConfig, apply_chain_bypass
+from .cache import RollingCacheConfig, apply_rolling_cache
+from .prune import TokenPrunerConfig, apply_token_pruning
+from .registry import merge_spec
+from .script import sample_accelerated, scene_samples
+
+FORMAT = "turbo4d-calibration"
+MECHANISMS = {
+    "bypass": (ChainBypassConfig, apply_chain_bypass, "threshold"),
+    "cache": (RollingCacheConfig, apply_rolling_cache, "threshold"),
+    "prune": (TokenPrunerConfig, apply_token_pruning, "keep_end"),
+}
+
+
+@dataclass
+class Calibration:
+    mechanism: str
+    field: str
+    value: Optional[float]          # None: no candidate met the target; the mechanism stays off
+    target_psnr: float
+    config: Optional[dict]          # the calibrated config as plain data (None = off)
+    points: list = field(default_factory=list)  # per candidate: value, psnr_min, psnr_mean, compute_fraction, seconds
+    meta: dict = field(default_factory=dict)
+
+    def config_object(self):
+        return None if self.config is None else MECHANISMS[self.mechanism][0].from_dict(self.config)
+
+    def specs(self, specs: Sequence = ()) -> list:
+        """`specs` with this mechanism set to the calibrated config (removed if it is off)."""
+        if self.config is None:
+            return [(n, c) for n, c in specs if n != self.mechanism]
+        return merge_spec(specs, self.mechanism, self.config_object())
+
+
+def _finite_min(t: torch.Tensor) -> float:
+    v = float(t.min())
+    return v if not math.isnan(v) else float("-inf")
+
+
+@torch.no_grad()
+def calibrate(net, edm: EDM, samples: Sequence[dict], sigmas: torch.Tensor, views: int, frames: int, *,
+              mechanism: str = "bypass", candidates: Sequence[float], target_psnr: float = 35.0,
+              field_name: Optional[str] = None, base_config=None, other_specs: Sequence = (),
+              backend="sdpa", log=None) -> Calibration:
+    """samples: dicts with noise, cond, camera (see script.scene_samples). `candidates` are values
+    of `field_name` (default: the mechanism's main knob) ordered from safest to fastest.
+    `other_specs` stay on in every run, reference included (calibrate one mechanism on top of
+    others)."""
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"unknown accelerator {mechanism!r}; pick one of {sorted(MECHANISMS)}")
+    if not candidates:
+        raise ValueError("calibrate: give at least one candidate value")
+    if not samples:
+        raise ValueError("calibrate: give at least one sample")
+    cls, apply, default_field = MECHANISMS[mechanism]
+    fname = field_name or default_field
+    base = cls.from_dict(base_config)
+    base_dict = base.to_dict()
+    if fname not in base_dict:
+        raise ValueError(f"{cls.__name__} has no setting {fname!r}; it has {sorted(base_dict)}")
+    log = log or (lambda *_: None)
+
+    def run(specs):
+        outs, fractions, t0 = [], [], time.perf_counter()
+        for s in samples:
+            x, st = sample_accelerated(net, edm, specs, s["noise"], sigmas, s["cond"], s["camera"], views, frames,
+                                       backend=backend)
+            outs.append(x.float().clamp(-1, 1))
+            fractions.append(st.compute_fraction)
+        if outs[0].is_cuda:
+            torch.cuda.synchronize(outs[0].device)
+        return outs, sum(fractions) / len(fractions), time.perf_counter() - t0
+
+    others = [(n, c) for n, c in other_specs if n != mechanism]
+    refs, ref_fraction, ref_seconds = run(others)
+    log(f"reference: compute {ref_fraction:.3f}, {ref_seconds:.2f}s")
+    points, chosen = [], None
+    failed = False
+    for v in candidates:
+        cfg = cls.from_dict({**base_dict, fname: v})
+        outs, fraction, seconds = run(apply(others, cfg))
+        ps = torch.cat([psnr(o, r).flatten() for o, r in zip(outs, refs)])
+        p_min = _finite_min(ps)
+        finite = ps[torch.isfinite(ps)]
+        p_mean = float(finite.mean()) if finite.numel() else float("inf")
+        ok = p_min >= target_psnr
+        points.append({"value": v, "psnr_min": p_min, "psnr_mean": p_mean, "compute_fraction": fraction,
+                       "seconds": seconds, "passes": ok})
+        log(f"{fname}={v}: PSNR min {p_min:.2f} mean {p_mean:.2f} dB, compute {fraction:.3f}, {seconds:.2f}s"
+            f"{'' if ok else '  (below target)'}")
+        if not ok:
+            failed = True
+        if ok and not failed:
+            chosen = cfg
+    return Calibration(mechanism=mechanism, field=fname, value=None if chosen is None else getattr(chosen, fname),
+                       target_psnr=float(target_psnr), config=None if chosen is None else chosen.to_dict(),
+                       points=points,
+                       meta={"reference_compute_fraction": ref_fraction, "reference_seconds": ref_seconds,
+                             "samples": len(samples), "steps": len(sigmas) - 1, "views": views, "frames": frames,
+                             "other_specs": [[n, c.to_dict() if hasattr(c, "to_dict") else c] for n, c in others]})
+
+
+def save_calibration(cal: Calibration, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"format": FORMAT, **asdict(cal)}, f, indent=2, allow_nan=True)
+
+
+def load_calibration(path: str) -> Calibration:
+    """Reads a calibration file; bad files get an error naming the file and the fix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"calibration file not found: {path}. Run `python -m turbo_core.accel.calibrate "
+                                f"--out {path}` first.")
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); calibrate again to rewrite it.") from e
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a Turbo4D calibration file (no format={FORMAT!r}); calibrate again.")
+    d.pop("format")
+    try:
+        cal = Calibration(**d)
+    except TypeError as e:
+        raise ValueError(f"{path}: unexpected content ({e}); calibrate again.") from e
+    if cal.mechanism not in MECHANISMS:
+        raise ValueError(f"{path}: unknown accelerator {cal.mechanism!r}")
+    cal.config_object()  # validates the stored settings
+    return cal
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="models/turbo4d_default.safetensors")
+    ap.add_argument("--mechanism", default="bypass", choices=sorted(MECHANISMS))
+    ap.add_argument("--field", default=None, help="setting to calibrate (default: threshold, keep_end for prune)")
+    ap.add_argument("--candidates", default="0.02,0.04,0.06,0.08,0.12,0.16,0.24",
+                    help="comma-separated values, safest first")
+    ap.add_argument("--target-psnr", type=float, default=35.0)
+    ap.add_argument("--seeds", default="1000000,1000001", help="held-out scene seeds (>= 1_000_000)")
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="calibrated.json")
+    args = ap.parse_args(argv)
+
+    from ..models.io import load_model
+
+    net = load_model(args.model, device=args.device).eval()
+    edm = EDM(sigma_data=net.cfg.sigma_data)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    samples = scene_samples(seeds, args.views, args.frames, net.cfg.image_size, args.device)
+    sigmas = karras_sigmas(args.steps, edm.sigma_min, edm.sigma_max, device=args.device)
+    cands = [float(c) for c in args.candidates.split(",")]
+    cal = calibrate(net, edm, samples, sigmas, args.views, args.frames, mechanism=args.mechanism,
+                    candidates=cands, target_psnr=args.target_psnr, field_name=args.field, log=print)
+    cal.meta.update({"model": os.path.basename(args.model), "seeds": seeds})
+    save_calibration(cal, args.out)
+    print(f"{args.mechanism}.{cal.field} = {cal.value} (target PSNR {args.target_psnr} dB) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

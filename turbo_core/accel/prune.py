@@ -1,0 +1,234 @@
+"""Dynamic semantic-aware token pruning (token level): on the camera and motion axes, compute
+attention only for the sequences (token positions) that matter at this step and reuse the cached
+output of the rest.
+
+A camera sequence is one token position of one frame across the V views; a motion sequence is one
+token position of one view across the F frames. Each step every sequence gets a score
+
+    score = change / mean(change) + saliency * variation / mean(variation)
+
+- change: relative L1 change of the sequence's input since it was last computed. It grows while a
+  sequence is skipped, so nothing is starved: a skipped sequence climbs the ranking until it is
+  recomputed (and `max_age` caps the wait outright).
+- variation: how much the sequence's own elements differ, the mean over channels of the standard
+  deviation across its views (camera) or frames (motion). This is the semantic term. On a
+  multi-view video of objects on a static set the motion sequences of moving objects vary across
+  frames and those of the floor and sky hardly at all; camera sequences vary where the views see
+  different surfaces, and least on the sky and floor, which look alike from every side. Attention
+  over near-identical elements returns nearly their mean value, which the cache holds well; the
+  varied sequences are the ones whose mixing the camera and motion attention exists for. It is
+  measured on the features the block sees, so it needs no image-space foreground mask and applies
+  to any SCM model (a mask from the reference frame would say nothing about views it cannot see).
+
+Both terms are normalised by their mean over the sequences, so the weight `saliency` is
+scale-free. The top `keep` share is gathered, attended (`nxt(seqs[idx], idx)`) and scattered into
+the reused output. The keep share follows a schedule from keep_start to keep_end over
+[start_percent, end_percent] and adapts to the measured change: keep *= (change / trend) ** adapt,
+where trend is a running mean of the change of this (block, axis). The change is read on the host
+once per model call (end_call) and applied at the next call, so pruning adds no host sync per
+sub-attention. Full compute on the first call, outside the window, and wherever no cache exists.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from .base import Accelerator
+from .cache import _check_common, _from_dict
+from .registry import merge_spec, register
+from .storage import TensorStore, nbytes
+
+NAME = "prune"
+PRUNABLE = ("camera", "motion")
+_FORCED = 1e6  # added to the score of a sequence older than max_age: always in the top k
+
+
+@dataclass(frozen=True)
+class TokenPrunerConfig:
+    keep_start: float = 0.5     # share of sequences computed at start_percent
+    keep_end: float = 0.3       # ... and at end_percent, linear in between
+    start_percent: float = 0.1
+    end_percent: float = 0.95
+    axes: tuple = PRUNABLE
+    saliency: float = 0.5       # weight of the within-sequence variation against the change
+    adapt: float = 0.5          # exponent of the change/trend ratio applied to the keep share
+    keep_min: float = 0.05      # floor of the adapted keep share
+    max_age: int = 6            # calls a sequence may be reused after it was computed
+    storage: str = "native"
+    channel_stride: int = 4     # every n-th channel enters the scores
+
+    def __post_init__(self):
+        object.__setattr__(self, "axes", tuple(self.axes))
+        _check_common(self, "TokenPrunerConfig")
+        for name in ("keep_start", "keep_end", "keep_min"):
+            v = getattr(self, name)
+            if not 0.0 < v <= 1.0:
+                raise ValueError(f"TokenPrunerConfig.{name} must be within (0, 1], got {v}")
+        if self.saliency < 0 or self.adapt < 0:
+            raise ValueError("TokenPrunerConfig.saliency and .adapt must be >= 0")
+        if int(self.max_age) < 1:
+            raise ValueError(f"TokenPrunerConfig.max_age must be >= 1 call, got {self.max_age}")
+        bad = [a for a in self.axes if a not in PRUNABLE]
+        if bad:
+            raise ValueError(f"TokenPrunerConfig.axes: {bad} cannot be pruned; pick from {PRUNABLE} "
+                             f"(spatial attention is cached by the rolling cache instead)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["axes"] = list(self.axes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "TokenPrunerConfig":
+        return _from_dict(cls, d)
+
+    def scheduled_keep(self, percent: float) -> float:
+        span = self.end_percent - self.start_percent
+        t = 1.0 if span <= 0 else min(max((percent - self.start_percent) / span, 0.0), 1.0)
+        return self.keep_start + (self.keep_end - self.keep_start) * t
+
+
+class _Entry:
+    """One (block, axis): cached outputs, the channel-subsampled input each sequence was last
+    computed from, and the call index of that computation, per sequence."""
+
+    __slots__ = ("out", "ref", "computed_at")
+
+    def __init__(self, out, ref, computed_at):
+        self.out, self.ref, self.computed_at = out, ref, computed_at
+
+
+class TokenPrunerState:
+    def __init__(self):
+        self.entries: dict = {}
+        self.pending: dict = {}   # (block, axis) -> this call's measured change (device scalar)
+        self.trend: dict = {}     # (block, axis) -> running mean of the change (host float)
+        self.ratio: dict = {}     # (block, axis) -> last change / trend, applied at the next call
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.pending.clear()
+        self.trend.clear()
+        self.ratio.clear()
+
+    def nbytes(self) -> int:
+        return sum(nbytes(e.out) + nbytes(e.ref) + nbytes(e.computed_at) for e in self.entries.values())
+
+
+class TokenPruner(Accelerator):
+    name = NAME
+    state_class = TokenPrunerState
+
+    def __init__(self, config: Optional[TokenPrunerConfig] = None):
+        super().__init__()
+        self.config = TokenPrunerConfig.from_dict(config)
+        self.store = TensorStore(self.config.storage)
+        self.computed = self.offered = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.computed = self.offered = 0
+
+    def keep_share(self, st: TokenPrunerState, key, percent: float) -> float:
+        cfg = self.config
+        keep = cfg.scheduled_keep(percent)
+        ratio = st.ratio.get(key)
+        if ratio is not None and cfg.adapt > 0:
+            # Bounded, so one noisy measurement can neither stop pruning nor prune everything.
+            keep *= min(max(ratio, 0.5), 2.0) ** cfg.adapt
+        return min(max(keep, cfg.keep_min), 1.0)
+
+    def attend(self, dispatch, block, axis, seqs, index, nxt):
+        cfg = self.config
+        step = dispatch.step
+        if axis not in cfg.axes or step is None:
+            return nxt(seqs, index)
+        st = self.state(dispatch)
+        key = (block, axis)
+        entry = st.entries.get(key)
+        total = dispatch.layout.axis_shape(axis)[0]
+        if entry is not None and entry.out.shape != (total, *seqs.shape[1:]):
+            del st.entries[key]
+            entry = None
+        if step.percent > cfg.end_percent:
+            st.entries.pop(key, None)  # never pruned again in this run: free it now
+            return nxt(seqs, index)
+        xs = seqs[..., :: cfg.channel_stride]
+        if entry is None:
+            out = nxt(seqs, index)
+            if index is None:  # only a full view can start an entry; a subset passes through
+                st.entries[key] = _Entry(self.store.put(out), xs.clone(),
+                                         torch.full((total,), step.index, dtype=torch.long, device=seqs.device))
+            return out
+        s = seqs.shape[0]
+        k = s if step.percent < cfg.start_percent else math.ceil(self.keep_share(st, key, step.percent) * s)
+        self.offered += s
+        ref = entry.ref if index is None else entry.ref.index_select(0, index)
+        diff = (xs.float() - ref.float()).abs().mean(dim=(1, 2))              # (s,)
+        scale = ref.float().abs().mean().clamp_min(1e-12)
+        st.pending[key] = diff.mean() / scale  # relative change of this axis, read at end_call
+        if k >= s:
+            out = nxt(seqs, index)
+            self._write(entry, index, None, out, xs, step)
+            self.computed += s
+            return out
+        score = diff / diff.mean().clamp_min(1e-12)
+        if cfg.saliency > 0:
+            var = xs.float().std(dim=1).mean(dim=-1)                          # (s,)
+            score = score + cfg.saliency * var / var.mean().clamp_min(1e-12)
+        age = step.index - (entry.computed_at if index is None else entry.computed_at.index_select(0, index))
+        score = score + (age > cfg.max_age).to(score.dtype) * _FORCED
+        top = score.topk(k, sorted=False).indices.sort().values             # local rows, in order
+        gidx = top if index is None else index.index_select(0, top)         # rows of the whole axis
+        new = nxt(seqs.index_select(0, top), gidx)
+        out = (self.store.get(entry.out, seqs) if index is None
+               else self.store.gather(entry.out, index, seqs))
+        out.index_copy_(0, top, new.to(out.dtype))
+        self._write(entry, gidx, top, new, xs, step)
+        self.computed += k
+        if dispatch.stats is not None:
+            dispatch.stats.attention_reused(block, axis, s - k, whole=False, source="prune")
+        return out
+
+    def _write(self, entry, gidx, top, new, xs, step) -> None:
+        """Store computed rows: gidx are their rows in the axis (None = all), top their rows in xs."""
+        rows = xs if top is None else xs.index_select(0, top)
+        if gidx is None:
+            entry.out = self.store.put(new)
+            entry.ref = rows.clone()
+            entry.computed_at.fill_(step.index)
+        else:
+            self.store.update(entry.out, gidx, new)
+            entry.ref.index_copy_(0, gidx, rows.to(entry.ref.dtype))
+            entry.computed_at.index_fill_(0, gidx, step.index)
+
+    def end_call(self, dispatch) -> None:
+        if dispatch.step is None:
+            return
+        st = self.state(dispatch)
+        if not st.pending:
+            return
+        keys = list(st.pending)
+        values = torch.stack([st.pending[k] for k in keys]).tolist()  # one host sync per call
+        st.pending.clear()
+        for k, v in zip(keys, values):
+            trend = st.trend.get(k)
+            st.ratio[k] = 1.0 if not trend else v / trend
+            st.trend[k] = v if trend is None else 0.7 * trend + 0.3 * v
+            if dispatch.stats is not None:
+                dispatch.stats.signal(f"prune.{k[1]}.b{k[0]}", v, None)
+
+    def summary(self) -> dict:
+        return {"config": self.config.to_dict(), "sequences_offered": self.offered,
+                "sequences_computed": self.computed}
+
+
+def apply_token_pruning(specs, config: Optional[TokenPrunerConfig] = None) -> list:
+    """The spec list with token pruning set to `config` (defaults if None)."""
+    return merge_spec(specs, NAME, TokenPrunerConfig.from_dict(config))
+
+
+register(NAME, 2, TokenPruner)

@@ -1,0 +1,68 @@
+"""Accelerated sampling from a plain script: the same calls the ComfyUI adapter makes
+(run.begin, run.dispatch per model call, run.end_call, run.end even after an error), around
+turbo_core.diffusion's Euler sampler."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..diffusion import EDM, sample_euler
+from .base import Turbo4DRun
+from .registry import build_run
+from .stats import RunStats
+
+
+def sample_accelerated(net, edm: EDM, specs: Sequence, noise: torch.Tensor, sigmas: torch.Tensor,
+                       cond: torch.Tensor, camera: torch.Tensor, views: int, frames: int, *,
+                       callback: Optional[Callable] = None, backend="sdpa", stream: str = "default",
+                       run: Optional[Turbo4DRun] = None, frame_index=None) -> tuple[torch.Tensor, RunStats]:
+    """Euler-samples a V x F grid with the accelerators of `specs` (or a prebuilt `run`).
+
+    noise, cond: (N, C, H, W) stacked frame-major; camera: (N, 2). Returns (x, RunStats). Specs
+    build a fresh run per call, so two calls share nothing. Peak memory is the CUDA allocator's
+    peak since its last reset (callers reset it to measure one run)."""
+    run = run if run is not None else build_run(specs, backend=backend)
+    layout = net.token_layout(noise.shape[0], views, frames)
+    cost = net.cost(layout)
+    dtype = next(net.parameters()).dtype
+    device = noise.device
+    schedule = [float(s) for s in sigmas]
+
+    def denoise(x, sigma, i):
+        d = run.dispatch(layout, sigma, schedule, stream, dtype, device, net.depth, cost)
+        out = edm.denoise(net, x, sigma, cond, camera, views, frames, dispatch=d, frame_index=frame_index)
+        run.end_call(d)
+        return out
+
+    run.begin()
+    peak = None
+    try:
+        x = sample_euler(denoise, noise, sigmas, callback=callback)
+    finally:
+        if device.type == "cuda":
+            peak = int(torch.cuda.max_memory_allocated(device))
+        stats = run.end(peak)
+    return x, stats
+
+
+def scene_samples(seeds: Sequence[int], views: int, frames: int, size: int, device="cpu",
+                  elevation_deg: float = 20.0) -> list[dict]:
+    """Held-out procedural scenes as sampler inputs, one dict per seed: noise (seeded by the scene
+    seed, drawn on the CPU so every device samples the same), cond (view 0's frame f for every view
+    of frame f), camera (azimuth relative to view 0, as the model is trained), ground truth, all
+    (F*V, ...) frame-major. Use seeds >= 1_000_000: training never draws them."""
+    from ..data.synth4d import SceneConfig, render_batch
+
+    cfg = SceneConfig(size=size, views=views, frames=frames, elevation_deg=elevation_deg)
+    data = render_batch(list(seeds), cfg, device)
+    cams = data["cameras"].float().clone()
+    cams[:, 0] = cams[:, 0] - cams[0, 0]
+    out = []
+    for i, seed in enumerate(seeds):
+        gt = data["images"][i]                                         # (F, V, 3, H, W)
+        cond = gt[:, 0:1].expand(-1, views, -1, -1, -1).reshape(-1, 3, size, size)
+        noise = torch.randn(frames * views, 3, size, size, generator=torch.Generator().manual_seed(int(seed)))
+        out.append({"seed": int(seed), "noise": noise.to(device), "cond": cond.contiguous(),
+                    "camera": cams.repeat(frames, 1), "gt": gt.reshape(-1, 3, size, size)})
+    return out
