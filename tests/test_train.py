@@ -1,0 +1,123 @@
+"""Training on CPU at toy size: the loss falls, a resumed run equals an uninterrupted one, the
+sharded state round-trips, and the export is a small fp16 file that load_model reads."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from turbo_core.models import CONFIGS, SCMNet
+from turbo_core.models.io import load_model, read_metadata
+from turbo_core.train import (EVAL_SEED_START, TRAIN_SEEDS, TrainConfig, Trainer, export, load_sharded, main,
+                              make_batch, save_sharded, train)
+
+TOY = dict(model="tiny", images_per_step=24, views=(2, 3), frames=(2, 4), warmup_steps=2)
+
+
+def test_batch_is_a_function_of_the_step_and_follows_the_contract():
+    tcfg = TrainConfig(**TOY)
+    mcfg = CONFIGS["tiny"]
+    a, b = make_batch(7, tcfg, mcfg, "cpu"), make_batch(7, tcfg, mcfg, "cpu")
+    assert torch.equal(a["x"], b["x"]) and torch.equal(a["noise"], b["noise"]) and a["seeds"] == b["seeds"]
+    assert all(0 <= s < TRAIN_SEEDS <= EVAL_SEED_START for s in a["seeds"])
+    V, F, S = a["views"], a["frames"], a["scenes"]
+    assert a["x"].shape == (S * F * V, 3, 16, 16) and S == max(1, 24 // (V * F))
+    x = a["x"].view(S, F, V, 3, 16, 16)
+    cond = a["cond"].view(S, F, V, 3, 16, 16)
+    for s in range(S):  # every image is conditioned on view 0 of its own frame, or on nothing (dropout)
+        kept = cond[s].abs().sum() > 0
+        ref = x[s, :, 0:1].expand(F, V, 3, 16, 16)
+        assert torch.equal(cond[s], ref if kept else torch.zeros_like(ref))
+    cam = a["camera"].view(S, F, V, 2)
+    assert torch.all(cam[..., 0, 0] == 0)  # azimuths are relative to the reference view
+    assert torch.equal(cam[0, 0], cam[-1, -1])
+    assert (a["sigma"].view(S, F * V) == a["sigma"].view(S, F * V)[:, :1]).all()  # one noise level per scene
+    # different steps see different grids or scenes
+    c = make_batch(8, tcfg, mcfg, "cpu")
+    assert c["seeds"] != a["seeds"]
+
+
+def test_toy_training_lowers_the_loss_on_a_fixed_batch():
+    tr = Trainer(TrainConfig(**TOY, lr=2e-3), "cpu")
+    batch = make_batch(0, tr.tcfg, tr.mcfg, "cpu")
+    before = tr.batch_loss(batch)
+    for _ in range(25):
+        tr.train_step(batch)
+    after = tr.batch_loss(batch)
+    assert after < 0.7 * before, (before, after)
+    assert tr.step == 25
+    # the EMA moved off the initial weights but lags the live ones
+    init = Trainer(TrainConfig(**TOY, lr=2e-3), "cpu").net.state_dict()
+    k = "blocks.0.mlp.fc2.weight"
+    assert not torch.equal(tr.ema.state_dict()[k], init[k])
+    assert not torch.equal(tr.ema.state_dict()[k], tr.net.state_dict()[k])
+
+
+def _state(run_dir):
+    tensors, meta = load_sharded(run_dir)
+    return tensors, meta
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    tcfg = TrainConfig(**TOY, total_steps=5)
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train(straight, tcfg, "cpu", validate=False, log_every=2)
+    train(split, tcfg, "cpu", validate=False, log_every=2, steps=3)
+    assert int(_state(split)[1]["step"]) == 3
+    train(split, None, "cpu", validate=False, resume=True, log_every=2)
+    a, ma = _state(straight)
+    b, mb = _state(split)
+    assert ma["step"] == mb["step"] == "5"
+    assert set(a) == set(b)
+    assert any(k.startswith("optim.") and k.endswith("exp_avg_sq") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    log = [json.loads(line) for line in open(os.path.join(split, "log.jsonl"))]
+    assert [r["step"] for r in log if r.get("event") == "saved"] == [3, 5]
+
+
+def test_sharded_state_round_trips_and_rejects_mixed_saves(tmp_path):
+    t = {f"w{i}": torch.full((1000,), float(i)) for i in range(5)}  # 4 kB each
+    files = save_sharded(t, str(tmp_path), {"step": "1"}, shard_bytes=9000)
+    assert len(files) == 3 and all(os.path.getsize(f) < 9000 + 2000 for f in files)
+    back, meta = load_sharded(str(tmp_path))
+    assert meta["step"] == "1" and all(torch.equal(back[k], t[k]) for k in t)
+    # one shard from another save must not be mixed in silently
+    other = str(tmp_path / "other")
+    save_sharded(t, other, {"step": "2"}, shard_bytes=9000)
+    os.replace(os.path.join(other, "state-1.safetensors"), tmp_path / "state-1.safetensors")
+    with pytest.raises(ValueError, match="another save"):
+        load_sharded(str(tmp_path))
+    # a smaller later save removes the shards it no longer has
+    save_sharded(t, str(tmp_path), {"step": "3"})
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors")) == ["state.safetensors"]
+    with pytest.raises(FileNotFoundError, match="without --resume"):
+        load_sharded(str(tmp_path / "nowhere"))
+
+
+def test_export_is_fp16_loadable_and_small(tmp_path):
+    run = str(tmp_path / "run")
+    train(run, TrainConfig(**TOY, total_steps=2), "cpu", validate=False)
+    out = str(tmp_path / "m.safetensors")
+    assert main(["--export", run, "--to", out]) == 0
+    net = load_model(out)
+    meta = read_metadata(out)
+    assert meta["training_steps"] == "2" and "synth4d" in meta["data"]
+    with safe_open(out, framework="pt") as f:
+        assert f.get_tensor("out.weight").dtype == torch.float16
+    tensors, _ = load_sharded(run)
+    ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+    for k, v in net.state_dict().items():
+        assert torch.allclose(v, ema[k], atol=1e-3, rtol=1e-3), k
+    # the embedded default's export must stay under 16 MB: 2 bytes per parameter plus a small header
+    params = sum(p.numel() for p in SCMNet(CONFIGS["default"]).parameters())
+    assert 2 * params + 100_000 < 16 * 10 ** 6
+
+
+def test_cli_errors_name_the_fix(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--export", str(tmp_path)])
+    assert "--to" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown model config"):
+        TrainConfig(model="huge")
