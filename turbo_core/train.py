@@ -169,9 +169,7 @@ def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
 
 
 def training_dispatch(net, n_images: int, views: int, frames: int) -> FullCompute:
-    d = FullCompute(net.token_layout(n_images, views, frames))
-    d.attention = chunked_sdpa
-    return d
+    return FullCompute(net.token_layout(n_images, views, frames), backend=chunked_sdpa)
 
 
 def edm_loss(net, batch: dict, edm: EDM = EDM(), autocast: bool = False) -> torch.Tensor:
@@ -531,6 +529,30 @@ def export(run_dir: str, path: str) -> dict:
     return info
 
 
+def bench(batches, device, model: str = "default", steps: int = 12, warmup: int = 4) -> list[dict]:
+    """Seconds per training step (data rendering included) and peak memory at each images-per-step;
+    also the rendering alone, to see whether data or the network bounds a step."""
+    from .metrics import measure
+
+    rows = []
+    for b in batches:
+        tr = Trainer(TrainConfig(model=model, images_per_step=b), device)
+        for _ in range(warmup):
+            tr.train_step()
+        with measure(device) as m:
+            for _ in range(steps):
+                tr.train_step()
+        with measure(device) as r:
+            for i in range(steps):
+                make_batch(1000 + i, tr.tcfg, tr.mcfg, tr.device)
+        rows.append({"images_per_step": b, "s_per_step": round(m.seconds / steps, 4),
+                     "images_per_s": round(b * steps / m.seconds, 1), "render_s_per_step": round(r.seconds / steps, 4),
+                     "peak_mib": m.peak_mib and round(m.peak_mib)})
+        print(json.dumps(rows[-1]), flush=True)
+        del tr
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m turbo_core.train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", help="run folder (state*.safetensors, log.jsonl)")
@@ -548,6 +570,7 @@ def main(argv=None):
     ap.add_argument("--val-every-min", type=float, default=2.0)
     ap.add_argument("--ckpt-every-min", type=float, default=4.0)
     ap.add_argument("--no-val", action="store_true")
+    ap.add_argument("--bench", metavar="B1,B2", help="time training steps at these images-per-step, then exit")
     ap.add_argument("--export", metavar="RUN", help="export RUN's EMA weights (fp16) instead of training")
     ap.add_argument("--to", help="with --export: the .safetensors to write")
     a = ap.parse_args(argv)
@@ -557,10 +580,13 @@ def main(argv=None):
         info = export(a.export, a.to)
         print(json.dumps({"exported": a.to, **{k: v for k, v in info.items() if k != "train_config"}}, indent=1))
         return 0
-    if not a.out:
-        ap.error("--out runs/NAME is required to train")
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible; use --device cpu")
+    if a.bench:
+        bench([int(t) for t in a.bench.split(",")], torch.device(a.device), a.config)
+        return 0
+    if not a.out:
+        ap.error("--out runs/NAME is required to train")
     tcfg = TrainConfig(model=a.config, images_per_step=a.batch, lr=a.lr, warmup_steps=a.warmup, seed=a.seed,
                        **({"total_steps": a.steps} if a.steps else {}))
     if a.resume and not a.steps:

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Trains the embedded default model (models/turbo4d_default.safetensors) on one GPU, in chunks
+# that each fit a 10-minute command limit, and puts what must come back under $OUT (at most 8
+# files, each under 16 MiB): the fp16 weights, the resumable state (3 shards of < 15 MiB), the log,
+# and with EVAL=1 the GPU evaluation and sampler sweep as JSON.
+#
+#   OUT=/somewhere bash scripts/gpu_train.sh                    # chunk 1: a fresh run
+#   OUT=/somewhere RESUME=1 EVAL=1 bash scripts/gpu_train.sh    # chunk 2: resumes runs/$RUN
+#   BENCH=512,1024,2048 OUT=/somewhere bash scripts/gpu_train.sh   # throughput probe only
+#
+# For chunk 2, copy chunk 1's state*.safetensors into runs/$RUN/ first (they are what came back).
+# Environment: RUN (run name), MINUTES (wall time of the training process; it saves before),
+# BATCH (images per step), STEPS (length of the cosine schedule), LR, EVAL_SCENES, PYTHON.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?set OUT to the folder whose files come back}"
+RUN=${RUN:-turbo4d_default}
+MINUTES=${MINUTES:-8.3}
+BATCH=${BATCH:-1024}
+STEPS=${STEPS:-12000}
+LR=${LR:-6e-4}
+EVAL_SCENES=${EVAL_SCENES:-64}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" runs
+T0=$(date +%s)
+say(){ echo "[gpu_train $(( $(date +%s) - T0 ))s] $*"; }
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+$PY -c "import torch, safetensors, numpy, cv2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
+
+if [ -n "${BENCH:-}" ]; then
+  $PY -m turbo_core.train --bench "$BENCH" --device cuda | tee "$OUT/bench.jsonl"
+  exit 0
+fi
+
+# whatever happens, bring the log and the latest saved state back
+bring_back(){ cp -f runs/"$RUN"/log.jsonl runs/"$RUN"/state*.safetensors "$OUT/" 2>/dev/null || true; }
+trap bring_back EXIT
+
+ARGS=(--out "runs/$RUN" --device cuda --minutes "$MINUTES" --steps "$STEPS")
+if [ "${RESUME:-0}" = 1 ]; then
+  [ -f "runs/$RUN/state.safetensors" ] || { echo "RESUME=1 but runs/$RUN/state.safetensors is missing: carry runs/$RUN"; exit 2; }
+  ARGS+=(--resume)
+else
+  rm -rf "runs/$RUN"
+  ARGS+=(--batch "$BATCH" --lr "$LR")
+fi
+say "train ${ARGS[*]}"
+$PY -m turbo_core.train "${ARGS[@]}"
+say "export"
+$PY -m turbo_core.train --export "runs/$RUN" --to "$OUT/turbo4d_default.safetensors"
+
+if [ "${EVAL:-0}" = 1 ]; then
+  E=$(mktemp -d)
+  say "evaluate on $EVAL_SCENES held-out scenes"
+  $PY -m turbo_core.evaluate --model "$OUT/turbo4d_default.safetensors" --device cuda --scenes "$EVAL_SCENES" \
+      --views 4 --frames 8 --also 3x6 --also 6x12 --steps 20 --chunk 8 --out "$E"
+  $PY -m turbo_core.evaluate --model "$OUT/turbo4d_default.safetensors" --device cuda --scenes "$EVAL_SCENES" \
+      --views 4 --frames 8 --sweep-steps 4,8,12,20,30 --sweep-cfg 1.0,1.5,2.0 --sweep-samplers euler,heun \
+      --chunk 8 --out "$E"
+  cp "$E/eval.json" "$OUT/gpu_eval.json"; cp "$E/sweep.json" "$OUT/gpu_sweep.json"
+fi
+say "done"; ls -la "$OUT"
