@@ -177,7 +177,7 @@ class RollingCache(Accelerator):
         if step.percent > cfg.end_percent:
             st.entries.pop(key, None)  # never reused again in this run: free it now
             return nxt(seqs, None)
-        cur = subsample_tokens(seqs, axis, cfg.signal_stride)
+        cur = subsample_tokens(seqs.detach(), axis, cfg.signal_stride)
         stats = dispatch.stats
         if entry is None or step.percent < cfg.start_percent:
             return self._compute_all(st, key, seqs, cur, step, nxt, stats, dispatch.layout, miss=entry is not None)

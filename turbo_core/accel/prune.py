@@ -9,7 +9,8 @@ token position of one view across the F frames. Each step every sequence gets a 
 
 - change: relative L1 change of the sequence's input since it was last computed. It grows while a
   sequence is skipped, so nothing is starved: a skipped sequence climbs the ranking until it is
-  recomputed (and `max_age` caps the wait outright).
+  recomputed. `max_age` caps the wait outright: rows that would be reused past it get a score no
+  other row can reach, and k is raised to cover them (counted from last call's age histogram).
 - variation: how much the sequence's own elements differ, the mean over channels of the standard
   deviation across its views (camera) or frames (motion). This is the semantic term. On a
   multi-view video of objects on a static set the motion sequences of moving objects vary across
@@ -105,14 +106,14 @@ class TokenPrunerState:
     def __init__(self):
         self.entries: dict = {}
         self.pending: dict = {}   # (block, axis) -> this call's measured change (device scalar)
+        self.ages: dict = {}      # (block, axis) -> this call's age histogram (device, max_age + 2)
         self.trend: dict = {}     # (block, axis) -> running mean of the change (host float)
         self.ratio: dict = {}     # (block, axis) -> last change / trend, applied at the next call
+        self.age_hist: dict = {}  # (block, axis) -> (call index, rows per age 0..max_age+1) on the host
 
     def reset(self) -> None:
-        self.entries.clear()
-        self.pending.clear()
-        self.trend.clear()
-        self.ratio.clear()
+        for d in (self.entries, self.pending, self.ages, self.trend, self.ratio, self.age_hist):
+            d.clear()
 
     def nbytes(self) -> int:
         return sum(nbytes(e.out) + nbytes(e.ref) + nbytes(e.computed_at) for e in self.entries.values())
@@ -156,15 +157,18 @@ class TokenPruner(Accelerator):
         if step.percent > cfg.end_percent:
             st.entries.pop(key, None)  # never pruned again in this run: free it now
             return nxt(seqs, index)
-        xs = seqs[..., :: cfg.channel_stride]
+        xs = seqs.detach()[..., :: cfg.channel_stride]
         if entry is None:
             out = nxt(seqs, index)
             if index is None:  # only a full view can start an entry; a subset passes through
-                st.entries[key] = _Entry(self.store.put(out), xs.clone(),
-                                         torch.full((total,), step.index, dtype=torch.long, device=seqs.device))
+                entry = st.entries[key] = _Entry(self.store.put(out), xs.clone(),
+                                                 torch.full((total,), step.index, dtype=torch.long,
+                                                            device=seqs.device))
+                self._record_ages(st, key, entry, step.index)
             return out
         s = seqs.shape[0]
         k = s if step.percent < cfg.start_percent else math.ceil(self.keep_share(st, key, step.percent) * s)
+        k = max(k, min(self._overdue(st, key, step.index), s))
         self.offered += s
         ref = entry.ref if index is None else entry.ref.index_select(0, index)
         diff = (xs.float() - ref.float()).abs().mean(dim=(1, 2))              # (s,)
@@ -173,6 +177,7 @@ class TokenPruner(Accelerator):
         if k >= s:
             out = nxt(seqs, index)
             self._write(entry, index, None, out, xs, step)
+            self._record_ages(st, key, entry, step.index)
             self.computed += s
             return out
         score = diff / diff.mean().clamp_min(1e-12)
@@ -188,10 +193,22 @@ class TokenPruner(Accelerator):
                else self.store.gather(entry.out, index, seqs))
         out.index_copy_(0, top, new.to(out.dtype))
         self._write(entry, gidx, top, new, xs, step)
+        self._record_ages(st, key, entry, step.index)
         self.computed += k
         if dispatch.stats is not None:
             dispatch.stats.attention_reused(block, axis, s - k, whole=False, source="prune")
         return out
+
+    def _overdue(self, st: TokenPrunerState, key, call: int) -> int:
+        """Rows that would be reused past max_age at this call, from last call's age histogram
+        (an upper bound for a subset): k is raised to cover them, so the forced rows always fit
+        in the top k and the max_age guarantee holds even when nothing changes."""
+        h = st.age_hist.get(key)
+        if h is None:
+            return 0
+        seen_at, hist = h
+        gap = call - seen_at  # > 1 where an outer accelerator (the bypass) skipped this block
+        return int(sum(n for age, n in enumerate(hist) if age + gap > self.config.max_age))
 
     def _write(self, entry, gidx, top, new, xs, step) -> None:
         """Store computed rows: gidx are their rows in the axis (None = all), top their rows in xs."""
@@ -205,15 +222,25 @@ class TokenPruner(Accelerator):
             entry.ref.index_copy_(0, gidx, rows.to(entry.ref.dtype))
             entry.computed_at.index_fill_(0, gidx, step.index)
 
+    def _record_ages(self, st: TokenPrunerState, key, entry, call: int) -> None:
+        age = (call - entry.computed_at).clamp(max=self.config.max_age + 1)
+        st.ages[key] = (call, torch.bincount(age, minlength=self.config.max_age + 2))
+
     def end_call(self, dispatch) -> None:
         if dispatch.step is None:
             return
         st = self.state(dispatch)
-        if not st.pending:
+        if not st.pending and not st.ages:
             return
-        keys = list(st.pending)
-        values = torch.stack([st.pending[k] for k in keys]).tolist()  # one host sync per call
+        keys, age_keys = list(st.pending), list(st.ages)
+        width = self.config.max_age + 2
+        parts = [st.pending[k].float().reshape(1) for k in keys] + [st.ages[k][1].float() for k in age_keys]
+        flat = torch.cat(parts).tolist()  # the one host sync of the pruner per call
+        values = flat[:len(keys)]
+        for i, k in enumerate(age_keys):
+            st.age_hist[k] = (st.ages[k][0], flat[len(keys) + i * width: len(keys) + (i + 1) * width])
         st.pending.clear()
+        st.ages.clear()
         for k, v in zip(keys, values):
             trend = st.trend.get(k)
             st.ratio[k] = 1.0 if not trend else v / trend

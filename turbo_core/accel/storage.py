@@ -33,7 +33,9 @@ class TensorStore:
         return t.dtype
 
     def put(self, t: torch.Tensor) -> torch.Tensor:
-        """A stored copy of `t`."""
+        """A stored copy of `t`, detached: a cache that held autograd graphs across steps would
+        keep every step's activations alive."""
+        t = t.detach()
         if self.mode == "cpu":
             out = torch.empty(t.shape, dtype=self._dtype(t), device="cpu",
                               pin_memory=t.is_cuda)
@@ -55,4 +57,4 @@ class TensorStore:
     def update(self, stored: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> None:
         """stored[index] = values. On the CPU store the device-to-host copy blocks, which also
         orders it after any pending host-to-device read of the same tensor."""
-        stored.index_copy_(0, index.to(stored.device), values.to(device=stored.device, dtype=stored.dtype))
+        stored.index_copy_(0, index.to(stored.device), values.detach().to(device=stored.device, dtype=stored.dtype))
