@@ -55,10 +55,10 @@ if [ "${EVAL:-0}" = 1 ]; then
   E=$(mktemp -d)
   say "evaluate on $EVAL_SCENES held-out scenes"
   $PY -m turbo_core.evaluate --model "$OUT/turbo4d_default.safetensors" --device cuda --scenes "$EVAL_SCENES" \
-      --views 4 --frames 8 --also 3x6 --also 6x12 --steps 20 --chunk 8 --out "$E"
+      --views 4 --frames 8 --also 3x6 --also 6x12 --steps 20 --chunk 64 --out "$E"
   $PY -m turbo_core.evaluate --model "$OUT/turbo4d_default.safetensors" --device cuda --scenes "$EVAL_SCENES" \
       --views 4 --frames 8 --sweep-steps 4,8,12,20,30 --sweep-cfg 1.0,1.5,2.0 --sweep-samplers euler,heun \
-      --chunk 8 --out "$E"
+      --chunk 64 --out "$E"
   cp "$E/eval.json" "$OUT/gpu_eval.json"; cp "$E/sweep.json" "$OUT/gpu_sweep.json"
 fi
 say "done"; ls -la "$OUT"

@@ -121,3 +121,20 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
     assert "--to" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown model config"):
         TrainConfig(model="huge")
+
+
+def test_training_attention_candidates_agree_and_tuning_picks_one():
+    from turbo_core.dispatch import naive_attention
+    from turbo_core.train import ATTENTION_CANDIDATES, TrainingAttention
+
+    g = torch.Generator().manual_seed(3)
+    for L in (2, 5, 12):
+        q, k, v = (torch.randn(7, 2, L, 8, generator=g) for _ in range(3))
+        ref = naive_attention(q, k, v)
+        for name, fn in ATTENTION_CANDIDATES.items():
+            assert torch.allclose(fn(q, k, v), ref, atol=1e-5), (name, L)
+    ta = TrainingAttention()
+    choice = ta.tune([2, 4], images=4, tokens=16, heads=2, dim=8, device="cpu", dtype=torch.float32, repeats=1)
+    assert set(choice) == {2, 4} and all(c in ATTENTION_CANDIDATES for c in choice.values())
+    q = torch.randn(3, 2, 4, 8, generator=g)
+    assert torch.allclose(ta(q, q, q), naive_attention(q, q, q), atol=1e-5)

@@ -37,7 +37,7 @@ import torch
 from .data.synth4d import SceneConfig, render_batch
 from .diffusion import EDM, karras_sigmas, sample_euler
 from .metrics import psnr, ssim, synchronize
-from .train import EVAL_SEED_START, MEAN_SEED_START, relative_cameras
+from .train import EVAL_SEED_START, MEAN_SEED_START, relative_cameras, training_dispatch
 
 SAMPLERS = ("euler", "heun")
 
@@ -95,8 +95,9 @@ def generate(net, ref: torch.Tensor, cameras: torch.Tensor, steps: int = 20, cfg
 
         def den(x, s, _i):
             if cfg == 1.0:
-                return edm.denoise(net, x, s, cond, cam, V, F)
-            dc, du = edm.denoise(net, torch.cat([x, x]), s, cond_all, cam_all, V, F).chunk(2)
+                return edm.denoise(net, x, s, cond, cam, V, F, dispatch=training_dispatch(net, len(x), V, F))
+            d = training_dispatch(net, 2 * len(x), V, F)  # sdpa in chunks: many scenes exceed a CUDA grid limit
+            dc, du = edm.denoise(net, torch.cat([x, x]), s, cond_all, cam_all, V, F, dispatch=d).chunk(2)
             return du + cfg * (dc - du)
 
         noise = torch.stack([torch.randn(F * V, C, H, W, generator=torch.Generator().manual_seed(int(s)))

@@ -168,16 +168,70 @@ def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
                       for i in range(0, n, MAX_ATTENTION_BATCH)])
 
 
-def training_dispatch(net, n_images: int, views: int, frames: int) -> FullCompute:
-    return FullCompute(net.token_layout(n_images, views, frames), backend=chunked_sdpa)
+def matmul_attention(q, k, v):
+    """softmax(q k^T / sqrt(d)) v with batched matmuls, softmax in fp32."""
+    w = (torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5).float().softmax(-1)
+    return torch.matmul(w.to(v.dtype), v)
 
 
-def edm_loss(net, batch: dict, edm: EDM = EDM(), autocast: bool = False) -> torch.Tensor:
+def broadcast_attention(q, k, v):
+    """The same with elementwise products and sums: no matmul kernel at all, which can win for the
+    camera and motion axes' sequences of 2..12 tokens, where fused kernels pad each one to a
+    64- or 128-row tile."""
+    s = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1) * q.shape[-1] ** -0.5      # (S, h, L, L)
+    w = s.float().softmax(-1).to(v.dtype)
+    return (w.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)                            # (S, h, L, d)
+
+
+ATTENTION_CANDIDATES = {"sdpa": chunked_sdpa, "matmul": matmul_attention, "broadcast": broadcast_attention}
+
+
+class TrainingAttention:
+    """Attention for training steps: per sequence length, the fastest of ATTENTION_CANDIDATES as timed
+    on this device at the start (forward + backward at a step's real shapes); sdpa where untimed.
+    All candidates compute the same function, so the choice changes speed, not the model."""
+
+    def __init__(self):
+        self.choice: dict[int, str] = {}
+        self.timings: dict[int, dict] = {}
+
+    def __call__(self, q, k, v):
+        return ATTENTION_CANDIDATES[self.choice.get(q.shape[2], "sdpa")](q, k, v)
+
+    def tune(self, lengths, images: int, tokens: int, heads: int, dim: int, device, dtype, repeats: int = 3):
+        from .metrics import measure
+
+        for L in sorted(set(lengths)):
+            S = max(1, images * tokens // L)
+            q, k, v = (torch.randn(S, heads, L, dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            g = torch.randn(S, heads, L, dim, device=device, dtype=dtype)
+            times = {}
+            for name, fn in ATTENTION_CANDIDATES.items():
+                try:
+                    fn(q, k, v).backward(g)  # warm-up
+                    with measure(device) as m:
+                        for _ in range(repeats):
+                            fn(q, k, v).backward(g)
+                    times[name] = m.seconds / repeats
+                except RuntimeError as e:  # a backend that refuses these shapes is just not chosen
+                    times[name] = float("inf")
+                    print(f"attention candidate {name} failed at L={L}: {e}", flush=True)
+            self.timings[L] = {n: round(t * 1e3, 3) for n, t in times.items()}
+            self.choice[L] = min(times, key=times.get)
+            del q, k, v, g
+        return self.choice
+
+
+def training_dispatch(net, n_images: int, views: int, frames: int, attention=None) -> FullCompute:
+    return FullCompute(net.token_layout(n_images, views, frames), backend=attention or chunked_sdpa)
+
+
+def edm_loss(net, batch: dict, edm: EDM = EDM(), autocast: bool = False, attention=None) -> torch.Tensor:
     """EDM's weighted denoising loss: lambda(sigma) * |D(x + sigma n; sigma) - x|^2, mean over pixels."""
     x, sigma = batch["x"], batch["sigma"]
     noisy = x + sigma.view(-1, 1, 1, 1) * batch["noise"]
     base = getattr(net, "_orig_mod", net)  # under torch.compile
-    d = training_dispatch(base, x.shape[0], batch["views"], batch["frames"])
+    d = training_dispatch(base, x.shape[0], batch["views"], batch["frames"], attention)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
         den = edm.denoise(net, noisy, sigma, batch["cond"], batch["camera"], batch["views"], batch["frames"],
                           dispatch=d)
@@ -211,9 +265,13 @@ class Trainer:
         self.wall_seconds = 0.0    # whole runs (data, validation, saves included), summed likewise
         self.autocast = cuda
         self.forward = torch.compile(self.net) if compile else self.net
+        self.attention = TrainingAttention()
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+            views, frames = grid_choices(tcfg, self.mcfg)
+            self.attention.tune(views + frames, tcfg.images_per_step, self.mcfg.grid ** 2, self.mcfg.heads,
+                                self.mcfg.width // self.mcfg.heads, self.device, torch.bfloat16)
 
     def lr_at(self, step: int) -> float:
         t = self.tcfg
@@ -228,7 +286,7 @@ class Trainer:
         if batch is None:
             batch = make_batch(self.step, self.tcfg, self.mcfg, self.device, self.edm)
         self.net.train()
-        loss = edm_loss(self.forward, batch, self.edm, self.autocast)
+        loss = edm_loss(self.forward, batch, self.edm, self.autocast, self.attention)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.tcfg.grad_clip)
@@ -252,7 +310,7 @@ class Trainer:
         net = self.ema if ema else self.net
         was = net.training
         net.eval()
-        out = float(edm_loss(net, batch, self.edm, self.autocast))
+        out = float(edm_loss(net, batch, self.edm, self.autocast, self.attention))
         net.train(was)
         return out
 
@@ -441,6 +499,7 @@ def train(run_dir: str, tcfg: Optional[TrainConfig] = None, device="cpu", minute
     os.makedirs(run_dir, exist_ok=True)
     stop_step = tcfg.total_steps if steps is None else min(tcfg.total_steps, trainer.step + steps)
     _log(run_dir, {"event": "start", "step": trainer.step, "stop_step": stop_step, "device": device_name(device),
+                   "attention_choice": trainer.attention.choice, "attention_ms": trainer.attention.timings,
                    "params": sum(p.numel() for p in trainer.net.parameters()), "train_config": tcfg.to_dict(),
                    "minutes": minutes, "resume": resume})
     deadline = None if minutes is None else t_start + 60 * minutes
