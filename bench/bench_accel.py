@@ -1,0 +1,414 @@
+"""Speed and quality of the Turbo4D accelerators, alone and together, against full compute and a
+fixed-interval cache baseline, on held-out procedural scenes.
+
+    python -m bench.bench_accel --device cuda [--sweep] [--out bench/results]
+    python -m bench.bench_accel --device cuda --large [--calibrated bench/calibrated.json]
+    python -m bench.bench_accel --device cpu --tiny            # toy size, for CI
+
+Default mode: the trained embedded model (models/turbo4d_default.safetensors; random weights with
+a warning if it is missing), all scenes of the batch in one sampling run (the layout's batch
+axis), the same noise for every configuration. Every configuration is timed end to end,
+device-synchronised, after an untimed warm-up of each, in the same process as the full-compute
+reference it is divided by; quality is PSNR/SSIM (per image, mean) against the full-compute result
+of the same noise and against the ground-truth renders. Writes bench_accel.json and
+speed_quality.png (speedup vs PSNR against full compute).
+
+--large: SV4D 2.0 scale with random weights in bf16 (CONFIGS["large"], 12 frames x 4 views = 48
+images of 72 x 72 tokens, 50 steps): latency and peak memory with and without the accelerators,
+using saved calibrated settings if given. Quality there is only agreement with full compute; a
+random network says nothing about image quality.
+
+Baselines implemented here (not in the product): "fixed-attn-kN" broadcasts every sub-attention's
+output for N-1 calls after computing it (PAB-like), "fixed-chain-kN" reuses every block's residual
+but the first for N-1 calls (DeepCache-like, the shallow block always runs); both inside the same
+percent window as the accelerators.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from typing import Optional
+
+import torch
+
+from turbo_core.accel.base import Accelerator, Turbo4DRun
+from turbo_core.accel.bypass import ChainBypassConfig
+from turbo_core.accel.cache import RollingCacheConfig
+from turbo_core.accel.presets import PRESETS, TURBO4D_PRESETS, apply_preset, turbo4d_specs
+from turbo_core.accel.prune import TokenPrunerConfig
+from turbo_core.accel.registry import build_run
+from turbo_core.accel.script import sample_accelerated, scene_samples
+from turbo_core.diffusion import EDM, karras_sigmas
+from turbo_core.metrics import finite_mean, measure, psnr, ssim
+from turbo_core.models import CONFIGS, SCMNet
+
+DEFAULT_MODEL = "models/turbo4d_default.safetensors"
+HELD_OUT_SEED = 1_000_000
+
+
+# --- baselines ------------------------------------------------------------------------------------
+
+class _FixedState:
+    def __init__(self):
+        self.entries = {}
+
+    def reset(self):
+        self.entries.clear()
+
+    def nbytes(self):
+        return sum(v.numel() * v.element_size() for _, v in self.entries.values())
+
+
+class FixedIntervalAttention(Accelerator):
+    """PAB-like: a sub-attention computed at call c is broadcast unchanged to calls c+1..c+k-1."""
+
+    name = "fixed-attn"
+    state_class = _FixedState
+
+    def __init__(self, interval: int, start: float = 0.15, end: float = 0.95):
+        super().__init__()
+        self.k, self.start, self.end = interval, start, end
+
+    def attend(self, d, block, axis, seqs, index, nxt):
+        step = d.step
+        st = self.state(d)
+        e = st.entries.get((block, axis))
+        if (e is not None and self.start <= step.percent <= self.end and step.index - e[0] < self.k
+                and e[1].shape == seqs.shape and index is None):
+            if d.stats is not None:
+                d.stats.attention_reused(block, axis, seqs.shape[0], whole=True, source="cache")
+            return e[1].clone()
+        out = nxt(seqs, index)
+        if index is None and step.percent <= self.end:
+            st.entries[(block, axis)] = (step.index, out.detach().clone())
+        return out
+
+
+class FixedIntervalChain(Accelerator):
+    """DeepCache-like: every block but the first reuses its residual for k-1 calls after running."""
+
+    name = "fixed-chain"
+    state_class = _FixedState
+
+    def __init__(self, interval: int, start: float = 0.15, end: float = 0.95):
+        super().__init__()
+        self.k, self.start, self.end = interval, start, end
+
+    def chain(self, d, block, x, nxt):
+        step = d.step
+        st = self.state(d)
+        e = st.entries.get(block)
+        if (block > 0 and e is not None and self.start <= step.percent <= self.end
+                and step.index - e[0] < self.k and e[1].shape == x.shape):
+            if d.stats is not None:
+                d.stats.chain_bypassed(step, block, x.shape[0])
+            return x + e[1]
+        x_in = x.clone()
+        y = nxt(x)
+        if block > 0 and step.percent <= self.end:
+            st.entries[block] = (step.index, (y - x_in).detach())
+        return y
+
+
+# --- model and data -------------------------------------------------------------------------------
+
+def random_net(config: str, seed: int = 0, std: float = 0.02) -> SCMNet:
+    """Stock init plus small random output projections: the stock init zeroes them, and a network
+    whose blocks are identities would make every accelerator look free. Seeded: every process
+    benchmarks the same network."""
+    torch.manual_seed(seed)
+    net = SCMNet(CONFIGS[config])
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() >= 1 and torch.count_nonzero(p) == 0:
+                p.normal_(0, std)
+    return net
+
+
+def load_net(path: Optional[str], config: str, device, dtype=None) -> tuple[SCMNet, str]:
+    if path and os.path.isfile(path):
+        from turbo_core.models.io import load_model
+
+        net = load_model(path, device="cpu")
+        source = f"trained: {os.path.basename(path)}"
+    else:
+        if path:
+            warnings.warn(f"{path} not found: benchmarking RANDOM weights ({config} config). Speed figures hold; "
+                          f"quality figures say nothing about a trained model.")
+        net = random_net(config)
+        source = f"random weights ({config})"
+    net = net.to(device=device, dtype=dtype or next(net.parameters()).dtype).eval()
+    return net, source
+
+
+def make_batch(seeds, views, frames, size, device) -> dict:
+    """All scenes stacked on the layout's batch axis, (batch, frame, view) order."""
+    samples = scene_samples(seeds, views, frames, size, device)
+    return {k: torch.cat([s[k] for s in samples]) for k in ("noise", "cond", "camera", "gt")}
+
+
+# --- configurations -------------------------------------------------------------------------------
+
+def configurations(args, calibration=None) -> list[dict]:
+    """name, family, and either specs or a factory of a prebuilt run (baselines)."""
+    rows = [{"name": "full", "family": "full", "specs": []}]
+    levels = ("balanced",) if args.tiny else ("quality", "balanced", "fast")
+    for mech in ("cache", "prune", "bypass"):
+        for lv in levels:
+            rows.append({"name": f"{mech}-{lv}", "family": mech, "specs": apply_preset([], mech, lv)})
+    for lv in levels:
+        rows.append({"name": f"turbo4d-{lv}", "family": "turbo4d", "specs": turbo4d_specs(lv)})
+    for k in ((2,) if args.tiny else (2, 3)):
+        rows.append({"name": f"fixed-attn-k{k}", "family": "fixed",
+                     "run": lambda k=k: Turbo4DRun([FixedIntervalAttention(k)])})
+        rows.append({"name": f"fixed-chain-k{k}", "family": "fixed",
+                     "run": lambda k=k: Turbo4DRun([FixedIntervalChain(k)])})
+    if calibration is not None:
+        specs = calibration.specs(turbo4d_specs("balanced"))
+        rows.append({"name": f"turbo4d-calibrated({calibration.mechanism}.{calibration.field}={calibration.value})",
+                     "family": "turbo4d", "specs": specs})
+    if args.sweep:
+        for t in (0.05, 0.1, 0.2, 0.3, 0.5):
+            rows.append({"name": f"sweep-cache-t{t}", "family": "sweep-cache",
+                         "specs": [("cache", RollingCacheConfig(threshold=t))]})
+        for age in (1, 2, 5, 8):
+            rows.append({"name": f"sweep-cache-age{age}", "family": "sweep-cache",
+                         "specs": [("cache", RollingCacheConfig(threshold=0.3, max_age=age))]})
+        for keep in (0.7, 0.5, 0.3, 0.15, 0.05):
+            rows.append({"name": f"sweep-prune-keep{keep}", "family": "sweep-prune",
+                         "specs": [("prune", TokenPrunerConfig(keep_start=min(1.0, keep * 1.5), keep_end=keep))]})
+        for sal in (0.0, 2.0):
+            rows.append({"name": f"sweep-prune-sal{sal}", "family": "sweep-prune",
+                         "specs": [("prune", TokenPrunerConfig(keep_start=0.3, keep_end=0.15, saliency=sal))]})
+        for t in (0.02, 0.05, 0.1, 0.2, 0.4):
+            rows.append({"name": f"sweep-bypass-t{t}", "family": "sweep-bypass",
+                         "specs": [("bypass", ChainBypassConfig(threshold=t, max_consecutive=3))]})
+    if args.only:
+        keep = set(args.only.split(","))
+        rows = [r for r in rows if r["name"] in keep or r["name"] == "full"]
+    return rows
+
+
+def _spec_data(specs) -> list:
+    return [[n, c.to_dict() if hasattr(c, "to_dict") else c] for n, c in specs]
+
+
+# --- running --------------------------------------------------------------------------------------
+
+def run_once(net, edm, batch, sigmas, views, frames, row, device):
+    run = row["run"]() if "run" in row else build_run(row["specs"])
+    with measure(device) as m:
+        x, stats = sample_accelerated(net, edm, None, batch["noise"], sigmas, batch["cond"], batch["camera"],
+                                      views, frames, run=run)
+    return x.float().clamp(-1, 1), stats, m
+
+
+def bench(args, net, edm, batch, views, frames, steps, device, rows, log) -> list[dict]:
+    sigmas = karras_sigmas(steps, edm.sigma_min, edm.sigma_max, device=device)
+    dtype = next(net.parameters()).dtype
+    batch = {k: (v.to(dtype) if k in ("noise", "cond") else v) for k, v in batch.items()}
+    results, ref = [], None
+    for row in rows:
+        for _ in range(args.warmup):  # kernels for this configuration's shapes, allocator pools
+            run_once(net, edm, batch, sigmas, views, frames, row, device)
+        times, peaks = [], []
+        for _ in range(args.repeats):
+            x, stats, m = run_once(net, edm, batch, sigmas, views, frames, row, device)
+            times.append(m.seconds)
+            peaks.append(m.peak_bytes)
+        if ref is None:
+            ref = x
+        seconds = min(times)
+        pf, sf = psnr(x, ref), ssim(x, ref) if x.shape[-1] >= 11 else None
+        gt = batch["gt"].float()
+        s = stats.summary()
+        res = {
+            "name": row["name"], "family": row["family"], "specs": _spec_data(row.get("specs", [])),
+            "seconds": seconds, "seconds_each": times,
+            "speedup": None,  # filled below against full
+            "peak_memory_mb": None if peaks[0] is None else max(peaks) / 2 ** 20,
+            "psnr_vs_full": None if row["name"] == "full" else finite_mean(pf) if torch.isfinite(pf).any() else float("inf"),
+            "ssim_vs_full": None if sf is None or row["name"] == "full" else float(sf.mean()),
+            "psnr_vs_gt": float(psnr(x, gt).mean()),
+            "ssim_vs_gt": float(ssim(x, gt).mean()) if x.shape[-1] >= 11 else None,
+            "compute_fraction": stats.compute_fraction,
+            "chains_bypassed": s["chains_bypassed"], "chains_total": s["chains_total"],
+            "cache_hits": s["cache_hits"], "cache_misses": s["cache_misses"],
+            "sequences_computed": s["sequences_computed"], "sequences_total": s["sequences_total"],
+            "cache_memory_peak_mb": s["cache_memory_peak_mb"],
+        }
+        results.append(res)
+        log(f"{row['name']:<44} {seconds:8.3f}s  compute {stats.compute_fraction:6.3f}  "
+            f"PSNR/full {_fmt(res['psnr_vs_full'])}  PSNR/gt {res['psnr_vs_gt']:.2f}  "
+            f"peak {_fmt(res['peak_memory_mb'], 0)} MB  cache {s['cache_memory_peak_mb']:.1f} MB")
+    t_full = results[0]["seconds"]
+    for r in results:
+        r["speedup"] = t_full / r["seconds"] if r["seconds"] > 0 else None
+    return results
+
+
+def _fmt(v, nd=2):
+    return "   -  " if v is None else ("  inf " if v == float("inf") else f"{v:6.{nd}f}")
+
+
+# --- plot (matplotlib is not a dependency: drawn with OpenCV) -------------------------------------
+
+COLORS = {"full": (0, 0, 0), "cache": (200, 90, 20), "prune": (40, 160, 40), "bypass": (30, 30, 210),
+          "turbo4d": (150, 30, 150), "fixed": (120, 120, 120), "sweep-cache": (230, 170, 120),
+          "sweep-prune": (140, 210, 140), "sweep-bypass": (140, 140, 240)}
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import cv2
+    import numpy as np
+
+    W, H, L, R, T, B = 1000, 680, 80, 260, 50, 60
+    img = np.full((H, W, 3), 255, np.uint8)
+    pts = [(r["speedup"], r["psnr_vs_full"], r) for r in rows if r["speedup"]]
+    finite = [p for _, p, _ in pts if p is not None and math.isfinite(p)]
+    y_top = (max(finite) + 5) if finite else 60.0
+    y_bot = (min(finite) - 3) if finite else 0.0
+    xs = [s for s, _, _ in pts]
+    x_lo, x_hi = min(0.9, min(xs)), max(xs) * 1.08
+
+    def X(v):
+        return int(L + (v - x_lo) / (x_hi - x_lo) * (W - L - R))
+
+    def Y(v):
+        v = y_top if v is None or not math.isfinite(v) else v
+        return int(H - B - (v - y_bot) / (y_top - y_bot) * (H - T - B))
+
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    cv2.rectangle(img, (L, T), (W - R, H - B), (0, 0, 0), 1)
+    for i in range(6):
+        xv = x_lo + (x_hi - x_lo) * i / 5
+        yv = y_bot + (y_top - y_bot) * i / 5
+        cv2.line(img, (X(xv), H - B), (X(xv), H - B + 5), (0, 0, 0), 1)
+        cv2.putText(img, f"{xv:.2f}x", (X(xv) - 18, H - B + 20), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.line(img, (L - 5, Y(yv)), (L, Y(yv)), (0, 0, 0), 1)
+        cv2.putText(img, f"{yv:.1f}", (L - 45, Y(yv) + 4), font, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.line(img, (X(1.0), T), (X(1.0), H - B), (210, 210, 210), 1)
+    cv2.putText(img, "end-to-end speedup vs full compute (same run)", (L + 150, H - 15), font, 0.5, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    cv2.putText(img, "PSNR vs full compute, dB (top edge: exact)", (10, 30), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(img, title[:110], (L + 250, 30), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
+    for s, p, r in pts:
+        c = COLORS.get(r["family"], (0, 0, 0))
+        sweep = r["family"].startswith("sweep")
+        cv2.circle(img, (X(s), Y(p)), 3 if sweep else 6, c, -1, cv2.LINE_AA)
+        if not sweep:
+            cv2.putText(img, r["name"][:28], (X(s) + 7, Y(p) - 5), font, 0.38, c, 1, cv2.LINE_AA)
+    for i, (fam, c) in enumerate(COLORS.items()):
+        y = T + 20 + 22 * i
+        cv2.circle(img, (W - R + 20, y - 4), 6, c, -1, cv2.LINE_AA)
+        cv2.putText(img, fam, (W - R + 32, y), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.imwrite(path, img)
+
+
+# --- modes ----------------------------------------------------------------------------------------
+
+def _device_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tiny", action="store_true", help="toy size (CONFIGS['tiny'], random weights) for CI")
+    ap.add_argument("--large", action="store_true", help="SV4D 2.0 scale, random bf16 weights: latency and memory")
+    ap.add_argument("--sweep", action="store_true", help="also sweep each mechanism's main settings")
+    ap.add_argument("--only", default="", help="comma-separated configuration names to run (plus full)")
+    ap.add_argument("--scenes", type=int, default=None, help="held-out scenes, batched into one run")
+    ap.add_argument("--views", type=int, default=None)
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per configuration (the minimum is kept)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
+    ap.add_argument("--calibrated", default=None, help="a calibration JSON (turbo_core.accel.calibrate)")
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is visible; use --device cpu (with --tiny for a quick run)")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    os.makedirs(args.out, exist_ok=True)
+    calibration = None
+    if args.calibrated:
+        from turbo_core.accel.calibrate import load_calibration
+
+        calibration = load_calibration(args.calibrated)
+
+    if args.large:
+        config, dtype, path = "large", torch.bfloat16, None
+        views, frames = args.views or 4, args.frames or 12
+        steps, scenes = args.steps or 50, args.scenes or 1
+        repeats = args.repeats or 2
+    elif args.tiny:
+        config, dtype, path = "tiny", None, None
+        views, frames = args.views or 3, args.frames or 4
+        steps, scenes = args.steps or 6, args.scenes or 2
+        repeats = args.repeats or 1
+    else:
+        config, dtype, path = "default", None, args.model
+        views, frames = args.views or 4, args.frames or 8
+        steps, scenes = args.steps or 20, args.scenes or 16
+        repeats = args.repeats or 2
+    args.repeats = repeats
+    net, source = load_net(path, config, device, dtype)
+    edm = EDM(sigma_data=net.cfg.sigma_data)
+    seeds = list(range(HELD_OUT_SEED, HELD_OUT_SEED + scenes))
+    batch = make_batch(seeds, views, frames, net.cfg.image_size, device)
+
+    if args.large:
+        rows = [{"name": "full", "family": "full", "specs": []}]
+        for mech in ("cache", "prune", "bypass"):
+            rows.append({"name": f"{mech}-balanced", "family": mech, "specs": apply_preset([], mech, "balanced")})
+        rows.append({"name": "turbo4d-balanced", "family": "turbo4d", "specs": turbo4d_specs("balanced")})
+        rows.append({"name": "turbo4d-fast", "family": "turbo4d", "specs": turbo4d_specs("fast")})
+        if calibration is not None:
+            rows.append({"name": "turbo4d-calibrated", "family": "turbo4d",
+                         "specs": calibration.specs(turbo4d_specs("balanced"))})
+        if args.only:
+            keep = set(args.only.split(","))
+            rows = [r for r in rows if r["name"] in keep or r["name"] == "full"]
+    else:
+        rows = configurations(args, calibration)
+
+    header = (f"{source}, {net.cfg.depth} blocks x width {net.cfg.width}, {scenes} scene(s) x {frames} frames x "
+              f"{views} views = {scenes * frames * views} images of {net.cfg.grid}x{net.cfg.grid} tokens, "
+              f"{steps} Euler steps, {next(net.parameters()).dtype}, {_device_name(device)}")
+    print(header, flush=True)
+    t0 = time.time()
+    results = bench(args, net, edm, batch, views, frames, steps, device, rows, lambda s: print(s, flush=True))
+    report = {
+        "mode": "large" if args.large else "tiny" if args.tiny else "default",
+        "model": source, "config": net.cfg.to_dict(), "device": _device_name(device),
+        "torch": torch.__version__, "dtype": str(next(net.parameters()).dtype),
+        "views": views, "frames": frames, "scenes": scenes, "seeds": seeds, "steps": steps,
+        "repeats": repeats, "warmup": args.warmup, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "calibration": None if calibration is None else {"mechanism": calibration.mechanism,
+                                                         "field": calibration.field, "value": calibration.value},
+        "wall_seconds": time.time() - t0, "rows": results,
+    }
+    name = "bench_accel_large" if args.large else "bench_accel"
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    plot(results, os.path.join(args.out, "speed_quality_large.png" if args.large else "speed_quality.png"), header)
+    print(f"wrote {os.path.join(args.out, name + '.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
