@@ -265,10 +265,14 @@ COLORS = {"full": (0, 0, 0), "cache": (200, 90, 20), "prune": (40, 160, 40), "by
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:
-    import cv2
-    import numpy as np
+    try:
+        import cv2
+        import numpy as np
+    except ImportError:
+        print(f"OpenCV is not installed here: no plot. Draw it elsewhere with --plot-from {path[:-4]}.json")
+        return
 
-    W, H, L, R, T, B = 1000, 680, 80, 260, 50, 60
+    W, H, L, R, T, B = 1000, 700, 80, 260, 70, 60
     img = np.full((H, W, 3), 255, np.uint8)
     pts = [(r["speedup"], r["psnr_vs_full"], r) for r in rows if r["speedup"]]
     finite = [p for _, p, _ in pts if p is not None and math.isfinite(p)]
@@ -296,8 +300,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     cv2.line(img, (X(1.0), T), (X(1.0), H - B), (210, 210, 210), 1)
     cv2.putText(img, "end-to-end speedup vs full compute (same run)", (L + 150, H - 15), font, 0.5, (0, 0, 0), 1,
                 cv2.LINE_AA)
-    cv2.putText(img, "PSNR vs full compute, dB (top edge: exact)", (10, 30), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.putText(img, title[:110], (L + 250, 30), font, 0.45, (60, 60, 60), 1, cv2.LINE_AA)
+    cv2.putText(img, title[:130], (10, 22), font, 0.42, (60, 60, 60), 1, cv2.LINE_AA)
+    cv2.putText(img, "PSNR vs full compute, dB (top edge: exact)", (10, 52), font, 0.5, (0, 0, 0), 1, cv2.LINE_AA)
     for s, p, r in pts:
         c = COLORS.get(r["family"], (0, 0, 0))
         sweep = r["family"].startswith("sweep")
@@ -336,7 +340,16 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
     ap.add_argument("--calibrated", default=None, help="a calibration JSON (turbo_core.accel.calibrate)")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--plot-from", default=None, help="only redraw the plot of a saved results JSON")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            rep = json.load(f)
+        png = os.path.join(os.path.dirname(args.plot_from), "speed_quality_large.png" if rep["mode"] == "large"
+                           else "speed_quality.png")
+        plot(rep["rows"], png, rep.get("title", rep["model"]))
+        print(f"wrote {png}")
+        return 0
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -400,7 +413,7 @@ def main(argv=None) -> int:
         "repeats": repeats, "warmup": args.warmup, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "calibration": None if calibration is None else {"mechanism": calibration.mechanism,
                                                          "field": calibration.field, "value": calibration.value},
-        "wall_seconds": time.time() - t0, "rows": results,
+        "title": header, "wall_seconds": time.time() - t0, "rows": results,
     }
     name = "bench_accel_large" if args.large else "bench_accel"
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:

@@ -224,7 +224,10 @@ class TokenPruner(Accelerator):
 
     def _record_ages(self, st: TokenPrunerState, key, entry, call: int) -> None:
         age = (call - entry.computed_at).clamp(max=self.config.max_age + 1)
-        st.ages[key] = (call, torch.bincount(age, minlength=self.config.max_age + 2))
+        # index_add_ rather than bincount: CUDA's bincount reads the maximum on the host (a sync).
+        hist = torch.zeros(self.config.max_age + 2, device=age.device).index_add_(
+            0, age, torch.ones(age.shape, device=age.device))
+        st.ages[key] = (call, hist)
 
     def end_call(self, dispatch) -> None:
         if dispatch.step is None:
