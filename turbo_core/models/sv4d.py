@@ -1,0 +1,550 @@
+"""SV4D and SV4D 2.0's UNet (Stability AI's `SpatialUNetModelWithTime` with motion attention),
+written for the SCM dispatch, so that Turbo4D's accelerators (chain bypass, rolling cache, token
+pruning) run on it unchanged.
+
+Plain PyTorch, no ComfyUI import: the core has to run where ComfyUI is absent, e.g. on a bare GPU
+benchmark machine or from a script; the ComfyUI nodes only wrap it.
+
+Structure (model_channels 320, channel_mult (1, 2, 4, 4), two res blocks per level): every res block
+is a 2D res block followed by a temporal 3D res block (kernel 3x1x1) over the T*V images of a batch
+item, blended by `time_mixer`. Sixteen attention layers (input_blocks 1, 2, 4, 5, 7, 8, the middle
+block, output_blocks 3..11, numbered 0..15 in that order for the dispatch) each run
+
+1. spatial: `transformer_blocks.0` per image: self-attention over its h*w tokens, cross-attention
+   to its frame's CLIP token, feed-forward;
+2. camera: `time_mix_blocks.0` over the V views of one (batch, frame, pixel), after adding the view
+   embedding `time_mix_time_embed`, cross-attending to the frame's CLIP token; blended into the
+   stream by `time_mixer` (x + (1 - a) * (block(x + e) - x), a = sigmoid(mix_factor));
+   SV4D 2.0's default `use_3d_attention` groups other tokens, see `sv4d_blocks.CameraAxis`;
+3. motion: `motion_blocks.0` over the T frames of one (batch, view, pixel), after adding the frame
+   embedding `time_mix_motion_embed`, cross-attending to that pixel of the reference-view latent
+   `cond_view` (4 channels, resized bilinearly to the level); blended by `time_mixer_motion`
+   (SV4D 2.0) or `time_mixer` (SV4D).
+
+Each sub-attention goes through `SCMDispatch.attend(block, axis, seqs, compute)` and each layer's
+whole chain (norm, proj_in, the three sub-blocks, proj_out, residual) through `dispatch.chain`.
+What `compute` returns is the sub-block's update of the stream (its output minus its input), so a
+cache reuses updates, not activations. Every sequence is independent of the others, and `compute`
+gathers each sequence's own context (CLIP token, cond_view pixel, view and frame embeddings) by
+`index`, so any subset can be computed. Images are stacked (batch, frame, view), SV4D's own
+(b, t, v) order and the layout's, so nothing is reordered. The UNet has four token grids (h*w,
+h*w/4, h*w/16, and h*w/64 in the middle), so each level gets its own `SCMLayout` and a view of
+the caller's dispatch with that layout.
+
+What the model expects (SV4D's sampler; not implemented here):
+- denoiser `VScalingWithEDMcNoise` (ComfyUI's V_PREDICTION_EDM, sigma_data 1):
+  c_in = 1/sqrt(s^2+1), c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), and `timesteps` =
+  c_noise = 0.25 * ln(s); D(x) = c_skip * x + c_out * F(cat[c_in * x, concat], c_noise, ...).
+  EDM discretisation, sigma_max 500 in the configs, rho 7; Euler EDM sampler.
+- x: (N = b*T*V, 8, h, w) = 4 noisy latent channels (times c_in) + 4 channels of "concat": the VAE
+  latent (x 0.18215) of the input video's frame t, the same for every view of that frame.
+- context: (b, T, 1024) one OpenCLIP-H image embedding per frame of the input video.
+- y: (N, 1280) = [256-d sinusoidal embedding of the conditioning noise (0 in SV4D) | 512-d of the
+  view's polar angle (radians) | 512-d of its azimuth (radians)].
+- cond_view: (b*V, 4, H', W') VAE latents of the V output views at the chunk's first frame
+  (anchor / previous chunk); any size, resized per level.
+- CFG: the guiders batch [uncond, cond], so b = 2.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..dispatch import FullCompute, SCMDispatch
+from ..layout import SCMLayout
+from .io import CheckpointError, read_metadata
+from .sv4d_blocks import (AlphaBlender, CameraAxis, Downsample, GroupNorm32, MixBlock, SpatialBlock,
+                          Upsample, VideoResBlock, mlp, timestep_embedding)
+
+VERSIONS = ("sv4d", "sv4d2")
+PREFIX = "model.diffusion_model."
+FORMAT = "turbo4d-sv4d-unet"
+
+
+@dataclass(frozen=True)
+class SV4DConfig:
+    version: str = "sv4d2"            # "sv4d" | "sv4d2"
+    model_channels: int = 320         # override for reduced-width checkpoints (multiple of 32)
+    channel_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple = (0, 1, 2)  # levels with attention (ds 1, 2, 4); the middle always has one
+    head_dim: int = 64
+    context_dim: int = 1024           # CLIP image embedding
+    motion_context_dim: int = 4       # reference-view latent channels
+    in_channels: int = 8
+    out_channels: int = 4
+    adm_in_channels: int = 1280       # y
+    time_kernel: int = 3              # temporal res block kernel (3, 1, 1)
+    max_period: float = 10000.0
+    # SV4D 2.0's camera reshape (see CameraAxis). None = the version's default: True for SV4D 2.0
+    # (sv4d2.yaml), False for SV4D; the SV4D 2.0 8-view model (same keys) needs False.
+    use_3d_attention: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.version not in VERSIONS:
+            raise ValueError(f"SV4DConfig.version must be one of {VERSIONS}, got {self.version!r}")
+        object.__setattr__(self, "channel_mult", tuple(self.channel_mult))
+        object.__setattr__(self, "attention_levels", tuple(self.attention_levels))
+        if self.use_3d_attention is None:
+            object.__setattr__(self, "use_3d_attention", self.version == "sv4d2")
+        if self.use_3d_attention and self.version != "sv4d2":
+            raise ValueError("use_3d_attention exists only in SV4D 2.0; set version='sv4d2' or use_3d_attention=False")
+        mc = self.model_channels
+        if mc < 32 or mc % 32:
+            raise ValueError(f"SV4DConfig.model_channels must be a positive multiple of 32 (GroupNorm of 32 "
+                             f"groups), got {mc}")
+        for m in self.channel_mult:
+            if (m * mc) % self.head_dim:
+                raise ValueError(f"SV4DConfig.head_dim {self.head_dim} does not divide the width {m * mc} of a level; "
+                                 f"pick a head_dim that divides {mc}")
+
+    # The camera view embedding of SV4D 2.0 is fed the UNet's time + y embedding (4 * model_channels
+    # wide); the original sizes its input by adm_in_channels, which is the same 1280 at full size.
+    @property
+    def time_embed_dim(self) -> int:
+        return 4 * self.model_channels
+
+    @property
+    def use_camera_emb(self) -> bool:
+        return self.version == "sv4d2"
+
+    @property
+    def motion_mixer(self) -> str:
+        """Name of the motion blend's parameter module."""
+        return "time_mixer_motion" if self.version == "sv4d2" else "time_mixer"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channel_mult"], d["attention_levels"] = list(self.channel_mult), list(self.attention_levels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SV4DConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SV4DConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def reduced(cls, version: str = "sv4d2", model_channels: int = 32, head_dim: int = 16, **kw) -> "SV4DConfig":
+        """Same structure and key names at a small width, for tests and CPU smoke runs."""
+        return cls(version=version, model_channels=model_channels, head_dim=head_dim, **kw)
+
+
+class SV4DAttentionLayer(nn.Module):
+    """`PostHocSpatialTransformerWithTimeMixingAndMotion` at depth 1, through the dispatch."""
+
+    def __init__(self, cfg: SV4DConfig, ch: int, index: int):
+        super().__init__()
+        self.index = index
+        heads, hd = ch // cfg.head_dim, cfg.head_dim
+        self.norm = nn.GroupNorm(32, ch, eps=1e-6)  # not upcast: the original's plain GroupNorm
+        self.proj_in = nn.Linear(ch, ch)
+        self.transformer_blocks = nn.ModuleList([SpatialBlock(ch, heads, hd, cfg.context_dim)])
+        self.proj_out = nn.Linear(ch, ch)
+        self.time_mix_blocks = nn.ModuleList([MixBlock(ch, heads, hd, cfg.context_dim)])
+        self.motion_blocks = nn.ModuleList([MixBlock(ch, heads, hd, cfg.motion_context_dim)])
+        self.time_mix_time_embed = mlp(cfg.time_embed_dim if cfg.use_camera_emb else ch, 4 * ch, ch)
+        self.time_mix_motion_embed = mlp(ch, 4 * ch, ch)
+        self.time_mixer = AlphaBlender()
+        if cfg.version == "sv4d2":
+            self.time_mixer_motion = AlphaBlender()
+        self.motion_mixer_name = cfg.motion_mixer
+
+    def forward(self, x: torch.Tensor, call: "SV4DCall") -> torch.Tensor:
+        n, c, hh, ww = x.shape
+        level = call.level(hh, ww)
+        tokens = x.flatten(2).transpose(1, 2)  # (N, h*w, C), a view
+        out = level.dispatch.chain(self.index, tokens, lambda t: self._chain(t, call, level))
+        return out.transpose(1, 2).reshape(n, c, hh, ww)
+
+    def _chain(self, tokens: torch.Tensor, call: "SV4DCall", level: "_Level") -> torch.Tensor:
+        d, i, lay = level.dispatch, self.index, level.layout
+        attn = d.attention
+        ch = tokens.shape[-1]
+        h = self.proj_in(self.norm(tokens.transpose(1, 2)).transpose(1, 2))
+        sp, cam, mot = self.transformer_blocks[0], self.time_mix_blocks[0], self.motion_blocks[0]
+        dtype = h.dtype
+
+        # Per-frame / per-view / per-pixel tables, gathered per sequence inside compute.
+        sp_cross = sp.attn2.single_token(call.clip)                      # (b*T, C)
+        cam_cross = cam.attn2.single_token(call.clip)                    # (b*T, C)
+        emb_view = self.time_mix_time_embed(call.view_input(ch))         # (b*V, C)
+        emb_frame = self.time_mix_motion_embed(call.frame_input(ch))     # (b*T, C)
+        keep_cam = 1 - self.time_mixer.alpha(dtype)
+        keep_mot = 1 - getattr(self, self.motion_mixer_name).alpha(dtype)
+
+        def spatial(s, idx):
+            rows = level.image_frame if idx is None else level.image_frame[idx]
+            return sp(s, sp_cross[rows], attn) - s
+
+        h = h + d.attend(i, "spatial", h, spatial)
+
+        ctx_rows, view_rows = level.camera.rows(h.device)
+
+        def camera(s, idx):
+            cr, vr = (ctx_rows, view_rows) if idx is None else (ctx_rows[idx], view_rows[idx])
+            return keep_cam * (cam(s + emb_view[vr], cam_cross[cr], attn) - s)
+
+        h = h + level.camera.from_axis(d.attend(i, "camera", level.camera.to_axis(h), camera))
+
+        frame_rows, pixels = level.motion_frame_rows, level.cond_pixels
+
+        def motion(s, idx):
+            fr, px = (frame_rows, pixels) if idx is None else (frame_rows[idx], pixels[idx])
+            return keep_mot * (mot(s + emb_frame[fr], mot.attn2.single_token(px), attn) - s)
+
+        h = h + lay.from_axis(d.attend(i, "motion", lay.to_axis(h, "motion"), motion), "motion")
+        return tokens + self.proj_out(h)
+
+
+class _Level:
+    """Everything one resolution level's layers share in one call: layout, dispatch view,
+    camera axis, and the index tables of its sequences."""
+
+    def __init__(self, call: "SV4DCall", hh: int, ww: int):
+        b, t, v = call.batch, call.frames, call.views
+        self.layout = SCMLayout(b, v, t, hh, ww)
+        self.dispatch = _dispatch_at(call.dispatch, self.layout)
+        self.camera = CameraAxis(self.layout, call.cfg.use_3d_attention)
+        dev = call.emb.device
+        n = hh * ww
+        self.image_frame = torch.arange(b * t * v, device=dev) // v                      # (N,) rows of (b*T)
+        q = torch.arange(b * v * n, device=dev)
+        self.motion_frame_rows = (q // (v * n))[:, None] * t + torch.arange(t, device=dev)[None]  # (S, T)
+        cv = F.interpolate(call.cond_view.float(), size=(hh, ww), mode="bilinear")
+        self.cond_pixels = cv.permute(0, 2, 3, 1).reshape(b * v * n, -1).to(call.dtype)   # rows (b, v, pixel)
+
+
+def _dispatch_at(d: Optional[SCMDispatch], layout: SCMLayout) -> SCMDispatch:
+    """The caller's dispatch (same step, accelerators, stats, backend) with a level's layout."""
+    if d is None:
+        return FullCompute(layout)
+    if d.layout == layout:
+        return d
+    view = copy.copy(d)
+    view.layout = layout
+    return view
+
+
+class SV4DCall:
+    """One forward's conditioning, shared by the layers (built by `SV4DUNet.condition`)."""
+
+    def __init__(self, cfg, batch, frames, views, clip, emb, cond_view, dispatch, dtype):
+        self.cfg, self.batch, self.frames, self.views = cfg, batch, frames, views
+        self.clip, self.emb, self.cond_view, self.dispatch, self.dtype = clip, emb, cond_view, dispatch, dtype
+        self._levels, self._view_in, self._frame_in = {}, {}, {}
+
+    def level(self, hh: int, ww: int) -> _Level:
+        if (hh, ww) not in self._levels:
+            self._levels[(hh, ww)] = _Level(self, hh, ww)
+        return self._levels[(hh, ww)]
+
+    def view_input(self, ch: int) -> torch.Tensor:
+        """Input of time_mix_time_embed, (b*V, .): SV4D 2.0 feeds the UNet's time + y embedding of
+        each view at the first frame; SV4D a sinusoidal embedding of the view index."""
+        b, t, v = self.batch, self.frames, self.views
+        if self.cfg.use_camera_emb:
+            return self.emb.view(b, t, v, -1)[:, 0].reshape(b * v, -1)
+        if ch not in self._view_in:
+            idx = torch.arange(v, device=self.emb.device).repeat(b)
+            self._view_in[ch] = timestep_embedding(idx, ch, self.cfg.max_period).to(self.dtype)
+        return self._view_in[ch]
+
+    def frame_input(self, ch: int) -> torch.Tensor:
+        """Input of time_mix_motion_embed, (b*T, ch): sinusoidal embedding of the frame index."""
+        if ch not in self._frame_in:
+            idx = torch.arange(self.frames, device=self.emb.device).repeat(self.batch)
+            self._frame_in[ch] = timestep_embedding(idx, ch, self.cfg.max_period).to(self.dtype)
+        return self._frame_in[ch]
+
+
+class SV4DUNet(nn.Module):
+    """F of SV4D / SV4D 2.0. `state_dict()` keys (with PREFIX) and shapes are the checkpoint's."""
+
+    def __init__(self, cfg: SV4DConfig = SV4DConfig()):
+        super().__init__()
+        self.cfg = cfg
+        mc, ted = cfg.model_channels, cfg.time_embed_dim
+        self.time_embed = mlp(mc, ted, ted)
+        self.label_emb = nn.Sequential(mlp(cfg.adm_in_channels, ted, ted))
+        self.input_blocks = nn.ModuleList([nn.ModuleList([nn.Conv2d(cfg.in_channels, mc, 3, padding=1)])])
+        n_attn = 0
+
+        def attention(ch):
+            nonlocal n_attn
+            n_attn += 1
+            return SV4DAttentionLayer(cfg, ch, n_attn - 1)
+
+        def res(ch_in, ch_out):
+            return VideoResBlock(ch_in, ted, ch_out, cfg.time_kernel)
+
+        chans, ch = [mc], mc
+        last = len(cfg.channel_mult) - 1
+        for level, mult in enumerate(cfg.channel_mult):
+            for _ in range(cfg.num_res_blocks):
+                layers = [res(ch, mult * mc)]
+                ch = mult * mc
+                if level in cfg.attention_levels:
+                    layers.append(attention(ch))
+                self.input_blocks.append(nn.ModuleList(layers))
+                chans.append(ch)
+            if level != last:
+                self.input_blocks.append(nn.ModuleList([Downsample(ch)]))
+                chans.append(ch)
+        self.middle_block = nn.ModuleList([res(ch, ch), attention(ch), res(ch, ch)])
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+            for i in range(cfg.num_res_blocks + 1):
+                layers = [res(ch + chans.pop(), mc * mult)]
+                ch = mc * mult
+                if level in cfg.attention_levels:
+                    layers.append(attention(ch))
+                if level and i == cfg.num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.output_blocks.append(nn.ModuleList(layers))
+        self.out = nn.Sequential(GroupNorm32(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.n_blocks = n_attn
+
+    @property
+    def blocks(self) -> int:
+        """Attention layers, i.e. dispatch blocks (16 at the standard structure)."""
+        return self.n_blocks
+
+    @property
+    def depth(self) -> int:
+        return self.n_blocks
+
+    def token_layout(self, n_images: int, views: int, frames: int, height: int, width: int) -> SCMLayout:
+        """The layout of the top level (the latent grid), for Turbo4DRun.dispatch."""
+        return SCMLayout.from_images(n_images, views, frames, height, width)
+
+    def condition(self, x: torch.Tensor, timesteps, context: torch.Tensor, y: torch.Tensor,
+                  cond_view: torch.Tensor, views: int, frames: int,
+                  dispatch: Optional[SCMDispatch] = None) -> "SV4DCall":
+        """Checks the inputs and computes what every layer of one forward shares (see `forward`)."""
+        cfg = self.cfg
+        n, c, hh, ww = x.shape
+        if c != cfg.in_channels:
+            raise ValueError(f"x has {c} channels; SV4D expects {cfg.in_channels} (4 noisy latent + 4 latent "
+                             f"of the input frame)")
+        if hh % 8 or ww % 8:
+            raise ValueError(f"latent size {hh}x{ww} must be a multiple of 8 (three downsamplings)")
+        lay = self.token_layout(n, views, frames, hh, ww)
+        b = lay.batch
+        if dispatch is not None and (dispatch.layout.batch, dispatch.layout.views, dispatch.layout.frames) != (b, views, frames):
+            raise ValueError(f"the dispatch's layout {dispatch.layout} does not match this call's "
+                             f"batch={b}, views={views}, frames={frames}; build the dispatch from model.token_layout")
+        dtype = self.out[2].weight.dtype
+        clip = _frame_context(context, b, frames, views, cfg.context_dim).to(dtype)
+        if y is None or tuple(y.shape) != (n, cfg.adm_in_channels):
+            raise ValueError(f"y must be ({n}, {cfg.adm_in_channels}) (noise-level + polar + azimuth embeddings "
+                             f"per image), got {None if y is None else tuple(y.shape)}")
+        if cond_view is None or cond_view.dim() != 4 or cond_view.shape[0] != b * views \
+                or cond_view.shape[1] != cfg.motion_context_dim:
+            raise ValueError(
+                f"cond_view must be (batch*views={b * views}, {cfg.motion_context_dim}, H, W): the latents of the "
+                f"{views} views at the chunk's first frame, per batch item; got "
+                f"{None if cond_view is None else tuple(cond_view.shape)}")
+        t = torch.as_tensor(timesteps, device=x.device).float().reshape(-1)
+        t = t.expand(n) if t.numel() == 1 else t
+        if t.numel() != n:
+            raise ValueError(f"timesteps must be a scalar or ({n},), got {tuple(t.shape)}")
+        emb = self.time_embed(timestep_embedding(t, cfg.model_channels).to(dtype)) + self.label_emb(y.to(dtype))
+        return SV4DCall(cfg, b, frames, views, clip, emb, cond_view, dispatch, dtype)
+
+    def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, y: torch.Tensor,
+                cond_view: torch.Tensor, views: int, frames: int,
+                dispatch: Optional[SCMDispatch] = None) -> torch.Tensor:
+        """x (N, 8, h, w), N = b*frames*views stacked (b, frame, view); timesteps (N,) or scalar
+        c_noise; context (b, frames, 1024) or per image (N, 1, 1024) / (N, 1024); y (N, 1280);
+        cond_view (b*views, 4, H', W'). Returns (N, 4, h, w) in the model's dtype."""
+        call = self.condition(x, timesteps, context, y, cond_view, views, frames, dispatch)
+        emb, per_item = call.emb, frames * views
+
+        def run(layers, h):
+            for m in layers:
+                if isinstance(m, VideoResBlock):
+                    h = m(h, emb, per_item)
+                elif isinstance(m, SV4DAttentionLayer):
+                    h = m(h, call)
+                else:
+                    h = m(h)
+            return h
+
+        h, hs = x.to(call.dtype), []
+        for blk in self.input_blocks:
+            h = run(blk, h)
+            hs.append(h)
+        h = run(self.middle_block, h)
+        for blk in self.output_blocks:
+            h = run(blk, torch.cat([h, hs.pop()], dim=1))
+        return self.out(h)
+
+
+def _frame_context(context, b, frames, views, dim) -> torch.Tensor:
+    """The per-frame CLIP table (b*frames, dim) from (b, frames, dim) or a per-image tensor."""
+    if context is None:
+        raise ValueError(f"context (the CLIP image embedding of each input frame, (batch, frames, {dim})) is required")
+    n = b * frames * views
+    if context.dim() == 3 and tuple(context.shape) == (b, frames, dim):
+        return context.reshape(b * frames, dim)
+    if context.shape[0] == n and context.shape[-1] == dim and context.numel() == n * dim:
+        per_view = context.reshape(b * frames, views, dim)
+        if not torch.equal(per_view, per_view[:, :1].expand_as(per_view)):
+            raise ValueError("SV4D conditions on one CLIP token per frame, but the per-image context differs "
+                             "between the views of a frame; pass (batch, frames, dim) instead")
+        return per_view[:, 0]
+    raise ValueError(f"context must be (batch={b}, frames={frames}, {dim}) or per image ({n}, 1, {dim}); "
+                     f"got {tuple(context.shape)}")
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+def build_sv4d(cfg: SV4DConfig, device=None) -> SV4DUNet:
+    """SV4DUNet on `device`; "meta" builds the full-size model instantly and without memory."""
+    with torch.device(device or "cpu"):
+        return SV4DUNet(cfg)
+
+
+def detect_sv4d(keys) -> Optional[str]:
+    """"sv4d" / "sv4d2" if the key names are an SV4D UNet's (with or without PREFIX), else None.
+    SV4D 2.0 is told by its separate motion blend (`time_mixer_motion`)."""
+    motion = mixer2 = False
+    for k in keys:
+        if ".motion_blocks.0." in k:
+            motion = True
+        if k.endswith(".time_mixer_motion.mix_factor"):
+            mixer2 = True
+    if not motion:
+        return None
+    return "sv4d2" if mixer2 else "sv4d"
+
+
+def _unet_shapes(shapes: dict) -> dict:
+    """The UNet's entries of a checkpoint, without PREFIX: a full SV4D file also holds the
+    conditioner and the VAE, which are not the UNet's."""
+    if any(k.startswith(PREFIX) for k in shapes):
+        return {k[len(PREFIX):]: s for k, s in shapes.items() if k.startswith(PREFIX)}
+    return dict(shapes)
+
+
+def sv4d_config_from_shapes(shapes: dict, use_3d_attention: Optional[bool] = None,
+                            head_dim: Optional[int] = None, name: str = "checkpoint") -> SV4DConfig:
+    """The config of an SV4D checkpoint from its key names and shapes ({key: shape}); width, context
+    sizes and channels are read from the shapes. Raises CheckpointError naming the first missing and
+    first unexpected key when the file is not an SV4D / SV4D 2.0 UNet of the standard structure."""
+    unet = _unet_shapes(shapes)
+    version = detect_sv4d(unet) or "sv4d2"
+    base = {"version": version}
+    try:
+        base["model_channels"] = int(unet["input_blocks.0.0.weight"][0])
+        base["in_channels"] = int(unet["input_blocks.0.0.weight"][1])
+        base["out_channels"] = int(unet["out.2.weight"][0])
+        base["adm_in_channels"] = int(unet["label_emb.0.0.weight"][1])
+        base["context_dim"] = int(unet["input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"][1])
+        base["motion_context_dim"] = int(unet["input_blocks.1.1.motion_blocks.0.attn2.to_k.weight"][1])
+        base["time_kernel"] = int(unet["input_blocks.1.0.time_mix_blocks.in_layers.2.weight"][2])
+    except (KeyError, IndexError, TypeError):
+        pass  # not SV4D-shaped: the key comparison below names what is wrong
+    if head_dim is None:
+        head_dim = 64 if base.get("model_channels", 320) % 64 == 0 else 32
+    try:
+        cfg = SV4DConfig(head_dim=head_dim, use_3d_attention=use_3d_attention if version == "sv4d2" else False,
+                         **base)
+    except ValueError as e:
+        raise CheckpointError(f"{name}: its shapes give an SV4D config that cannot be built ({e})") from e
+    expected = {k[len(PREFIX):]: tuple(v.shape) for k, v in sv4d_state_shapes(cfg).items()}
+    missing = [k for k in expected if k not in unet]
+    unexpected = [k for k in unet if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{name} is not an SV4D / SV4D 2.0 UNet: {len(missing)} keys missing (first: "
+            f"{PREFIX + missing[0] if missing else None!r}), {len(unexpected)} unexpected (first: "
+            f"{PREFIX + unexpected[0] if unexpected else None!r}). Pick sv4d.safetensors or sv4d2.safetensors "
+            f"(or a UNet saved from one), or use the loader for this model's own family.")
+    for k, shape in expected.items():
+        if tuple(unet[k]) != shape:
+            raise CheckpointError(f"{name}: {PREFIX + k} has shape {tuple(unet[k])}, expected {shape} for an "
+                                  f"{version} UNet of width {cfg.model_channels}; the file is damaged or of another model")
+    return cfg
+
+
+def sv4d_state_shapes(cfg: SV4DConfig) -> dict:
+    """{PREFIX + key: meta tensor} of the UNet for `cfg`, built without memory."""
+    return {PREFIX + k: v for k, v in build_sv4d(cfg, "meta").state_dict().items()}
+
+
+def save_sv4d(net: SV4DUNet, path: str, dtype: Optional[torch.dtype] = None) -> None:
+    """The UNet under PREFIX, as in SV4D's own checkpoints, with its config in the metadata."""
+    from safetensors.torch import save_file
+
+    sd = {PREFIX + k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
+          for k, v in net.state_dict().items()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_file(sd, path, metadata={"format": FORMAT, "config": json.dumps(net.cfg.to_dict())})
+
+
+def read_sv4d_config(path: str, use_3d_attention: Optional[bool] = None) -> SV4DConfig:
+    """Config of an SV4D safetensors file from its header alone (no tensor is read)."""
+    from safetensors import safe_open
+
+    meta = read_metadata(path)  # refuses pickles and unreadable files with a clear message
+    name = os.path.basename(path)
+    with safe_open(path, framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    head_dim, stored_3d = None, None
+    if meta.get("format") == FORMAT and "config" in meta:
+        try:
+            stored = json.loads(meta["config"])
+            head_dim, stored_3d = stored.get("head_dim"), stored.get("use_3d_attention")
+        except ValueError:
+            pass
+    if use_3d_attention is None:
+        use_3d_attention = stored_3d
+    if use_3d_attention is None and "8view" in name.replace("_", "").replace("-", "").lower():
+        use_3d_attention = False  # sv4d2_8views.yaml: same keys as SV4D 2.0, camera over the views
+    return sv4d_config_from_shapes(shapes, use_3d_attention=use_3d_attention, head_dim=head_dim, name=name)
+
+
+def load_sv4d(path: str, device="cpu", dtype: Optional[torch.dtype] = None,
+              use_3d_attention: Optional[bool] = None) -> SV4DUNet:
+    """An SV4D or SV4D 2.0 UNet from a .safetensors file: the full Stability checkpoint (only the
+    `model.diffusion_model.` tensors are read) or a UNet saved by `save_sv4d`. The version comes from
+    the keys and the width from the shapes. SV4D 2.0's 8-view model has SV4D 2.0's keys but no
+    pixel-group camera reshape: it is recognised by "8view" in the file name, or pass
+    use_3d_attention=False."""
+    from safetensors import safe_open
+
+    cfg = read_sv4d_config(path, use_3d_attention)
+    name = os.path.basename(path)
+    with torch.device("meta"):
+        net = SV4DUNet(cfg)
+    target = dtype or torch.float32
+    sd = {}
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            keys = set(f.keys())
+            prefixed = any(k.startswith(PREFIX) for k in keys)
+            for k in net.state_dict():
+                t = f.get_tensor(PREFIX + k if prefixed else k)
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise CheckpointError(f"{name}: tensor {PREFIX + k} holds NaN or Inf values; the file is damaged.")
+                sd[k] = t.to(device=device, dtype=target)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{name} is truncated or corrupt ({e}); download it again.") from e
+    net.load_state_dict(sd, assign=True)
+    return net.eval()
+
+
+def parameter_count(cfg: SV4DConfig) -> int:
+    return sum(t.numel() for t in build_sv4d(cfg, "meta").parameters())
