@@ -66,11 +66,16 @@ class Turbo4DRun:
     """One sampling run: the accelerators in order, their counters, and the per-call dispatch.
 
     `begin()` and `end()` bracket a run (the ComfyUI adapter calls them from an OUTER_SAMPLE
-    wrapper, inside try/finally, so an interrupted run leaves no cache behind)."""
+    wrapper, inside try/finally, so an interrupted run leaves no cache behind).
 
-    def __init__(self, accelerators: Sequence[Accelerator] = (), backend: str = "sdpa"):
+    `listeners` (e.g. the GUI's live map) are called as `listener(stats, entry)` after every model
+    call with the latest timeline entry, and as `listener(stats, None)` when the run ends."""
+
+    def __init__(self, accelerators: Sequence[Accelerator] = (), backend: str = "sdpa",
+                 listeners: Sequence[Callable] = ()):
         self.accelerators = list(accelerators)
         self.backend = backend
+        self.listeners = list(listeners)
         self.stats: Optional[RunStats] = None
         self._calls: dict = {}
         self._signature: dict = {}
@@ -110,6 +115,8 @@ class Turbo4DRun:
             a.end_call(dispatch)
         if self.stats is not None:
             self.stats.cache_memory(sum(a.cache_bytes() for a in self.accelerators))
+            for listener in self.listeners:
+                listener(self.stats, self.stats.timeline[-1])
 
     def end(self, peak_memory_bytes: Optional[int] = None) -> RunStats:
         stats = self.stats or RunStats()
@@ -120,4 +127,6 @@ class Turbo4DRun:
         self._calls.clear()
         self._signature.clear()
         self.stats = stats
+        for listener in self.listeners:
+            listener(stats, None)
         return stats
