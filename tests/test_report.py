@@ -1,0 +1,78 @@
+"""The run payload (what the GUI and the Report node show), the run listeners that feed the live map,
+and the report plots, on a real accelerated run of a tiny network."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from accel_fixtures import random_net, sample
+from turbo_core.accel.presets import turbo4d_specs
+from turbo_core.accel.registry import build_run
+from turbo_core.report import (STATE_CODES, STATE_COLOURS, draw_map, report_image, row_code, run_payload,
+                               state_counts)
+
+
+@pytest.fixture(scope="module")
+def fast_run():
+    net = random_net("tiny")
+    calls = []
+    run = build_run(turbo4d_specs("fast"))
+    run.listeners.append(lambda stats, entry: calls.append(
+        (len(stats.timeline), None if entry is None else row_code(entry["cells"], stats.blocks))))
+    _, stats = sample(net, None, run=run)
+    return stats, calls
+
+
+def test_listeners_see_every_call_then_the_end(fast_run):
+    stats, calls = fast_run
+    assert len(calls) == stats.calls + 1
+    # After call i the timeline holds i + 1 entries and the entry is that call's row.
+    assert [n for n, _ in calls[:-1]] == list(range(1, stats.calls + 1))
+    assert [r for _, r in calls[:-1]] == [row_code(t["cells"], stats.blocks) for t in stats.timeline]
+    assert calls[-1] == (stats.calls, None)
+
+
+def test_payload_matches_the_stats(fast_run):
+    stats, _ = fast_run
+    p = json.loads(json.dumps(run_payload(stats)))  # JSON-safe as sent to the browser
+    assert p["summary"] == json.loads(json.dumps(stats.summary()))
+    assert p["blocks"] == stats.blocks == 2
+    assert len(p["rows"]) == stats.calls == 12
+    grid = stats.timeline_grid()
+    assert p["rows"] == ["".join(STATE_CODES[c] for c in row) for row in grid]
+    counts = state_counts(p["rows"])
+    # Every bypassed chain is one "b" cell (a bypassed block does no attention at all).
+    assert counts["bypassed"] == stats.chains_bypassed > 0
+    assert counts["ran"] > 0 and sum(counts.values()) == stats.calls * stats.blocks
+    # Change signals of the bypass are recorded against its threshold.
+    th = [s["bypass"]["threshold"] for s in p["signals"] if "bypass" in s]
+    assert th and all(t == th[0] for t in th)
+    assert set(p["accelerators"]) == {"cache", "prune", "bypass"}
+
+
+def test_map_cells_have_their_state_colour():
+    rows = ["rcpb", "bbbb"]
+    img = draw_map(rows, 4, width=420, height=230)
+    assert img.dtype == np.uint8 and img.shape == (230, 420, 3)
+    L, R, T, B = 60, 12, 28, 48
+    pw, ph = 420 - L - R, 230 - T - B
+    for i, r in enumerate(rows):
+        for b, ch in enumerate(r):
+            x = L + int((i + 0.5) * pw / 2)
+            y = T + int((b + 0.5) * ph / 4)
+            state = {v: k for k, v in STATE_CODES.items()}[ch]
+            assert tuple(img[y, x]) == STATE_COLOURS[state], (i, b, ch)
+
+
+def test_report_image_adds_quality_panel_when_a_reference_is_given(fast_run):
+    stats, _ = fast_run
+    p = run_payload(stats)
+    plain = report_image(p)
+    with_q = report_image(p, {"psnr": 30.0, "ssim": 0.9, "speedup": p["summary"]["compute_speedup"]})
+    assert plain.shape[1] == with_q.shape[1] == 720
+    assert with_q.shape[0] > plain.shape[0] + 150
+    # The map is in the picture: its ran and bypassed colours both appear.
+    for state in ("ran", "bypassed"):
+        assert (plain == np.array(STATE_COLOURS[state], np.uint8)).all(-1).sum() > 100, state
