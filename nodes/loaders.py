@@ -1,0 +1,111 @@
+"""Turbo4D Model Loader: a safetensors SCM network -> a ComfyUI MODEL."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+import folder_paths
+from comfy_api.latest import io
+
+from turbo_core.models.io import CheckpointError, load_model
+from turbo_core.models.scm_net import CONFIGS, SCMNet
+
+from .model import PACK_DIR, make_model_patcher
+
+log = logging.getLogger("turbo4d")
+
+FOLDER = "turbo4d"
+EMBEDDED = "embedded default"
+DEFAULT_WEIGHTS = os.path.join(PACK_DIR, "models", "turbo4d_default.safetensors")
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def register_model_folder() -> str:
+    """models/turbo4d/ in ComfyUI's models directory (and wherever extra_model_paths.yaml adds one)."""
+    path = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([path], {".safetensors", ".sft"})
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        pass  # a read-only models dir only means no local models
+    return path
+
+
+register_model_folder()
+
+
+# --- TEMPORARY: remove this function and its one caller once models/turbo4d_default.safetensors ships.
+def _untrained_default_net() -> SCMNet:
+    log.warning("Turbo4D: %s is missing; using an UNTRAINED default network (outputs are noise-like). "
+                "Put the trained weights there.", DEFAULT_WEIGHTS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return SCMNet(CONFIGS["default"]).eval()
+# --- end TEMPORARY
+
+
+def model_files() -> list[str]:
+    try:
+        return folder_paths.get_filename_list(FOLDER)
+    except OSError:  # the folder was removed while ComfyUI runs
+        return []
+
+
+def weights_path(model_name: str) -> str:
+    if model_name == EMBEDDED:
+        return DEFAULT_WEIGHTS
+    path = folder_paths.get_full_path(FOLDER, model_name)
+    if path is None:
+        raise CheckpointError(f"{model_name} is not in models/{FOLDER}/. Put the .safetensors file there "
+                              f"and refresh, or pick '{EMBEDDED}'.")
+    return path
+
+
+class Turbo4DModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Turbo4DModelLoader",
+            display_name="Turbo4D Model Loader",
+            category="Turbo4D/loaders",
+            description="Loads a Turbo4D multi-view 4D network (safetensors only) as a MODEL that the "
+                        "MultiView Sampler, ComfyUI's KSampler and the Turbo4D accelerators can drive.",
+            inputs=[
+                io.Combo.Input("model_name", options=[EMBEDDED] + model_files(),
+                               default=EMBEDDED,
+                               tooltip=f"'{EMBEDDED}' is the small network shipped with the pack; other "
+                                       f"entries are .safetensors files in ComfyUI's models/{FOLDER}/ folder."),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto",
+                               tooltip="Precision of the weights. auto: fp32 on a CPU, fp16/bf16 on a GPU "
+                                       "that runs them fast."),
+            ],
+            outputs=[io.Model.Output(tooltip="The Turbo4D model.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, model_name, weight_dtype):
+        try:
+            path = weights_path(model_name)
+            return f"{path}:{os.path.getmtime(path) if os.path.exists(path) else 'missing'}:{weight_dtype}"
+        except CheckpointError:
+            return f"{model_name}:{weight_dtype}"
+
+    @classmethod
+    def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
+        if weight_dtype not in DTYPES:
+            raise ValueError(f"Turbo4D Model Loader: weight_dtype={weight_dtype!r}; pick one of {list(DTYPES)}.")
+        try:
+            path = weights_path(model_name)
+            if model_name == EMBEDDED and not os.path.isfile(path):
+                net = _untrained_default_net()
+            else:
+                net = load_model(path)
+        except CheckpointError as e:
+            raise ValueError(f"Turbo4D Model Loader, model_name={model_name!r}: {e}") from e
+        return io.NodeOutput(make_model_patcher(net, DTYPES[weight_dtype]))
+
+
+NODES = [Turbo4DModelLoader]

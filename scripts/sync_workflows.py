@@ -1,0 +1,235 @@
+"""The shipped workflows, described once in Python and written in both of ComfyUI's formats:
+
+    workflows/<name>.json      UI format (what a user drags onto the canvas; version 0.4)
+    workflows/api/<name>.json  API format (what POST /prompt runs headless)
+
+    .host/venv/bin/python scripts/sync_workflows.py          # rewrite both
+    .host/venv/bin/python scripts/sync_workflows.py --check  # exit 1 if a committed file differs
+
+`NODE_DEFS` mirrors the socket and widget order of each node type used here; the host tests check it
+against the running server's /object_info, so a schema change that the workflows miss fails a test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UI_DIR = os.path.join(ROOT, "workflows")
+API_DIR = os.path.join(ROOT, "workflows", "api")
+
+# type -> (display title, socket inputs [(name, type)], widget names in order, outputs [(name, type)])
+# A widget name ending in "+control" is followed in the UI format by its control_after_generate
+# value; one ending in "+upload" by the upload button's value.
+NODE_DEFS = {
+    "Turbo4DModelLoader": ("Turbo4D Model Loader", [], ["model_name", "weight_dtype"], [("MODEL", "MODEL")]),
+    "Turbo4DLoadInput": ("Load 4D Input", [("images", "IMAGE")],
+                         ["video+upload", "size", "frame_count", "frame_stride", "start_frame"],
+                         [("input", "TURBO4D_INPUT"), ("frames", "IMAGE")]),
+    "Turbo4DSyntheticScene": ("Synthetic 4D Scene", [],
+                              ["seed", "views", "frames", "size", "elevation", "azimuth_start", "azimuth_span"],
+                              [("input", "TURBO4D_INPUT"), ("ground_truth", "IMAGE"), ("scene", "TURBO4D_SCENE")]),
+    "Turbo4DMultiViewSampler": ("MultiView Sampler", [("model", "MODEL"), ("input", "TURBO4D_INPUT")],
+                                ["views", "frames", "elevation", "azimuth_span", "seed+control",
+                                 "steps", "cfg", "sampler_name", "scheduler"],
+                                [("images", "IMAGE"), ("latent", "LATENT"), ("stats", "STRING"),
+                                 ("run_stats", "TURBO4D_STATS")]),
+    "Turbo4DMultiViewConditioning": ("MultiView Conditioning", [("model", "MODEL"), ("input", "TURBO4D_INPUT")],
+                                     ["views", "frames", "elevation", "azimuth_span"],
+                                     [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                      ("latent", "LATENT")]),
+    "Turbo4DLatentToImage": ("MultiView Latent to Image", [("latent", "LATENT")], [], [("images", "IMAGE")]),
+    "Turbo4DSaveMultiView": ("Save MultiView", [("images", "IMAGE")],
+                             ["views", "fps", "filename_prefix", "scale"], []),
+    "KSampler": ("KSampler", [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                              ("latent_image", "LATENT")],
+                 ["seed+control", "steps", "cfg", "sampler_name", "scheduler", "denoise"], [("LATENT", "LATENT")]),
+}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    pos: tuple
+    widgets: dict
+    links: dict = field(default_factory=dict)  # input name -> (node, output slot)
+    size: tuple = (320, 200)
+
+    def out(self, slot: int):
+        return (self, slot)
+
+
+class Graph:
+    def __init__(self):
+        self.nodes: list[Node] = []
+
+    def add(self, type_: str, pos, box=(320, 200), **kw) -> Node:
+        title, sockets, widgets, _ = NODE_DEFS[type_]
+        names = [w.split("+")[0] for w in widgets]
+        links = {k: v for k, v in kw.items() if k in dict(sockets)}
+        values = {k: v for k, v in kw.items() if k not in links}
+        unknown = set(values) - set(names)
+        missing = set(names) - set(values)
+        if unknown or missing:
+            raise ValueError(f"{type_}: unknown widgets {sorted(unknown)}, missing {sorted(missing)}")
+        n = Node(len(self.nodes) + 1, type_, tuple(pos), values, links, tuple(box))
+        self.nodes.append(n)
+        return n
+
+    # --- API format ---------------------------------------------------------------------------
+    def api(self) -> dict:
+        out = {}
+        for n in self.nodes:
+            title, sockets, widgets, _ = NODE_DEFS[n.type]
+            inputs = {}
+            for w in widgets:
+                name = w.split("+")[0]
+                inputs[name] = n.widgets[name]
+            for name, _t in sockets:
+                if name in n.links:
+                    src, slot = n.links[name]
+                    inputs[name] = [str(src.id), slot]
+            out[str(n.id)] = {"inputs": inputs, "class_type": n.type, "_meta": {"title": title}}
+        return out
+
+    # --- UI format ----------------------------------------------------------------------------
+    def ui(self) -> dict:
+        links, link_id = [], 0
+        out_links: dict = {}
+        in_links: dict = {}
+        for n in self.nodes:  # inputs in socket order so link ids are stable
+            for slot, (name, typ) in enumerate(NODE_DEFS[n.type][1]):
+                if name in n.links:
+                    src, src_slot = n.links[name]
+                    link_id += 1
+                    links.append([link_id, src.id, src_slot, n.id, slot, typ])
+                    out_links.setdefault((src.id, src_slot), []).append(link_id)
+                    in_links[(n.id, name)] = link_id
+        order = {n.id: i for i, n in enumerate(self._topological())}
+        nodes = []
+        for n in self.nodes:
+            title, sockets, widgets, outputs = NODE_DEFS[n.type]
+            values = []
+            for w in widgets:
+                name, _, extra = w.partition("+")
+                values.append(n.widgets[name])
+                if extra == "control":
+                    values.append("fixed")
+                elif extra == "upload":
+                    values.append("image")
+            nodes.append({
+                "id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
+                "order": order[n.id], "mode": 0,
+                "inputs": [{"name": name, "type": typ, "link": in_links.get((n.id, name))} for name, typ in sockets],
+                "outputs": [{"name": name, "type": typ, "links": out_links.get((n.id, i), []) or None,
+                             **({"slot_index": i} if (n.id, i) in out_links else {})}
+                            for i, (name, typ) in enumerate(outputs)],
+                "title": title,
+                "properties": {"Node name for S&R": n.type},
+                "widgets_values": values,
+            })
+        return {"last_node_id": len(self.nodes), "last_link_id": link_id, "nodes": nodes, "links": links,
+                "groups": [], "config": {}, "extra": {"ds": {"scale": 1.0, "offset": [0, 0]}}, "version": 0.4}
+
+    def _topological(self) -> list[Node]:
+        done, out = set(), []
+
+        def visit(n):
+            if n.id in done:
+                return
+            for src, _ in n.links.values():
+                visit(src)
+            done.add(n.id)
+            out.append(n)
+
+        for n in self.nodes:
+            visit(n)
+        return out
+
+
+# --- the workflows ----------------------------------------------------------------------------
+# Sized for a 2-core CPU: a 4 x 8 grid at 32 px, 12 steps, no CFG (cfg 1 halves the work). The
+# stock-KSampler example uses cfg 2 so that the guided path is exercised as well.
+SAMPLING = dict(views=4, frames=8, elevation=20.0, azimuth_span=360.0, seed=0, steps=12, cfg=1.0,
+                sampler_name="euler", scheduler="karras")
+
+
+def turbo4d_from_video() -> Graph:
+    g = Graph()
+    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
+    inp = g.add("Turbo4DLoadInput", (40, 220), (320, 420), video="turbo4d_example.mp4", size=32, frame_count=8,
+                frame_stride=1, start_frame=0)
+    smp = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=model.out(0), input=inp.out(0), **SAMPLING)
+    g.add("Turbo4DSaveMultiView", (820, 60), (420, 480), images=smp.out(0), views=SAMPLING["views"], fps=8.0,
+          filename_prefix="turbo4d/from_video", scale=4)
+    return g
+
+
+def turbo4d_synthetic_compare() -> Graph:
+    g = Graph()
+    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
+    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=3, views=SAMPLING["views"],
+                  frames=SAMPLING["frames"], size=32, elevation=SAMPLING["elevation"],
+                  azimuth_start=0.0, azimuth_span=SAMPLING["azimuth_span"])
+    smp = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=model.out(0), input=scene.out(0), **SAMPLING)
+    g.add("Turbo4DSaveMultiView", (820, 60), (420, 420), images=smp.out(0), views=SAMPLING["views"], fps=8.0,
+          filename_prefix="turbo4d/compare_result", scale=4)
+    g.add("Turbo4DSaveMultiView", (820, 520), (420, 420), images=scene.out(1), views=SAMPLING["views"], fps=8.0,
+          filename_prefix="turbo4d/compare_ground_truth", scale=4)
+    return g
+
+
+def turbo4d_stock_ksampler() -> Graph:
+    """The same model driven by ComfyUI's own KSampler through MultiView Conditioning."""
+    g = Graph()
+    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
+    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=3, views=4, frames=8, size=32,
+                  elevation=20.0, azimuth_start=0.0, azimuth_span=360.0)
+    cond = g.add("Turbo4DMultiViewConditioning", (420, 60), (320, 260), model=model.out(0), input=scene.out(0),
+                 views=4, frames=8, elevation=20.0, azimuth_span=360.0)
+    ks = g.add("KSampler", (800, 60), (320, 280), model=model.out(0), positive=cond.out(0), negative=cond.out(1),
+               latent_image=cond.out(2), seed=0, steps=10, cfg=2.0, sampler_name="euler", scheduler="karras",
+               denoise=1.0)
+    dec = g.add("Turbo4DLatentToImage", (1160, 60), (280, 80), latent=ks.out(0))
+    g.add("Turbo4DSaveMultiView", (1160, 200), (420, 420), images=dec.out(0), views=4, fps=8.0,
+          filename_prefix="turbo4d/stock_ksampler", scale=4)
+    return g
+
+
+WORKFLOWS = {f.__name__: f for f in (turbo4d_from_video, turbo4d_synthetic_compare, turbo4d_stock_ksampler)}
+
+
+def render(name: str) -> dict[str, str]:
+    """{path: text} of both files of one workflow."""
+    g = WORKFLOWS[name]()
+    dump = lambda d: json.dumps(d, indent=2) + "\n"  # noqa: E731
+    return {os.path.join(UI_DIR, f"{name}.json"): dump(g.ui()), os.path.join(API_DIR, f"{name}.json"): dump(g.api())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="only compare; exit 1 when a file is out of date")
+    a = ap.parse_args(argv)
+    stale = []
+    for name in WORKFLOWS:
+        for path, text in render(name).items():
+            old = open(path).read() if os.path.exists(path) else None
+            if old != text:
+                stale.append(os.path.relpath(path, ROOT))
+                if not a.check:
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "w") as f:
+                        f.write(text)
+    if a.check and stale:
+        print("out of date (run scripts/sync_workflows.py):\n  " + "\n  ".join(stale))
+        return 1
+    print(("rewrote " + ", ".join(stale)) if stale else "workflows up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
