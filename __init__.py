@@ -4,6 +4,9 @@ ComfyUI imports this file as a package. The core (`turbo_core/`, plain PyTorch) 
 own top-level name, so the pack folder goes at the end of sys.path (last, so that its `tests` or
 `scripts` never shadow anyone's); the node modules are imported relatively, because ComfyUI already
 owns the top-level name `nodes`.
+
+Outside ComfyUI (pytest imports the repository root as a package because of this file) there is no
+`comfy_api`, and the file registers nothing.
 """
 import os
 import sys
@@ -12,20 +15,21 @@ _PACK = os.path.dirname(os.path.abspath(__file__))
 if _PACK not in sys.path:
     sys.path.append(_PACK)
 
-from comfy_api.latest import ComfyExtension, io  # noqa: E402
-
-from .nodes import node_list  # noqa: E402
+try:
+    from comfy_api.latest import ComfyExtension, io
+except ImportError:
+    ComfyExtension = None
 
 WEB_DIRECTORY = "./web"
 
+if ComfyExtension is not None:
+    from .nodes import node_list
 
-class Turbo4DExtension(ComfyExtension):
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return node_list()
+    class Turbo4DExtension(ComfyExtension):
+        async def get_node_list(self) -> list[type[io.ComfyNode]]:
+            return node_list()
 
+    async def comfy_entrypoint() -> Turbo4DExtension:
+        return Turbo4DExtension()
 
-async def comfy_entrypoint() -> Turbo4DExtension:
-    return Turbo4DExtension()
-
-
-__all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
+    __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]
