@@ -155,6 +155,7 @@ def turbo4d_sample_wrapper(executor, *args, **kwargs):
     guider.model_options = comfy.model_patcher.create_model_options_clone(orig_model_options)
     to = guider.model_options.setdefault("transformer_options", {})
     run = build_run((to.get(OPTIONS_KEY) or {}).get("accelerators", []))
+    run.listeners = list(to.get("turbo4d_listeners", []))  # nodes/events.py: the GUI's live map
     device = guider.model_patcher.load_device
     on_cuda = torch.device(device).type == "cuda" and torch.cuda.is_available()
     if on_cuda:
