@@ -16,6 +16,7 @@ from turbo_core.data.synth4d import SceneConfig, camera_angles
 from turbo_core.train import relative_cameras
 from turbo_core.multiview import check_grid, frame_major_to_view_major, grid_condition, square_resize, to_unit
 
+from . import events
 from . import model as m
 from .types import Turbo4DInput, Turbo4DStats
 
@@ -122,6 +123,7 @@ class MultiViewSampler(io.ComfyNode):
         mp = model.clone()
         sink = m.StatsSink()
         mp.model_options.setdefault("transformer_options", {})[m.REPORTS_KEY] = sink
+        mp.model_options["transformer_options"][events.LISTENERS_KEY] = [events.RunEvents(total_steps=steps)]
         x = latent["samples"]
         noise = comfy.sample.prepare_noise(x, seed)
         callback = latent_preview.prepare_callback(mp, steps)
@@ -133,7 +135,7 @@ class MultiViewSampler(io.ComfyNode):
         line = stats.format_line() if stats is not None else "Turbo4D: no stats (the sampling run did not report)"
         out_latent = {"samples": samples, GRID_KEY: (views, frames)}
         return io.NodeOutput(latent_to_view_major(samples, views, frames), out_latent, line, stats,
-                             ui={"text": [line]})
+                             ui={"text": [line], **events.ui_output(stats)})
 
 
 class MultiViewConditioning(io.ComfyNode):
