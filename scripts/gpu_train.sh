@@ -10,7 +10,7 @@
 #
 # For chunk 2, copy chunk 1's state*.safetensors into runs/$RUN/ first (they are what came back).
 # Environment: RUN (run name), MINUTES (wall time of the training process; it saves before),
-# BATCH (images per step), STEPS (length of the cosine schedule), LR, EVAL_SCENES, PYTHON.
+# BATCH (images per step), STEPS (length of the cosine schedule), LR, EXTRA, EVAL_SCENES, SWEEP_SCENES, PYTHON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder whose files come back}"
@@ -20,6 +20,8 @@ BATCH=${BATCH:-1024}
 STEPS=${STEPS:-12000}
 LR=${LR:-6e-4}
 EVAL_SCENES=${EVAL_SCENES:-64}
+SWEEP_SCENES=${SWEEP_SCENES:-32}
+EXTRA=${EXTRA:-}   # more train flags, e.g. "--p-mean 0.0 --default-camera-prob 0.9" (on resume: a recorded change)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 mkdir -p "$OUT" runs
@@ -38,7 +40,7 @@ fi
 bring_back(){ cp -f runs/"$RUN"/log.jsonl runs/"$RUN"/state*.safetensors "$OUT/" 2>/dev/null || true; }
 trap bring_back EXIT
 
-ARGS=(--out "runs/$RUN" --device cuda --minutes "$MINUTES" --steps "$STEPS")
+ARGS=(--out "runs/$RUN" --device cuda --minutes "$MINUTES" --steps "$STEPS" $EXTRA)
 if [ "${RESUME:-0}" = 1 ]; then
   [ -f "runs/$RUN/state.safetensors" ] || { echo "RESUME=1 but runs/$RUN/state.safetensors is missing: carry runs/$RUN"; exit 2; }
   ARGS+=(--resume)
@@ -56,7 +58,7 @@ if [ "${EVAL:-0}" = 1 ]; then
   say "evaluate on $EVAL_SCENES held-out scenes"
   $PY -m turbo_core.evaluate --model "$OUT/turbo4d_default.safetensors" --device cuda --scenes "$EVAL_SCENES" \
       --views 4 --frames 8 --also 3x6 --also 6x12 --steps 20 --chunk 64 --out "$E"
-  $PY -m turbo_core.evaluate --model "$OUT/turbo4d_default.safetensors" --device cuda --scenes "$EVAL_SCENES" \
+  $PY -m turbo_core.evaluate --model "$OUT/turbo4d_default.safetensors" --device cuda --scenes "$SWEEP_SCENES" \
       --views 4 --frames 8 --sweep-steps 4,8,12,20,30 --sweep-cfg 1.0,1.5,2.0 --sweep-samplers euler,heun \
       --chunk 64 --out "$E"
   cp "$E/eval.json" "$OUT/gpu_eval.json"; cp "$E/sweep.json" "$OUT/gpu_sweep.json"

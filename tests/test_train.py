@@ -138,3 +138,13 @@ def test_training_attention_candidates_agree_and_tuning_picks_one():
     assert set(choice) == {2, 4} and all(c in ATTENTION_CANDIDATES for c in choice.values())
     q = torch.randn(3, 2, 4, 8, generator=g)
     assert torch.allclose(ta(q, q, q), naive_attention(q, q, q), atol=1e-5)
+
+
+def test_resume_with_overrides_records_the_change(tmp_path):
+    run = str(tmp_path / "run")
+    train(run, TrainConfig(**TOY, total_steps=4), "cpu", validate=False, steps=2)
+    tr = train(run, None, "cpu", validate=False, resume=True, overrides={"p_mean": 0.0, "total_steps": 3})
+    assert tr.step == 3 and tr.tcfg.p_mean == 0.0 and tr.edm.p_mean == 0.0
+    _, meta = load_sharded(run)
+    assert json.loads(meta["config_history"]) == [{"step": 2, "changes": {"p_mean": 0.0, "total_steps": 3}}]
+    assert json.loads(meta["train_config"])["p_mean"] == 0.0

@@ -221,7 +221,8 @@ def _metadata(path: str) -> dict:
     from .models.io import read_metadata
 
     meta = read_metadata(path)
-    keep = ("training_steps", "train_gpu_minutes", "train_device", "weights", "data", "objective")
+    keep = ("training_steps", "train_gpu_minutes", "optimisation_minutes", "train_device", "weights", "data",
+            "objective", "config_history")
     return {k: meta[k] for k in keep if k in meta}
 
 
@@ -343,6 +344,8 @@ def main(argv=None):
     from .models.io import load_model
 
     device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
     net = load_model(a.model, device=device)
     for v, f in [(a.views, a.frames)] + list(a.also or []):
         net.token_layout(v * f, v, f)  # fails early, naming the model's limits

@@ -69,6 +69,8 @@ class TrainConfig:
     beta2: float = 0.99
     grad_clip: float = 1.0
     ema_decay: float = 0.999
+    p_mean: float = -1.0              # training noise levels: log sigma ~ N(p_mean, p_std^2)
+    p_std: float = 1.4
     cond_dropout: float = 0.1
     views: tuple = (2, 3, 4, 6)
     frames: tuple = (4, 6, 8, 12)
@@ -246,7 +248,7 @@ class Trainer:
         self.tcfg = tcfg
         self.device = torch.device(device)
         self.mcfg = CONFIGS[tcfg.model]
-        self.edm = EDM(sigma_data=self.mcfg.sigma_data)
+        self.edm = EDM(sigma_data=self.mcfg.sigma_data, p_mean=tcfg.p_mean, p_std=tcfg.p_std)
         torch.manual_seed(tcfg.seed)  # the initial weights
         self.net = SCMNet(self.mcfg).to(self.device)
         self.ema = copy.deepcopy(self.net).requires_grad_(False).eval()
@@ -263,6 +265,7 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0   # optimisation steps only, summed over resumed chunks
         self.wall_seconds = 0.0    # whole runs (data, validation, saves included), summed likewise
+        self.history: list = []    # config changes made on resume: [{"step": s, "changes": {...}}]
         self.autocast = cuda
         self.forward = torch.compile(self.net) if compile else self.net
         self.attention = TrainingAttention()
@@ -327,7 +330,7 @@ class Trainer:
     def state_metadata(self) -> dict:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.state_dict()["param_groups"]]
         return {"format": STATE_FORMAT, "step": str(self.step), "train_seconds": repr(self.train_seconds),
-                "wall_seconds": repr(self.wall_seconds),
+                "wall_seconds": repr(self.wall_seconds), "config_history": json.dumps(self.history),
                 "train_config": json.dumps(self.tcfg.to_dict()), "model_config": json.dumps(self.mcfg.to_dict()),
                 "param_groups": json.dumps(groups), "opt_names": json.dumps(self.opt_names),
                 "device": device_name(self.device)}
@@ -365,6 +368,7 @@ class Trainer:
         self.step = int(meta["step"])
         self.train_seconds = float(meta.get("train_seconds", "0"))
         self.wall_seconds = float(meta.get("wall_seconds", "0"))
+        self.history = json.loads(meta.get("config_history", "[]"))
         return meta
 
 
@@ -480,21 +484,32 @@ def _log(run_dir: str, rec: dict) -> None:
 
 def train(run_dir: str, tcfg: Optional[TrainConfig] = None, device="cpu", minutes: Optional[float] = None,
           resume: bool = False, compile: bool = False, log_every: int = 50, val_every_min: float = 2.0,
-          ckpt_every_min: float = 4.0, validate: bool = True, steps: Optional[int] = None) -> Trainer:
+          ckpt_every_min: float = 4.0, validate: bool = True, steps: Optional[int] = None,
+          overrides: Optional[dict] = None) -> Trainer:
     """Trains until tcfg.total_steps (or `steps` more steps) or until `minutes` are nearly spent,
-    then saves. Time reserved at the end covers the final save."""
+    then saves. Time reserved at the end covers the final save.
+
+    resume=True takes the config saved in run_dir; `overrides` then changes fields of it (a longer
+    schedule, or a fine-tune of the data or noise distribution), and the change is recorded in the
+    state's config_history. With no overrides a resumed run repeats the uninterrupted one exactly."""
     t_start = time.time()
     device = torch.device(device)
+    overrides = dict(overrides or {})
+    if overrides.get("model") not in (None, (tcfg or TrainConfig()).model) and resume:
+        raise ValueError("a resumed run keeps its model config; start a new run for another one")
+    changes = {}
     if resume:
         _, meta = load_sharded(run_dir)
         saved = TrainConfig.from_dict(json.loads(meta["train_config"]))
-        if tcfg is not None and tcfg.total_steps != saved.total_steps:  # the one field a resume may change
-            saved = TrainConfig.from_dict({**saved.to_dict(), "total_steps": tcfg.total_steps})
-        tcfg = saved
-    tcfg = tcfg or TrainConfig()
+        changes = {k: v for k, v in overrides.items() if getattr(saved, k) != (tuple(v) if isinstance(v, list) else v)}
+        tcfg = TrainConfig.from_dict({**saved.to_dict(), **changes})
+    else:
+        tcfg = TrainConfig.from_dict({**(tcfg or TrainConfig()).to_dict(), **overrides})
     trainer = Trainer(tcfg, device, compile=compile)
     if resume:
         trainer.load(run_dir)
+        if changes:
+            trainer.history.append({"step": trainer.step, "changes": changes})
     wall0 = trainer.wall_seconds
     os.makedirs(run_dir, exist_ok=True)
     stop_step = tcfg.total_steps if steps is None else min(tcfg.total_steps, trainer.step + steps)
@@ -575,7 +590,9 @@ def export(run_dir: str, path: str) -> dict:
             "train_gpu_minutes": round(float(meta.get("wall_seconds", meta["train_seconds"])) / 60, 2),
             "optimisation_minutes": round(float(meta["train_seconds"]) / 60, 2),
             "train_device": meta.get("device", "?"), "weights": f"EMA (decay {tcfg.ema_decay}), fp16",
-            "objective": "EDM F_theta (sigma_data 0.5, log-normal sigma P_mean -1.0 P_std 1.4), 10% condition dropout",
+            "objective": (f"EDM F_theta (sigma_data {mcfg.sigma_data}, log-normal sigma P_mean {tcfg.p_mean} "
+                          f"P_std {tcfg.p_std}), {tcfg.cond_dropout:.0%} condition dropout"),
+            "config_history": meta.get("config_history", "[]"),
             "data": tcfg.describe_data(), "train_config": json.dumps(tcfg.to_dict()),
             "last_validation": meta.get("last_validation", "{}")}
     save_model(net, path, dtype=torch.float16, metadata=info)
@@ -618,10 +635,14 @@ def main(argv=None):
     ap.add_argument("--config", default="default", help=f"model config: {sorted(CONFIGS)}")
     ap.add_argument("--steps", type=int, help="total steps of the schedule (with --resume: a new total)")
     ap.add_argument("--minutes", type=float, help="stop and save before this many minutes of wall time")
-    ap.add_argument("--batch", type=int, default=TrainConfig.images_per_step, help="images per step")
-    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ap.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, help=f"images per step (default {TrainConfig.images_per_step})")
+    ap.add_argument("--lr", type=float, help=f"peak learning rate (default {TrainConfig.lr})")
+    ap.add_argument("--warmup", type=int, help=f"warm-up steps (default {TrainConfig.warmup_steps})")
+    ap.add_argument("--seed", type=int, help="seed of the weights and of every step's data (default 0)")
+    ap.add_argument("--p-mean", type=float, help=f"log-sigma mean of training noise (default {TrainConfig.p_mean})")
+    ap.add_argument("--p-std", type=float, help=f"log-sigma std of training noise (default {TrainConfig.p_std})")
+    ap.add_argument("--default-camera-prob", type=float,
+                    help=f"share of scenes on the default orbit (default {TrainConfig.default_camera_prob})")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its saved state")
     ap.add_argument("--compile", action="store_true", help="torch.compile the network (off by default)")
@@ -646,12 +667,12 @@ def main(argv=None):
         return 0
     if not a.out:
         ap.error("--out runs/NAME is required to train")
-    tcfg = TrainConfig(model=a.config, images_per_step=a.batch, lr=a.lr, warmup_steps=a.warmup, seed=a.seed,
-                       **({"total_steps": a.steps} if a.steps else {}))
-    if a.resume and not a.steps:
-        tcfg = None
-    train(a.out, tcfg, a.device, minutes=a.minutes, resume=a.resume, compile=a.compile, log_every=a.log_every,
-          val_every_min=a.val_every_min, ckpt_every_min=a.ckpt_every_min, validate=not a.no_val)
+    given = {"total_steps": a.steps, "images_per_step": a.batch, "lr": a.lr, "warmup_steps": a.warmup,
+             "seed": a.seed, "p_mean": a.p_mean, "p_std": a.p_std, "default_camera_prob": a.default_camera_prob}
+    overrides = {k: v for k, v in given.items() if v is not None}
+    train(a.out, TrainConfig(model=a.config), a.device, minutes=a.minutes, resume=a.resume, compile=a.compile,
+          log_every=a.log_every, val_every_min=a.val_every_min, ckpt_every_min=a.ckpt_every_min,
+          validate=not a.no_val, overrides=overrides)
     return 0
 
 
