@@ -85,8 +85,10 @@ class Load4DInput(io.ComfyNode):
                                        "connected they are used instead of the video file."),
             ],
             outputs=[
-                Turbo4DInput.Output("input", tooltip="The reference video for the MultiView nodes."),
-                io.Image.Output("frames", tooltip="The frames as loaded and resized, for a preview."),
+                Turbo4DInput.Output("input", display_name="input",
+                                    tooltip="The reference video for the MultiView nodes."),
+                io.Image.Output("frames", display_name="frames",
+                                tooltip="The frames as loaded and resized, for a preview."),
             ],
         )
 
@@ -146,10 +148,12 @@ class Synthetic4DScene(io.ComfyNode):
                                        "azimuth_v = start + span * v / views."),
             ],
             outputs=[
-                Turbo4DInput.Output("input", tooltip="The reference view's video."),
-                io.Image.Output("ground_truth",
-                                tooltip="All V x F ground-truth images, view-major: image v*F + f is view v at frame f."),
-                Turbo4DScene.Output("scene", tooltip="The scene's settings, cameras and ground truth."),
+                Turbo4DInput.Output("input", display_name="input", tooltip="The reference view's video."),
+                io.Image.Output("ground_truth", display_name="ground_truth",
+                                tooltip="All V x F ground-truth images, view-major: image v*F + f is view v "
+                                        "at frame f."),
+                Turbo4DScene.Output("scene", display_name="scene",
+                                    tooltip="The scene's settings, cameras and ground truth."),
             ],
         )
 

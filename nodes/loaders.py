@@ -13,6 +13,7 @@ from turbo_core.models.io import CheckpointError, load_model
 from turbo_core.models.scm_net import CONFIGS, SCMNet
 
 from .model import PACK_DIR, make_model_patcher
+from .sv4d import check_not_sv4d
 
 log = logging.getLogger("turbo4d")
 
@@ -82,7 +83,7 @@ class Turbo4DModelLoader(io.ComfyNode):
                                tooltip="Precision of the weights. auto: fp32 on a CPU, fp16/bf16 on a GPU "
                                        "that runs them fast."),
             ],
-            outputs=[io.Model.Output(tooltip="The Turbo4D model.")],
+            outputs=[io.Model.Output("model", display_name="model", tooltip="The Turbo4D model.")],
         )
 
     @classmethod
@@ -102,6 +103,7 @@ class Turbo4DModelLoader(io.ComfyNode):
             if model_name == EMBEDDED and not os.path.isfile(path):
                 net = _untrained_default_net()
             else:
+                check_not_sv4d(path)  # an SV4D file gets its own message, not "not a Turbo4D network"
                 net = load_model(path)
         except CheckpointError as e:
             raise ValueError(f"Turbo4D Model Loader, model_name={model_name!r}: {e}") from e

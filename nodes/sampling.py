@@ -107,10 +107,13 @@ class MultiViewSampler(io.ComfyNode):
                                tooltip="ComfyUI noise schedule; karras suits this EDM model."),
             ],
             outputs=[
-                io.Image.Output("images", tooltip=f"All V x F images, {VIEW_MAJOR}."),
-                io.Latent.Output("latent", tooltip="The samples in model order (frame-major: image f*V + v)."),
-                io.String.Output("stats", tooltip="One line on what the run computed and skipped."),
-                Turbo4DStats.Output("run_stats", tooltip="The run's full counters, for the Turbo4D report nodes."),
+                io.Image.Output("images", display_name="images", tooltip=f"All V x F images, {VIEW_MAJOR}."),
+                io.Latent.Output("latent", display_name="latent",
+                                 tooltip="The samples in model order (frame-major: image f*V + v)."),
+                io.String.Output("stats", display_name="stats",
+                                 tooltip="One line on what the run computed and skipped."),
+                Turbo4DStats.Output("run_stats", display_name="run_stats",
+                                    tooltip="The run's full counters, for the Turbo4D report nodes."),
             ],
         )
 
@@ -150,9 +153,12 @@ class MultiViewConditioning(io.ComfyNode):
                         "with MultiView Latent to Image.",
             inputs=grid_inputs(),
             outputs=[
-                io.Conditioning.Output("positive", tooltip="The reference video, cameras and frame positions."),
-                io.Conditioning.Output("negative", tooltip="The same without the reference video (for CFG)."),
-                io.Latent.Output("latent", tooltip="An empty V x F latent (frame-major) to sample into."),
+                io.Conditioning.Output("positive", display_name="positive",
+                                       tooltip="The reference video, cameras and frame positions."),
+                io.Conditioning.Output("negative", display_name="negative",
+                                       tooltip="The same without the reference video (for CFG)."),
+                io.Latent.Output("latent", display_name="latent",
+                                 tooltip="An empty V x F latent (frame-major) to sample into."),
             ],
         )
 
@@ -174,7 +180,7 @@ class MultiViewLatentToImage(io.ComfyNode):
             inputs=[
                 io.Latent.Input("latent", tooltip="A LATENT sampled from MultiView Conditioning's latent."),
             ],
-            outputs=[io.Image.Output("images", tooltip=f"All V x F images, {VIEW_MAJOR}.")],
+            outputs=[io.Image.Output("images", display_name="images", tooltip=f"All V x F images, {VIEW_MAJOR}.")],
         )
 
     @classmethod

@@ -25,7 +25,7 @@ API_DIR = os.path.join(ROOT, "workflows", "api")
 # A widget name ending in "+control" is followed in the UI format by its control_after_generate
 # value; one ending in "+upload" by the upload button's value.
 NODE_DEFS = {
-    "Turbo4DModelLoader": ("Turbo4D Model Loader", [], ["model_name", "weight_dtype"], [("MODEL", "MODEL")]),
+    "Turbo4DModelLoader": ("Turbo4D Model Loader", [], ["model_name", "weight_dtype"], [("model", "MODEL")]),
     "Turbo4DLoadInput": ("Load 4D Input", [("images", "IMAGE")],
                          ["video+upload", "size", "frame_count", "frame_stride", "start_frame"],
                          [("input", "TURBO4D_INPUT"), ("frames", "IMAGE")]),
@@ -192,7 +192,7 @@ def turbo4d_stock_ksampler() -> Graph:
     cond = g.add("Turbo4DMultiViewConditioning", (420, 60), (320, 260), model=model.out(0), input=scene.out(0),
                  views=4, frames=8, elevation=20.0, azimuth_span=360.0)
     ks = g.add("KSampler", (800, 60), (320, 280), model=model.out(0), positive=cond.out(0), negative=cond.out(1),
-               latent_image=cond.out(2), seed=0, steps=10, cfg=2.0, sampler_name="euler", scheduler="karras",
+               latent_image=cond.out(2), seed=0, steps=8, cfg=2.0, sampler_name="euler", scheduler="karras",
                denoise=1.0)
     dec = g.add("Turbo4DLatentToImage", (1160, 60), (280, 80), latent=ks.out(0))
     g.add("Turbo4DSaveMultiView", (1160, 200), (420, 420), images=dec.out(0), views=4, fps=8.0,

@@ -1,0 +1,48 @@
+"""Shared test setup.
+
+The pack root and scripts/ go on sys.path, so `turbo_core` and `comfy_host` import under plain
+`pytest` as well as `python -m pytest`.
+
+`comfy` (session scope) is ONE real ComfyUI server (the unmodified host of scripts/setup_host.sh)
+shared by every host test: a throwaway `--base-directory` with this pack linked into its
+custom_nodes/, started on a free port with `--cpu`, stopped at the end of the session. Its log is
+copied to test-artifacts/comfyui-host.log.
+"""
+import os
+import shutil
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for p in (ROOT, os.path.join(ROOT, "scripts")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+HOST_DIR = os.environ.get("TURBO4D_HOST", os.path.join(ROOT, ".host"))
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+
+
+def host_missing() -> str | None:
+    if not os.path.isfile(os.path.join(HOST_DIR, "ComfyUI", "main.py")):
+        return f"no ComfyUI host at {HOST_DIR}: run `bash scripts/setup_host.sh --test` first"
+    return None
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory):
+    from comfy_host import ComfyHost
+
+    missing = host_missing()
+    if missing:
+        pytest.fail(missing)
+    base = tmp_path_factory.mktemp("comfy_base")
+    host = ComfyHost(HOST_DIR, base_dir=str(base), log_path=str(base / "comfyui.log"),
+                     extra_args=("--preview-method", "auto"))
+    host.start()
+    try:
+        yield host
+    finally:
+        host.stop()
+        os.makedirs(ARTIFACTS, exist_ok=True)
+        shutil.copyfile(host.log_path, os.path.join(ARTIFACTS, "comfyui-host.log"))

@@ -1,0 +1,187 @@
+"""The model glue inside the real ComfyUI code (imported in-process from the host tree, CPU only):
+ComfyUI's EDM path denoises exactly like turbo_core.diffusion.EDM, the forward goes through the
+DIFFUSION_MODEL wrapper executor (what EasyCache hooks), the OUTER_SAMPLE wrapper builds one run
+per sampling from the accelerator specs and reports its stats, and a foreign MODEL gets a clear
+error."""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import HOST_DIR, ROOT, host_missing
+
+COMFY_DIR = os.path.join(HOST_DIR, "ComfyUI")
+
+
+@pytest.fixture(scope="module")
+def glue():
+    """nodes/model.py imported the way ComfyUI imports the pack (a package, not the top-level `nodes`)."""
+    if host_missing():
+        pytest.fail(host_missing())
+    if COMFY_DIR not in sys.path:
+        sys.path.insert(0, COMFY_DIR)
+    from comfy.cli_args import args
+    args.cpu = True  # before comfy.model_management is imported: no CUDA probing
+    name = "turbo4d_pack_nodes"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "nodes", "__init__.py"),
+                                                      submodule_search_locations=[os.path.join(ROOT, "nodes")])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[name] = pkg
+        spec.loader.exec_module(pkg)
+    return importlib.import_module(f"{name}.model")
+
+
+def _net(seed=0):
+    """The tiny config with every weight perturbed: zero-initialised output layers would make the
+    network's output 0 and any comparison trivially equal."""
+    from turbo_core.models.scm_net import CONFIGS, SCMNet
+
+    torch.manual_seed(seed)
+    net = SCMNet(CONFIGS["tiny"]).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net
+
+
+def _grid(net, views=2, frames=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n, s = views * frames, net.cfg.image_size
+    ref = torch.rand(frames, 3, s, s, generator=g) * 2 - 1
+    reference = ref.repeat_interleave(views, 0)
+    camera = torch.stack([torch.linspace(0, 3, views), torch.full((views,), 0.3)], -1).repeat(frames, 1)
+    frame_index = torch.arange(frames).repeat_interleave(views)
+    sigma = torch.tensor([0.002, 0.05, 0.5, 2.0, 20.0, 80.0])[:n]
+    x = torch.randn(n, 3, s, s, generator=g) * sigma.view(-1, 1, 1, 1)
+    return x, sigma, reference, camera, frame_index
+
+
+def _model_kwargs(glue, model, reference, camera, frame_index, views, frames, x):
+    conds = model.extra_conds(**{glue.COND_REFERENCE: reference, glue.COND_CAMERA: camera,
+                                 glue.COND_FRAME_INDEX: frame_index, glue.COND_VIEWS: views,
+                                 glue.COND_FRAMES: frames, "device": x.device, "noise": x})
+    assert set(conds) == {"c_concat", "camera", "frame_index", "views", "frames"}
+    return {k: v.cond for k, v in conds.items()}
+
+
+def test_comfy_edm_denoises_like_turbo_core(glue):
+    from turbo_core.diffusion import EDM
+
+    net = _net()
+    patcher = glue.make_model_patcher(net, torch.float32)
+    model = patcher.model
+    ms = model.model_sampling
+    assert float(ms.sigma_data) == net.cfg.sigma_data
+    assert float(ms.sigma_min) == pytest.approx(0.002) and float(ms.sigma_max) == pytest.approx(80.0)
+    V, F = 2, 3
+    x, sigma, reference, camera, frame_index = _grid(net, V, F)
+    kw = _model_kwargs(glue, model, reference, camera, frame_index, V, F, x)
+    with torch.no_grad():
+        ours = EDM(sigma_data=net.cfg.sigma_data).denoise(net, x, sigma, reference, camera, V, F,
+                                                          frame_index=frame_index)
+        comfy_out = model.apply_model(x, sigma, transformer_options={}, **kw)
+    assert ours.abs().max() > 0.1  # not a trivial comparison
+    torch.testing.assert_close(comfy_out, ours, rtol=1e-5, atol=1e-5)
+    # ... and the network's own term matters: a different sigma_data would not match
+    with torch.no_grad():
+        other = EDM(sigma_data=1.0).denoise(net, x, sigma, reference, camera, V, F, frame_index=frame_index)
+    assert (other - comfy_out).abs().max() > 1e-3
+
+
+def test_forward_goes_through_diffusion_model_wrappers(glue):
+    """EasyCache's contract: a DIFFUSION_MODEL wrapper sees (x, timesteps, context, y, control,
+    transformer_options) with x's first latent_channels channels the noisy image, and may answer
+    without calling the network."""
+    import comfy.patcher_extension as pe
+
+    net = _net()
+    model = glue.make_model_patcher(net, torch.float32).model
+    V, F = 2, 3
+    x, sigma, reference, camera, frame_index = _grid(net, V, F)
+    kw = _model_kwargs(glue, model, reference, camera, frame_index, V, F, x)
+    seen = []
+
+    def wrapper(executor, *args, **kwargs):
+        seen.append((args[0].shape, isinstance(args[-1], dict), sorted(kwargs)))
+        if len(seen) == 2:
+            return torch.zeros_like(args[0][:, :model.latent_format.latent_channels])  # a "skipped" step
+        return executor(*args, **kwargs)
+
+    to = {}
+    pe.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "probe", wrapper, to)
+    with torch.no_grad():
+        full = model.apply_model(x, sigma, transformer_options=to, **kw)
+        skipped = model.apply_model(x, sigma, transformer_options=to, **kw)
+    assert seen[0][0] == (V * F, 6, net.cfg.image_size, net.cfg.image_size)
+    assert seen[0][1] and {"camera", "frame_index", "views", "frames"} <= set(seen[0][2])
+    # a zero network output means denoised = c_skip * x: the wrapper really replaced the network
+    c_skip = 0.25 / (sigma ** 2 + 0.25)
+    torch.testing.assert_close(skipped, x * c_skip.view(-1, 1, 1, 1), rtol=1e-5, atol=1e-6)
+    assert (full - skipped).abs().max() > 1e-3
+
+
+def _sample(glue, patcher, views, frames, steps=4, cfg=1.0, seed=0):
+    import comfy.sample
+
+    net = glue.get_scm_net(patcher)
+    s = net.cfg.image_size
+    g = torch.Generator().manual_seed(3)
+    ref = (torch.rand(frames, 3, s, s, generator=g) * 2 - 1).repeat_interleave(views, 0)
+    camera = torch.stack([torch.linspace(0, 3, views), torch.full((views,), 0.3)], -1).repeat(frames, 1)
+    frame_index = torch.arange(frames).repeat_interleave(views)
+
+    def cond(r):
+        return [[torch.zeros(1, 1, 1), {glue.COND_REFERENCE: r, glue.COND_CAMERA: camera,
+                                        glue.COND_FRAME_INDEX: frame_index, glue.COND_VIEWS: views,
+                                        glue.COND_FRAMES: frames}]]
+
+    latent = torch.zeros(views * frames, 3, s, s)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(patcher, noise, steps, cfg, "euler", "karras", cond(ref), cond(torch.zeros_like(ref)),
+                               latent, disable_pbar=True, seed=seed)
+
+
+def test_outer_sample_wrapper_runs_accelerators_and_reports(glue):
+    """The accelerator contract through ComfyUI's real sampler: specs stored with merge_spec on a
+    cloned MODEL become a fresh run per sampling; its RunStats reach a StatsSink; the model without
+    specs computes everything."""
+    from turbo_core.accel.presets import PRUNE_PRESETS
+    from turbo_core.accel.registry import merge_spec
+
+    base = glue.make_model_patcher(_net(), torch.float32)
+    runs = {}
+    for label, specs in (("full", []), ("pruned", merge_spec([], "prune", PRUNE_PRESETS["fast"]))):
+        m = base.clone()
+        glue.set_accelerator_specs(m, specs)
+        sink = glue.StatsSink()
+        m.model_options["transformer_options"][glue.REPORTS_KEY] = sink
+        out = _sample(glue, m, views=2, frames=4, steps=6, cfg=2.0)
+        assert torch.isfinite(out).all()
+        assert len(sink.items) == 1, "one RunStats per sampling run"
+        runs[label] = (sink.items[0], out)
+    full, pruned = runs["full"][0], runs["pruned"][0]
+    assert full.calls == 6 and full.blocks == base.model.diffusion_model.net.depth
+    assert full.compute_fraction == pytest.approx(1.0)
+    assert pruned.compute_fraction < 0.95, pruned.format_line()
+    assert glue.accelerator_specs(base) == [], "specs live on the clone only"
+    # the run object never leaks into the MODEL's own options
+    assert glue.RUN_KEY not in base.model_options["transformer_options"]
+
+
+def test_get_scm_net_names_the_fix_for_a_foreign_model(glue):
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models_base
+
+    foreign = comfy.model_base.BaseModel(comfy.supported_models_base.BASE({"disable_unet_model_creation": True}))
+    patcher = comfy.model_patcher.ModelPatcher(foreign, torch.device("cpu"), torch.device("cpu"))
+    assert not glue.is_turbo4d_model(patcher)
+    with pytest.raises(ValueError) as e:
+        glue.get_scm_net(patcher, "Turbo4D Rolling Cache")
+    msg = str(e.value)
+    assert "Turbo4D Rolling Cache" in msg and "'model'" in msg and "Turbo4D Model Loader" in msg
+    assert glue.is_turbo4d_model(glue.make_model_patcher(_net(), torch.float32))
