@@ -1,0 +1,373 @@
+"""The pack in the real ComfyUI frontend: headless Chromium (Debian's /usr/bin/chromium, driven by
+Playwright) against the real server of conftest.py.
+
+1. Every UI-format workflow in workflows/, dropped on the canvas like a user does, shows all of its
+   nodes, each of a registered type, and no missing-nodes dialog (checked against a workflow with
+   an unknown node, which must raise that dialog).
+2. The accelerated workflow queued from the page: the MultiView Sampler's map fills live from the
+   turbo4d.step events, and after the run its figures, its map (pixels included) and the
+   accelerator nodes' figures show exactly the numbers /history and the server log report; a
+   changed preset (or step count) gives other numbers; the MultiView Preview's slider, view
+   buttons, Play and Orbit move the shown image.
+
+Screenshots go to test-artifacts/.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARTIFACTS = os.path.join(ROOT, "test-artifacts")
+CHROMIUM = os.environ.get("TURBO4D_CHROMIUM", "/usr/bin/chromium")
+SAMPLER = "Turbo4DMultiViewSampler"
+PREVIEW = "Turbo4DMultiViewPreview"
+WEIGHTS = "browser_test_random.safetensors"
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+
+
+def ui_workflows() -> list[str]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "workflows", "*.json"))):
+        with open(path) as f:
+            if "nodes" in json.load(f):
+                out.append(path)
+    return out
+
+
+def accelerated_workflow() -> str:
+    """The shipped accelerated workflow (the one holding accelerator nodes); until it exists, the
+    plain sampler workflow."""
+    flows = ui_workflows()
+    for path in flows:
+        with open(path) as f:
+            types = {n["type"] for n in json.load(f)["nodes"]}
+        if any(re.search(r"cache|prune|bypass|accel", t, re.I) for t in types):
+            return path
+    return next(p for p in flows if "synthetic" in os.path.basename(p))
+
+
+@pytest.fixture(scope="module")
+def random_weights(comfy):
+    """Weights with non-zero output layers in the server's models/turbo4d/: the embedded fallback
+    network outputs exactly 0, on which no change signal ever moves. Written before the page loads
+    so the loader's list holds it."""
+    import torch
+
+    from turbo_core.models.io import save_model
+    from turbo_core.models.scm_net import CONFIGS, SCMNet
+
+    path = os.path.join(comfy.models_directory, "turbo4d", WEIGHTS)
+    if not os.path.exists(path):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = SCMNet(CONFIGS["default"])
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.normal_(0, 0.05)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_model(net.eval(), path)
+    return WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def page(comfy, random_weights):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install -y chromium); "
+                    f"the tests never download a browser")
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    # The minimap would cover part of the graph in screenshots.
+    try:
+        comfy.post("/settings/Comfy.Minimap.Visible", False)
+    except Exception:
+        pass
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run"])
+        try:
+            pg = browser.new_page(viewport={"width": 1600, "height": 1000})
+            pg.errors = []
+            pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+            pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+            pg.goto(comfy.url)
+            pg.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90_000)
+            pg.keyboard.press("Escape")  # a templates dialog, if any
+            pg.evaluate("""() => {
+              const api = window.comfyAPI.api.api;
+              window.__t4d = {steps: [], done: [], finished: [], failed: []};
+              api.addEventListener('turbo4d.step', e => window.__t4d.steps.push(e.detail));
+              api.addEventListener('turbo4d.done', e => window.__t4d.done.push(e.detail));
+              api.addEventListener('execution_success', e => window.__t4d.finished.push(e.detail.prompt_id));
+              api.addEventListener('execution_error', e => window.__t4d.failed.push(e.detail));
+            }""")
+            yield pg
+        finally:
+            browser.close()
+
+
+def drop_workflow(page, path: str) -> None:
+    """Drops a workflow file on the canvas exactly as a user's drag and drop does."""
+    with open(path) as f:
+        text = f.read()
+    page.evaluate("""([text, name]) => {
+      const c = document.querySelector('#graph-canvas');
+      const dt = new DataTransfer();
+      dt.items.add(new File([text], name, {type: 'application/json'}));
+      for (const t of ['dragenter', 'dragover', 'drop'])
+        c.dispatchEvent(new DragEvent(t, {dataTransfer: dt, bubbles: true, cancelable: true}));
+    }""", [text, os.path.basename(path)])
+    n = len(json.loads(text)["nodes"])
+    page.wait_for_function(f"window.app.graph._nodes.length === {n}", timeout=20_000)
+    page.wait_for_timeout(300)
+
+
+def missing_dialog_text(page) -> str:
+    return page.evaluate("""() => [...document.querySelectorAll('.p-dialog')]
+        .map(d => d.innerText).filter(t => /missing|not (installed|found|available)|unsupported/i.test(t))
+        .join('\\n')""")
+
+
+def close_dialogs(page) -> None:
+    for _ in range(3):
+        if not page.evaluate("document.querySelectorAll('.p-dialog').length"):
+            return
+        page.keyboard.press("Escape")
+        page.wait_for_timeout(200)
+
+
+def fit_view(page) -> None:
+    page.evaluate("""() => {
+      const c = window.app.canvas, ns = window.app.graph._nodes;
+      if (!ns.length) return;
+      const x0 = Math.min(...ns.map(n => n.pos[0])), y0 = Math.min(...ns.map(n => n.pos[1] - 30));
+      const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1]));
+      c.ds.fitToBounds([x0, y0, x1 - x0, y1 - y0], {zoom: 0.92});
+      c.setDirty(true, true);
+    }""")
+    page.wait_for_timeout(300)
+
+
+def test_every_workflow_opens_with_all_nodes_registered(page, tmp_path):
+    flows = ui_workflows()
+    assert flows, "no UI-format workflow in workflows/"
+    # Control: an unknown node type must raise the missing-nodes dialog, or this test sees nothing.
+    with open(flows[0]) as f:
+        bad = json.load(f)
+    bad["nodes"][0]["type"] = "Turbo4DNoSuchNode"
+    bad_path = tmp_path / "control_missing_node.json"
+    bad_path.write_text(json.dumps(bad))
+    drop_workflow(page, str(bad_path))
+    page.wait_for_timeout(500)
+    assert missing_dialog_text(page), "an unknown node type raised no missing-nodes dialog"
+    close_dialogs(page)
+
+    for path in flows:
+        drop_workflow(page, path)
+        page.wait_for_timeout(400)
+        with open(path) as f:
+            wf = json.load(f)
+        got = page.evaluate("""() => window.app.graph._nodes.map(n => ({id: n.id, type: n.type,
+            registered: !!window.LiteGraph.registered_node_types[n.type], errors: !!n.has_errors}))""")
+        name = os.path.basename(path)
+        assert sorted(n["id"] for n in got) == sorted(n["id"] for n in wf["nodes"]), name
+        assert {n["type"] for n in got} == {n["type"] for n in wf["nodes"]}, name
+        assert all(n["registered"] and not n["errors"] for n in got), (name, got)
+        assert not missing_dialog_text(page), f"{name}: {missing_dialog_text(page)}"
+        fit_view(page)
+        page.screenshot(path=os.path.join(ARTIFACTS, f"browser_open_{name[:-5]}.png"))
+    assert not page.errors, page.errors
+
+
+# --- the accelerated run ---------------------------------------------------------------------------
+def queue_and_wait(page, comfy, timeout=150.0) -> dict:
+    """Queues the open graph from the page (as the Run button does); returns the /history entry."""
+    before = page.evaluate("window.__t4d.finished.length")
+    page.evaluate("window.__t4d.steps = []; window.__t4d.done = []")
+    page.evaluate("window.app.queuePrompt(0)")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        failed = page.evaluate("window.__t4d.failed")
+        assert not failed, failed
+        if page.evaluate("window.__t4d.finished.length") > before:
+            break
+        page.wait_for_timeout(250)
+    else:
+        raise AssertionError(f"the prompt did not finish in {timeout:.0f}s; server log:\n{comfy.log_tail()}")
+    prompt_id = page.evaluate("window.__t4d.finished[window.__t4d.finished.length - 1]")
+    entry = comfy.get(f"/history/{prompt_id}")[prompt_id]
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    page.wait_for_timeout(300)  # the executed messages reach the nodes
+    return entry
+
+
+def node_state(page, node_id) -> dict:
+    return page.evaluate("""(id) => {
+      const n = window.app.graph.getNodeById(id);
+      const m = n.turbo4dMap;
+      const g = m && m.geometry;
+      // Read back the map canvas: the colour at the centre of every cell.
+      let pixels = null;
+      if (g) {
+        const ctx = n.turbo4dPanel.canvas.getContext('2d');
+        pixels = m.rows.map((r, i) => [...r].map((_, b) => {
+          const c = g.cell(i, b);
+          const d = ctx.getImageData(Math.floor((c.x0 + c.x1) / 2 * g.dpr), Math.floor((c.y0 + c.y1) / 2 * g.dpr), 1, 1).data;
+          return '#' + [d[0], d[1], d[2]].map(v => v.toString(16).padStart(2, '0')).join('');
+        }));
+      }
+      return {stats: n.turbo4dStats || null, figures: n.turbo4dFigures || null, rows: m ? m.rows : null,
+              counts: m ? m.counts : null, pixels, legend: m ? (m.legend || null) : null,
+              shown: n.turbo4dPanel ? n.turbo4dPanel.figs.innerText : null,
+              stored: (n.properties || {}).turbo4d_last_run || null};
+    }""", node_id)
+
+
+def check_sampler_matches_history(page, comfy, entry, sampler_id, steps_seen) -> dict:
+    payload = entry["outputs"][str(sampler_id)]["turbo4d"][0]
+    summary = payload["summary"]
+    st = node_state(page, sampler_id)
+    # The node shows what /history has, number for number, and what the server logged.
+    assert st["stats"]["summary"] == summary
+    assert st["rows"] == payload["rows"] and len(payload["rows"]) == summary["model_calls"]
+    line = entry["outputs"][str(sampler_id)]["text"][0]
+    assert line in comfy.log_text()
+    f = st["figures"]
+    assert f["chains bypassed"].startswith(f"{summary['chains_bypassed']}/{summary['chains_total']}")
+    assert f["tokens pruned"].startswith(
+        f"{summary['tokens_pruned_camera_motion']}/{summary['tokens_total_camera_motion']}")
+    assert f["cache hits"].startswith(f"{summary['cache_hits']} ")
+    assert f["speedup"].startswith(f"{summary['compute_speedup']:.2f}x")
+    assert f["time"].startswith(f"{summary['seconds']:.2f} s")
+    for k, v in f.items():
+        assert f"{k}\n{v}" in st["shown"] or (k in st["shown"] and v in st["shown"]), (k, v, st["shown"])
+    # The map: one column per model call, every cell in its state's colour.
+    colours = {l["code"]: l["colour"] for l in payload["legend"]}
+    want = [[colours[c] for c in r] for r in payload["rows"]]
+    assert st["pixels"] == want
+    counts = {s: sum(r.count(l["code"]) for r in payload["rows"]) for l in payload["legend"] for s in [l["state"]]}
+    assert st["counts"] == counts
+    # It filled live: one turbo4d.step per model call, rows as the final map.
+    assert [s["row"] for s in steps_seen] == payload["rows"]
+    assert steps_seen[-1]["summary"]["model_calls"] == summary["model_calls"]
+    assert st["stored"]["rows"] == payload["rows"]  # kept with the workflow
+    return payload
+
+
+def add_preview(page, sampler_id) -> int:
+    """A MultiView Preview on the sampler's images, unless the workflow has one."""
+    return page.evaluate("""([samplerId, type]) => {
+      const g = window.app.graph;
+      const have = g._nodes.find(n => n.type === type);
+      if (have) return have.id;
+      const s = g.getNodeById(samplerId);
+      const p = window.LiteGraph.createNode(type);
+      p.pos = [s.pos[0] + s.size[0] + 40, s.pos[1] + 420];
+      g.add(p);
+      s.connect(0, p, 0);
+      p.widgets.find(w => w.name === 'views').value = s.widgets.find(w => w.name === 'views').value;
+      return p.id;
+    }""", [sampler_id, PREVIEW])
+
+
+def use_random_weights(page) -> None:
+    page.evaluate("""(name) => {
+      for (const n of window.app.graph._nodes) {
+        const w = (n.widgets || []).find(w => w.name === 'model_name');
+        if (w && n.type === 'Turbo4DModelLoader') { w.value = name; w.callback && w.callback(name); }
+      }
+    }""", WEIGHTS)
+
+
+def change_preset_or_steps(page, sampler_id) -> str:
+    """Picks another preset on an accelerator node (by clicking the combo's arrow on the canvas, as a
+    user does); without accelerator nodes, fewer sampler steps."""
+    return page.evaluate("""(samplerId) => {
+      const g = window.app.graph;
+      for (const n of g._nodes) {
+        const w = (n.widgets || []).find(w => w.name === 'preset');
+        if (!w) continue;
+        const values = w.options.values;
+        const next = values.includes('fast') && w.value !== 'fast' ? 'fast' : values[(values.indexOf(w.value) + 1) % values.length];
+        w.value = next; w.callback && w.callback(next);
+        return `${n.type}.preset=${next}`;
+      }
+      const s = g.getNodeById(samplerId).widgets.find(w => w.name === 'steps');
+      s.value = Math.max(2, s.value - 4); s.callback && s.callback(s.value);
+      return `steps=${s.value}`;
+    }""", sampler_id)
+
+
+def screenshot_array(page, path) -> np.ndarray:
+    from PIL import Image
+
+    page.screenshot(path=path)
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_accelerated_run_figures_map_and_preview(page, comfy):
+    t0 = time.perf_counter()
+    wf = accelerated_workflow()
+    drop_workflow(page, wf)
+    close_dialogs(page)
+    sampler_id = page.evaluate(f"window.app.graph._nodes.find(n => n.type === '{SAMPLER}').id")
+    use_random_weights(page)
+    preview_id = add_preview(page, sampler_id)
+    fit_view(page)
+
+    entry = queue_and_wait(page, comfy)
+    steps = page.evaluate("window.__t4d.steps")
+    done = page.evaluate("window.__t4d.done")
+    assert done and str(done[-1]["node"]) == str(sampler_id)
+    first = check_sampler_matches_history(page, comfy, entry, sampler_id, steps)
+    # Accelerator nodes upstream of the sampler show their mechanism's figures of this run.
+    accs = page.evaluate("""(id) => window.turbo4d.upstreamAccelerators(window.app.graph.getNodeById(id))
+        .map(n => ({type: n.type, figures: n.turbo4dFigures || null}))""", sampler_id)
+    for a in accs:
+        assert a["figures"] and a["figures"]["speedup"].startswith(f"{first['summary']['compute_speedup']:.2f}x"), a
+    shot = screenshot_array(page, os.path.join(ARTIFACTS, "browser_accelerated_run.png"))
+    # The screenshot holds the map: many pixels of the "ran" colour.
+    ran = next(l["colour"] for l in first["legend"] if l["state"] == "ran")
+    rgb = np.array([int(ran[i:i + 2], 16) for i in (1, 3, 5)])
+    assert (np.abs(shot.astype(int) - rgb).sum(-1) < 12).sum() > 200
+
+    # The preview: slider, view buttons, play and orbit.
+    viewer = f"window.app.graph.getNodeById({preview_id}).turbo4dViewer"
+    page.wait_for_function(f"{viewer}.img.complete && {viewer}.img.naturalWidth > 0", timeout=20_000)
+    frames, views = page.evaluate(f"[{viewer}.state.data.frames, {viewer}.state.data.views]")
+    assert views > 1 and frames > 1
+    root = page.locator(".turbo4d-viewer").first
+    root.locator("input[type=range]").fill(str(frames - 1))
+    assert page.evaluate(f"[{viewer}.frame, {viewer}.img.src]")[0] == frames - 1
+    assert f"_f{frames - 1:03d}.png" in page.evaluate(f"{viewer}.img.src")
+    root.locator("button", has_text=f"V{views}").click()
+    src = page.evaluate(f"{viewer}.img.src")
+    assert f"_v{views - 1:02d}_f{frames - 1:03d}.png" in src
+    root.locator("button", has_text="Play").click()
+    page.wait_for_function(f"{viewer}.frame !== {frames - 1}", timeout=5_000)
+    assert page.evaluate(f"{viewer}.view") == views - 1  # Play runs the frames of this view
+    root.locator("button", has_text="Play").click()  # stop
+    root.locator("button", has_text="Orbit").click()
+    page.wait_for_function(f"{viewer}.view !== {views - 1}", timeout=5_000)
+    root.locator("button", has_text="Orbit").click()
+    assert page.evaluate(f"{viewer}.state.timer") is None
+    page.wait_for_function(f"{viewer}.img.complete && {viewer}.img.naturalWidth > 0", timeout=10_000)
+
+    # Another preset (or step count): other numbers on the canvas, again equal to /history.
+    changed = change_preset_or_steps(page, sampler_id)
+    entry2 = queue_and_wait(page, comfy)
+    second = check_sampler_matches_history(page, comfy, entry2, sampler_id, page.evaluate("window.__t4d.steps"))
+    assert second["summary"] != first["summary"], changed
+    assert (second["summary"]["compute_speedup"], second["summary"]["model_calls"]) != \
+        (first["summary"]["compute_speedup"], first["summary"]["model_calls"]), changed
+    fit_view(page)
+    page.screenshot(path=os.path.join(ARTIFACTS, "browser_accelerated_run_2.png"))
+    assert not page.errors, page.errors
+    print(f"accelerated browser test: {time.perf_counter() - t0:.1f}s ({changed})")
