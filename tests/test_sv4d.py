@@ -7,7 +7,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 
 from turbo_core.accel.base import Accelerator
