@@ -40,7 +40,7 @@ register_model_folder()
 
 # --- TEMPORARY: remove this function and its one caller once models/turbo4d_default.safetensors ships.
 def _untrained_default_net() -> SCMNet:
-    log.warning("Turbo4D: %s is missing; using an UNTRAINED default network (outputs are noise-like). "
+    log.warning("Turbo4D: %s is missing; using an UNTRAINED default network (its outputs are meaningless). "
                 "Put the trained weights there.", DEFAULT_WEIGHTS)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)

@@ -100,3 +100,16 @@ def test_api_workflow_runs_and_writes_its_files(comfy, path):
         if node["class_type"] == "Turbo4DMultiViewSampler":
             texts = [t for o in entry["outputs"].values() for t in o.get("text", [])]
             assert texts and texts[0].startswith("Turbo4D:")
+
+
+def test_pyproject_dependencies_equal_requirements():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        reqs = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
+    assert project["dependencies"] == reqs
+    assert project["license"] == "GPL-3.0-or-later"
+    from turbo_core import __version__
+    assert project["version"] == __version__
