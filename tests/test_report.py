@@ -76,3 +76,62 @@ def test_report_image_adds_quality_panel_when_a_reference_is_given(fast_run):
     # The map is in the picture: its ran and bypassed colours both appear.
     for state in ("ran", "bypassed"):
         assert (plain == np.array(STATE_COLOURS[state], np.uint8)).all(-1).sum() > 100, state
+
+
+# --- the Report and Preview nodes on the real server ------------------------------------------------
+def _grid_prompt(extra: dict) -> dict:
+    p = {
+        "1": {"class_type": "Turbo4DModelLoader", "inputs": {"model_name": "embedded default", "weight_dtype": "auto"}},
+        "2": {"class_type": "Turbo4DSyntheticScene",
+              "inputs": {"seed": 5, "views": 2, "frames": 3, "size": 32, "elevation": 20.0,
+                         "azimuth_start": 0.0, "azimuth_span": 360.0}},
+    }
+    for sid, seed in (("3", 1), ("4", 1)):  # two identical full-compute runs: "accelerated" and reference
+        p[sid] = {"class_type": "Turbo4DMultiViewSampler",
+                  "inputs": {"model": ["1", 0], "input": ["2", 0], "views": 2, "frames": 3, "elevation": 20.0,
+                             "azimuth_span": 360.0, "seed": seed, "steps": 3, "cfg": 1.0,
+                             "sampler_name": "euler", "scheduler": "karras"}}
+    p.update(extra)
+    return p
+
+
+def test_report_and_preview_nodes_on_the_server(comfy):
+    import os
+
+    from PIL import Image
+
+    prompt = _grid_prompt({
+        "5": {"class_type": "Turbo4DReport", "inputs": {"run_stats": ["3", 3], "images": ["3", 0],
+                                                         "reference": ["4", 0], "reference_stats": ["4", 3]}},
+        "6": {"class_type": "Turbo4DMultiViewPreview", "inputs": {"images": ["3", 0], "views": 2, "fps": 8.0}},
+    })
+    entry = comfy.run(prompt, timeout=240)
+    out = entry["outputs"]
+    rep = out["5"]
+    shown = rep["turbo4d"][0]
+    assert shown["summary"] == out["3"]["turbo4d"][0]["summary"]
+    assert shown["quality"]["psnr"] is None  # identical runs: exact (inf is sent as null)
+    assert shown["quality"]["ssim"] == pytest.approx(1.0)
+    assert shown["quality"]["wall_speedup"] > 0 and shown["quality"]["speedup_kind"] == "wall-clock"
+    assert "PSNR vs reference exact" in rep["text"][0]
+    img_info = rep["images"][0]
+    path = os.path.join(comfy.base_dir, "temp", img_info["subfolder"], img_info["filename"])
+    with Image.open(path) as im:
+        assert im.size[0] == 720 and im.size[1] > 600  # summary, map, signals, quality vs speed
+    prev = out["6"]["turbo4d_preview"][0]
+    assert (prev["views"], prev["frames"], prev["width"]) == (2, 3, 32)
+    for v, row in enumerate(prev["cells"]):
+        for f, cell in enumerate(row):
+            assert cell["filename"].endswith(f"_v{v:02d}_f{f:03d}.png")
+            with Image.open(os.path.join(comfy.base_dir, "temp", cell["subfolder"], cell["filename"])) as im:
+                assert im.size == (32, 32)
+
+
+def test_report_names_the_missing_reference(comfy):
+    from comfy_host import PromptFailed
+
+    prompt = _grid_prompt({"5": {"class_type": "Turbo4DReport", "inputs": {"run_stats": ["3", 3], "images": ["3", 0]}}})
+    del prompt["4"]
+    with pytest.raises(PromptFailed) as e:
+        comfy.run(prompt, timeout=240)
+    assert "'reference' is not connected" in e.value.message
