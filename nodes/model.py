@@ -100,6 +100,11 @@ class Turbo4DDiffusionModel(torch.nn.Module):
                 "the Turbo4D model got conditioning without views, frames and cameras. Build its positive "
                 "and negative with the 'MultiView Conditioning' node (or use 'MultiView Sampler').")
         net = self.net
+        s = net.cfg.image_size
+        if tuple(x.shape[-2:]) != (s, s):
+            raise ValueError(
+                f"the Turbo4D model got a {x.shape[-2]}x{x.shape[-1]} latent, but it samples {s}x{s} pixel images. "
+                f"Sample into the latent output of 'MultiView Conditioning' (not an Empty Latent Image).")
         layout = net.token_layout(x.shape[0], int(views), int(frames))
         frame_index = kwargs.get("frame_index")
         run = transformer_options.get(RUN_KEY)
@@ -126,6 +131,13 @@ class Turbo4DModel(comfy.model_base.BaseModel):
         ref = kwargs.get(COND_REFERENCE)
         if ref is None:
             return super().extra_conds(**kwargs)
+        noise = kwargs.get("noise")
+        if noise is not None and (tuple(noise.shape[1:]) != tuple(ref.shape[1:]) or noise.shape[0] % ref.shape[0]):
+            raise ValueError(
+                f"the latent to sample ({noise.shape[0]} images of {noise.shape[-2]}x{noise.shape[-1]}, "
+                f"{noise.shape[1]} channels) does not fit the Turbo4D conditioning ({ref.shape[0]} images of "
+                f"{ref.shape[-2]}x{ref.shape[-1]}, a {kwargs[COND_VIEWS]} x {kwargs[COND_FRAMES]} grid). Sample into "
+                f"the latent output of 'MultiView Conditioning' (not an Empty Latent Image).")
         device = kwargs["device"]
         out["c_concat"] = comfy.conds.CONDNoiseShape(ref.to(device))
         out["camera"] = comfy.conds.CONDRegular(kwargs[COND_CAMERA].to(device))

@@ -229,3 +229,22 @@ def test_foreign_model_into_the_sampler_names_the_loader(comfy):
     assert "MultiView Sampler" in msg and "'model' input is a SD3 model" in msg, msg
     assert "Turbo4D Model Loader" in msg
     assert_good_prompt_still_runs(comfy, "foreign")
+
+
+def test_stock_latent_of_the_wrong_size_names_the_fix(comfy):
+    prompt = {
+        "1": {"class_type": "Turbo4DModelLoader", "inputs": {"model_name": "embedded default", "weight_dtype": "auto"}},
+        "2": {"class_type": "Turbo4DSyntheticScene", "inputs": {"seed": 2, "views": 2, "frames": 2, "size": 32,
+                                                                "elevation": 20.0, "azimuth_start": 0.0,
+                                                                "azimuth_span": 360.0}},
+        "3": {"class_type": "Turbo4DMultiViewConditioning",
+              "inputs": {"model": ["1", 0], "input": ["2", 0], "views": 2, "frames": 2, "elevation": 20.0,
+                         "azimuth_span": 360.0}},
+        "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 4}},
+        "5": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["3", 0], "negative": ["3", 1],
+                                                   "latent_image": ["4", 0], "seed": 0, "steps": 2, "cfg": 1.0,
+                                                   "sampler_name": "euler", "scheduler": "karras", "denoise": 1.0}},
+        "6": {"class_type": "SaveLatent", "inputs": {"samples": ["5", 0], "filename_prefix": "test/bad_latent"}},
+    }
+    msg = run_failing(comfy, prompt)
+    assert "4 images of 8x8" in msg and "32x32" in msg and "latent output of 'MultiView Conditioning'" in msg, msg
