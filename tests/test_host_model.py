@@ -185,3 +185,15 @@ def test_get_scm_net_names_the_fix_for_a_foreign_model(glue):
     msg = str(e.value)
     assert "Turbo4D Rolling Cache" in msg and "'model'" in msg and "Turbo4D Model Loader" in msg
     assert glue.is_turbo4d_model(glue.make_model_patcher(_net(), torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_sample_close_to_fp32(glue, dtype):
+    """The loader's weight_dtype choices run on a CPU as well, and stay near the fp32 result."""
+    net = _net()
+    ref32 = _sample(glue, glue.make_model_patcher(net, torch.float32), views=2, frames=2, steps=3)
+    half = glue.make_model_patcher(_net(), dtype)
+    assert half.model_dtype() == dtype
+    out = _sample(glue, half, views=2, frames=2, steps=3)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref32).abs().mean() < 0.05 * ref32.abs().mean() + 1e-3
