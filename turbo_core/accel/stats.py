@@ -46,7 +46,7 @@ class RunStats:
     def begin_call(self, step, layout) -> None:
         self.calls += 1
         self.timeline.append({"step": step.index, "sigma": step.sigma, "percent": step.percent,
-                              "stream": step.stream, "cells": {}, "signal": {}})
+                              "stream": step.stream, "cells": {}, "parts": {}, "signal": {}})
         images = layout.images
         for axis in AXES:
             n = layout.axis_shape(axis)[0] * self.blocks
@@ -58,6 +58,8 @@ class RunStats:
         if not self.timeline:
             return
         cells = self.timeline[-1]["cells"]
+        # Every state a block had in this call (the GUI's map shows a block both cached and pruned).
+        self.timeline[-1]["parts"].setdefault(block, set()).add(state)
         order = (RAN, PRUNED, CACHED, BYPASSED)
         old = cells.get(block)
         # A block that ran some sub-attention in full stays "ran"; "pruned" and "cached" mark a
