@@ -80,7 +80,7 @@ class RunEvents:
             self.send(EVENT_STEP, {
                 "node": self.node_id, "prompt_id": self.prompt_id, "call": len(stats.timeline) - 1,
                 "step": entry["step"], "percent": round(float(entry.get("percent", 0.0)), 4),
-                "stream": entry.get("stream"), "row": row_code(entry["cells"], stats.blocks),
+                "stream": entry.get("stream"), "row": row_code(entry, stats.blocks),
                 "blocks": stats.blocks, "total_steps": self.total_steps, "summary": summary})
         except Exception:
             if not self._failed:

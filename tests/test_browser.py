@@ -214,13 +214,17 @@ def node_state(page, node_id) -> dict:
       const m = n.turbo4dMap;
       const g = m && m.geometry;
       // Read back the map canvas: the colour at the centre of every cell.
+      // (top and bottom quarter: a block both cached and pruned is drawn half and half)
       let pixels = null;
       if (g) {
         const ctx = n.turbo4dPanel.canvas.getContext('2d');
-        pixels = m.rows.map((r, i) => [...r].map((_, b) => {
-          const c = g.cell(i, b);
-          const d = ctx.getImageData(Math.floor((c.x0 + c.x1) / 2 * g.dpr), Math.floor((c.y0 + c.y1) / 2 * g.dpr), 1, 1).data;
+        const at = (x, y) => {
+          const d = ctx.getImageData(Math.floor(x * g.dpr), Math.floor(y * g.dpr), 1, 1).data;
           return '#' + [d[0], d[1], d[2]].map(v => v.toString(16).padStart(2, '0')).join('');
+        };
+        pixels = m.rows.map((r, i) => [...r].map((_, b) => {
+          const c = g.cell(i, b), x = (c.x0 + c.x1) / 2;
+          return [at(x, c.y0 + (c.y1 - c.y0) * 0.25), at(x, c.y0 + (c.y1 - c.y0) * 0.7)];
         }));
       }
       return {stats: n.turbo4dStats || null, figures: n.turbo4dFigures || null, rows: m ? m.rows : null,
@@ -250,7 +254,8 @@ def check_sampler_matches_history(page, comfy, entry, sampler_id, steps_seen) ->
         assert f"{k}\n{v}" in st["shown"] or (k in st["shown"] and v in st["shown"]), (k, v, st["shown"])
     # The map: one column per model call, every cell in its state's colour.
     colours = {l["code"]: l["colour"] for l in payload["legend"]}
-    want = [[colours[c] for c in r] for r in payload["rows"]]
+    halves = {l["code"]: [colours[h] for h in l.get("split", [l["code"], l["code"]])] for l in payload["legend"]}
+    want = [[halves[c] for c in r] for r in payload["rows"]]
     assert st["pixels"] == want
     counts = {s: sum(r.count(l["code"]) for r in payload["rows"]) for l in payload["legend"] for s in [l["state"]]}
     assert st["counts"] == counts
@@ -286,23 +291,54 @@ def use_random_weights(page) -> None:
     }""", WEIGHTS)
 
 
-def change_preset_or_steps(page, sampler_id) -> str:
-    """Picks another preset on an accelerator node (by clicking the combo's arrow on the canvas, as a
-    user does); without accelerator nodes, fewer sampler steps."""
-    return page.evaluate("""(samplerId) => {
-      const g = window.app.graph;
-      for (const n of g._nodes) {
-        const w = (n.widgets || []).find(w => w.name === 'preset');
-        if (!w) continue;
-        const values = w.options.values;
-        const next = values.includes('fast') && w.value !== 'fast' ? 'fast' : values[(values.indexOf(w.value) + 1) % values.length];
-        w.value = next; w.callback && w.callback(next);
-        return `${n.type}.preset=${next}`;
-      }
-      const s = g.getNodeById(samplerId).widgets.find(w => w.name === 'steps');
-      s.value = Math.max(2, s.value - 4); s.callback && s.callback(s.value);
-      return `steps=${s.value}`;
-    }""", sampler_id)
+ACCELERATORS = ("Turbo4DCache", "Turbo4DSemanticPrune", "Turbo4DChainBypass")
+
+
+def ensure_accelerators(page, sampler_id) -> list:
+    """The accelerator nodes between the model loader and the sampler: those of the workflow, or,
+    where it has none, the three added and wired as a user would (loader -> Cache -> Prune ->
+    Bypass -> sampler). Returns their ids."""
+    return page.evaluate("""([samplerId, types]) => {
+      const g = window.app.graph, s = g.getNodeById(samplerId);
+      const have = window.turbo4d.upstreamAccelerators(s);
+      if (have.length) return have.map(n => n.id);
+      const slot = s.inputs.findIndex(i => i.type === 'MODEL');
+      const link = g.links.get ? g.links.get(s.inputs[slot].link) : g.links[s.inputs[slot].link];
+      let src = g.getNodeById(link.origin_id), srcSlot = link.origin_slot;
+      const ids = [];
+      types.forEach((t, i) => {
+        const n = window.LiteGraph.createNode(t);
+        n.pos = [s.pos[0] - 380 + 360 * i, s.pos[1] - 330];
+        g.add(n);
+        src.connect(srcSlot, n, 0);
+        src = n; srcSlot = 0;
+        ids.push(n.id);
+      });
+      src.connect(0, s, slot);
+      return ids;
+    }""", [sampler_id, list(ACCELERATORS)])
+
+
+def click_combo_arrow(page, node_id, name) -> None:
+    """Clicks the right arrow of a combo widget on the canvas: the next value, as a user does."""
+    x, y = page.evaluate("""([id, name]) => {
+      const c = window.app.canvas, n = window.app.graph.getNodeById(id);
+      const w = n.widgets.find(w => w.name === name);
+      const H = window.LiteGraph.NODE_WIDGET_HEIGHT;
+      const [sx, sy] = c.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] - 25, n.pos[1] + w.y + H / 2]);
+      const r = c.canvas.getBoundingClientRect();
+      return [r.left + sx, r.top + sy];
+    }""", [node_id, name])
+    page.mouse.click(x, y)
+    page.wait_for_timeout(200)
+
+
+def widget_state(page, node_id) -> dict:
+    return page.evaluate("""(id) => {
+      const n = window.app.graph.getNodeById(id);
+      return {preset: n.widgets.find(w => w.name === 'preset').value, advanced: n.turbo4dAdvanced || [],
+              hidden: n.widgets.filter(w => w.hidden).map(w => w.name)};
+    }""", node_id)
 
 
 def screenshot_array(page, path) -> np.ndarray:
@@ -319,8 +355,13 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     close_dialogs(page)
     sampler_id = page.evaluate(f"window.app.graph._nodes.find(n => n.type === '{SAMPLER}').id")
     use_random_weights(page)
+    acc_ids = ensure_accelerators(page, sampler_id)
     preview_id = add_preview(page, sampler_id)
     fit_view(page)
+    # Under a preset the advanced inputs are hidden; "custom" shows them.
+    for nid in acc_ids:
+        w = widget_state(page, nid)
+        assert w["preset"] != "custom" and w["advanced"] and set(w["advanced"]) <= set(w["hidden"]), w
 
     entry = queue_and_wait(page, comfy)
     steps = page.evaluate("window.__t4d.steps")
@@ -360,8 +401,16 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     assert page.evaluate(f"{viewer}.state.timer") is None
     page.wait_for_function(f"{viewer}.img.complete && {viewer}.img.naturalWidth > 0", timeout=10_000)
 
-    # Another preset (or step count): other numbers on the canvas, again equal to /history.
-    changed = change_preset_or_steps(page, sampler_id)
+    # Another preset, picked on the canvas: other numbers on the canvas, again equal to /history.
+    fit_view(page)
+    target = acc_ids[-1]
+    before = widget_state(page, target)["preset"]
+    click_combo_arrow(page, target, "preset")
+    after = widget_state(page, target)
+    assert after["preset"] != before, (before, after)
+    changed = f"{before} -> {after['preset']}"
+    if after["preset"] == "custom":
+        assert not set(after["advanced"]) & set(after["hidden"]), after
     entry2 = queue_and_wait(page, comfy)
     second = check_sampler_matches_history(page, comfy, entry2, sampler_id, page.evaluate("window.__t4d.steps"))
     assert second["summary"] != first["summary"], changed

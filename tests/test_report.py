@@ -20,7 +20,7 @@ def fast_run():
     calls = []
     run = build_run(turbo4d_specs("fast"))
     run.listeners.append(lambda stats, entry: calls.append(
-        (len(stats.timeline), None if entry is None else row_code(entry["cells"], stats.blocks))))
+        (len(stats.timeline), None if entry is None else row_code(entry, stats.blocks))))
     _, stats = sample(net, None, run=run)
     return stats, calls
 
@@ -30,7 +30,7 @@ def test_listeners_see_every_call_then_the_end(fast_run):
     assert len(calls) == stats.calls + 1
     # After call i the timeline holds i + 1 entries and the entry is that call's row.
     assert [n for n, _ in calls[:-1]] == list(range(1, stats.calls + 1))
-    assert [r for _, r in calls[:-1]] == [row_code(t["cells"], stats.blocks) for t in stats.timeline]
+    assert [r for _, r in calls[:-1]] == [row_code(t, stats.blocks) for t in stats.timeline]
     assert calls[-1] == (stats.calls, None)
 
 
@@ -40,12 +40,19 @@ def test_payload_matches_the_stats(fast_run):
     assert p["summary"] == json.loads(json.dumps(stats.summary()))
     assert p["blocks"] == stats.blocks == 2
     assert len(p["rows"]) == stats.calls == 12
-    grid = stats.timeline_grid()
-    assert p["rows"] == ["".join(STATE_CODES[c] for c in row) for row in grid]
+    # Each cell: bypassed if the chain was, else what was skipped in the block (cache, prune, both).
+    for row, t in zip(p["rows"], stats.timeline):
+        for b, ch in enumerate(row):
+            parts = t["parts"].get(b, set())
+            want = ("b" if "bypassed" in parts else "x" if {"cached", "pruned"} <= parts else
+                    "c" if "cached" in parts else "p" if "pruned" in parts else "r")
+            assert ch == want, (t["step"], b, parts)
     counts = state_counts(p["rows"])
     # Every bypassed chain is one "b" cell (a bypassed block does no attention at all).
     assert counts["bypassed"] == stats.chains_bypassed > 0
     assert counts["ran"] > 0 and sum(counts.values()) == stats.calls * stats.blocks
+    # Pruning shows on the map although spatial attention runs in full beside it.
+    assert stats.reused_by["prune"] and counts["pruned"] + counts["cached+pruned"] > 0
     # Change signals of the bypass are recorded against its threshold.
     th = [s["bypass"]["threshold"] for s in p["signals"] if "bypass" in s]
     assert th and all(t == th[0] for t in th)
@@ -53,7 +60,7 @@ def test_payload_matches_the_stats(fast_run):
 
 
 def test_map_cells_have_their_state_colour():
-    rows = ["rcpb", "bbbb"]
+    rows = ["rcpb", "bxbr"]
     img = draw_map(rows, 4, width=420, height=230)
     assert img.dtype == np.uint8 and img.shape == (230, 420, 3)
     L, R, T, B = 60, 12, 28, 48
@@ -61,9 +68,10 @@ def test_map_cells_have_their_state_colour():
     for i, r in enumerate(rows):
         for b, ch in enumerate(r):
             x = L + int((i + 0.5) * pw / 2)
-            y = T + int((b + 0.5) * ph / 4)
             state = {v: k for k, v in STATE_CODES.items()}[ch]
-            assert tuple(img[y, x]) == STATE_COLOURS[state], (i, b, ch)
+            top, bottom = ("cached", "pruned") if ch == "x" else (state, state)
+            assert tuple(img[T + int((b + 0.25) * ph / 4), x]) == STATE_COLOURS[top], (i, b, ch)
+            assert tuple(img[T + int((b + 0.75) * ph / 4), x]) == STATE_COLOURS[bottom], (i, b, ch)
 
 
 def test_report_image_adds_quality_panel_when_a_reference_is_given(fast_run):

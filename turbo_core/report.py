@@ -14,12 +14,17 @@ import numpy as np
 
 from .accel.stats import BYPASSED, CACHED, PRUNED, RAN
 
+# A block both cached (one sub-attention from the cache) and pruned (another on fewer tokens).
+CACHED_PRUNED = "cached+pruned"
 # One letter per map cell; the frontend (web/turbo4d_draw.js) uses the same letters and colours.
-STATE_CODES = {RAN: "r", PRUNED: "p", CACHED: "c", BYPASSED: "b"}
+STATE_CODES = {RAN: "r", PRUNED: "p", CACHED: "c", CACHED_PRUNED: "x", BYPASSED: "b"}
 CODE_STATES = {v: k for k, v in STATE_CODES.items()}
-STATE_ORDER = (RAN, CACHED, PRUNED, BYPASSED)
-# RGB. Ran = full work (dark blue); the three kinds of skipped work in distinct light colours.
+STATE_ORDER = (RAN, CACHED, PRUNED, CACHED_PRUNED, BYPASSED)
+# RGB. Ran = full work (dark blue); the kinds of skipped work in distinct light colours.
 STATE_COLOURS = {RAN: (46, 84, 150), CACHED: (80, 180, 90), PRUNED: (240, 190, 50), BYPASSED: (200, 200, 200)}
+# Drawn as two halves: cached on top, pruned below (its colour here is for the legend's text only).
+SPLIT = {CACHED_PRUNED: (CACHED, PRUNED)}
+STATE_COLOURS[CACHED_PRUNED] = STATE_COLOURS[CACHED]
 UNKNOWN_COLOUR = (40, 40, 40)
 SIGNAL_FAMILIES = ("cache", "bypass", "prune")
 FAMILY_COLOURS = {"cache": (60, 150, 70), "bypass": (120, 120, 120), "prune": (210, 150, 20)}
@@ -30,12 +35,36 @@ def hex_colour(rgb: Sequence[int]) -> str:
 
 
 def legend() -> list[dict]:
-    return [{"state": s, "code": STATE_CODES[s], "colour": hex_colour(STATE_COLOURS[s])} for s in STATE_ORDER]
+    out = []
+    for s in STATE_ORDER:
+        e = {"state": s, "code": STATE_CODES[s], "colour": hex_colour(STATE_COLOURS[s])}
+        if s in SPLIT:
+            e["split"] = [STATE_CODES[p] for p in SPLIT[s]]
+        out.append(e)
+    return out
 
 
-def row_code(cells: dict, blocks: int) -> str:
-    """One timeline entry's cells as a string of `blocks` letters (a block with no mark ran)."""
-    return "".join(STATE_CODES.get(cells.get(b, RAN), "r") for b in range(blocks))
+def cell_state(parts: set, fallback: str = RAN) -> str:
+    """The map state of a block from every state it had in one call: bypassed (none of it ran), else
+    what was skipped in it (cached, pruned, or both), else ran."""
+    if not parts:
+        return fallback
+    if BYPASSED in parts:
+        return BYPASSED
+    if CACHED in parts and PRUNED in parts:
+        return CACHED_PRUNED
+    for s in (CACHED, PRUNED):
+        if s in parts:
+            return s
+    return RAN
+
+
+def row_code(entry: dict, blocks: int) -> str:
+    """One timeline entry as a string of `blocks` letters (a block with no mark ran)."""
+    parts, cells = entry.get("parts"), entry.get("cells", {})
+    if parts is None:  # stats without per-block parts: the cell state as recorded
+        return "".join(STATE_CODES.get(cells.get(b, RAN), "r") for b in range(blocks))
+    return "".join(STATE_CODES[cell_state(parts.get(b), cells.get(b, RAN))] for b in range(blocks))
 
 
 def call_signals(entry: dict) -> dict:
@@ -81,7 +110,7 @@ def run_payload(stats) -> dict:
     return _json_safe({
         "summary": stats.summary(),
         "blocks": blocks,
-        "rows": [row_code(t["cells"], blocks) for t in timeline],
+        "rows": [row_code(t, blocks) for t in timeline],
         "steps": [t["step"] for t in timeline],
         "percent": [round(float(t.get("percent", 0.0)), 4) for t in timeline],
         "streams": [t.get("stream") for t in timeline],
@@ -148,8 +177,12 @@ def draw_map(rows: Sequence[str], blocks: int, width: int = 720, height: int = 2
         x0, x1 = L + round(i * pw / n), L + round((i + 1) * pw / n)
         for b in range(blocks):
             y0, y1 = T + round(b * ph / blocks), T + round((b + 1) * ph / blocks)
-            col = STATE_COLOURS.get(CODE_STATES.get(r[b] if b < len(r) else "", ""), UNKNOWN_COLOUR)
-            cv2.rectangle(img, (x0, y0), (max(x1 - 1, x0), max(y1 - 1, y0)), col, -1)
+            state = CODE_STATES.get(r[b] if b < len(r) else "", "")
+            halves = SPLIT.get(state, (state, state))
+            ym = (y0 + y1) // 2
+            for (ya, yb), h in (((y0, ym), halves[0]), ((ym, y1), halves[1])):
+                col = STATE_COLOURS.get(h, UNKNOWN_COLOUR)
+                cv2.rectangle(img, (x0, ya), (max(x1 - 1, x0), max(yb - 1, ya)), col, -1)
     cv2.rectangle(img, (L - 1, T - 1), (L + pw, T + ph), (0, 0, 0), 1)
     for b in range(blocks):
         if blocks <= 12 or b % max(1, blocks // 8) == 0:
@@ -164,10 +197,12 @@ def draw_map(rows: Sequence[str], blocks: int, width: int = 720, height: int = 2
     total = max(sum(counts.values()), 1)
     x = L
     for s in STATE_ORDER:
-        cv2.rectangle(img, (x, height - 14), (x + 12, height - 4), STATE_COLOURS[s], -1)
+        top, bottom = SPLIT.get(s, (s, s))
+        cv2.rectangle(img, (x, height - 14), (x + 12, height - 10), STATE_COLOURS[top], -1)
+        cv2.rectangle(img, (x, height - 9), (x + 12, height - 4), STATE_COLOURS[bottom], -1)
         label = f"{s} {counts[s]} ({counts[s] * 100 / total:.0f}%)"
-        _text(img, label, (x + 16, height - 4), 0.38)
-        x += 30 + 8 * len(label)
+        _text(img, label, (x + 16, height - 4), 0.36)
+        x += 24 + int(6.4 * len(label))
     return img
 
 

@@ -6,6 +6,7 @@ export const DEFAULT_LEGEND = [
   { state: "ran", code: "r", colour: "#2e5496" },
   { state: "cached", code: "c", colour: "#50b45a" },
   { state: "pruned", code: "p", colour: "#f0be32" },
+  { state: "cached+pruned", code: "x", colour: "#50b45a", split: ["c", "p"] },
   { state: "bypassed", code: "b", colour: "#c8c8c8" },
 ];
 export const PENDING_COLOUR = "#2a2a2a";
@@ -17,6 +18,14 @@ export function legendOf(payload) {
 export function colourOf(code, legend = DEFAULT_LEGEND) {
   const e = legend.find((l) => l.code === code);
   return e ? e.colour : PENDING_COLOUR;
+}
+
+// [top, bottom] colours of a cell: a block both cached and pruned is drawn half and half.
+export function halvesOf(code, legend = DEFAULT_LEGEND) {
+  const e = legend.find((l) => l.code === code);
+  if (e && Array.isArray(e.split)) return [colourOf(e.split[0], legend), colourOf(e.split[1], legend)];
+  const c = colourOf(code, legend);
+  return [c, c];
 }
 
 export function countStates(rows, legend = DEFAULT_LEGEND) {
@@ -84,8 +93,14 @@ export function drawMap(canvas, rows, blocks, columns, legend = DEFAULT_LEGEND) 
   (rows || []).forEach((r, i) => {
     for (let b = 0; b < nb; b++) {
       const c = cell(i, b);
-      ctx.fillStyle = colourOf(r[b], legend);
-      ctx.fillRect(c.x0, c.y0, Math.max(1, c.x1 - c.x0 - (n < 60 ? 1 : 0)), Math.max(1, c.y1 - c.y0 - 1));
+      const [top, bottom] = halvesOf(r[b], legend);
+      const w = Math.max(1, c.x1 - c.x0 - (n < 60 ? 1 : 0));
+      const h = Math.max(1, c.y1 - c.y0 - 1);
+      const hTop = Math.max(1, Math.floor(h / 2));
+      ctx.fillStyle = top;
+      ctx.fillRect(c.x0, c.y0, w, hTop);
+      ctx.fillStyle = bottom;
+      ctx.fillRect(c.x0, c.y0 + hTop, w, h - hTop);
     }
   });
   ctx.fillStyle = "#aaa";

@@ -8,7 +8,7 @@
 // node's properties, so a saved workflow reopens with its last map.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { countStates, drawMap, figuresOf, legendOf } from "./turbo4d_draw.js";
+import { countStates, drawMap, figuresOf, halvesOf, legendOf } from "./turbo4d_draw.js";
 
 const SAMPLERS = new Set(["Turbo4DMultiViewSampler"]);
 const REPORTS = new Set(["Turbo4DReport"]);
@@ -158,7 +158,8 @@ function renderMap(node) {
   for (const l of legend) {
     const s = document.createElement("span");
     const sw = document.createElement("i");
-    sw.style.background = l.colour;
+    const [top, bottom] = halvesOf(l.code, legend);
+    sw.style.background = `linear-gradient(${top} 50%, ${bottom} 50%)`;
     s.append(sw, `${l.state} ${counts[l.state]}`);
     s.dataset.state = l.state;
     p.legend.append(s);
@@ -213,18 +214,46 @@ function onDone(detail) {
   applyPayload(node, detail.payload);
 }
 
-// Presets: when a node has a "preset" combo with a "custom" choice, the widgets after it are its
-// advanced parameters; they only show for "custom".
+// Inputs whose tooltip starts with "custom only" (nodes/accelerators.py) are the advanced ones.
+const advancedInputs = new Map(); // node type -> [input names]
+
+function collectAdvanced(nodeData) {
+  const names = [];
+  for (const group of ["required", "optional"]) {
+    for (const [name, spec] of Object.entries(nodeData?.input?.[group] || {})) {
+      const tip = Array.isArray(spec) ? spec[1]?.tooltip : undefined;
+      if (typeof tip === "string" && /^custom only\b/i.test(tip.trim())) names.push(name);
+    }
+  }
+  if (names.length) advancedInputs.set(nodeData.name, names);
+}
+
+// Presets: when a node has a "preset" combo with a "custom" choice, its advanced widgets only show
+// for "custom" (those marked "custom only", else every widget after the preset).
 function wirePresetVisibility(node) {
   const preset = node.widgets?.find((w) => w.name === "preset");
   if (!preset || !Array.isArray(preset.options?.values) || !preset.options.values.includes("custom")) return;
-  const advanced = node.widgets.slice(node.widgets.indexOf(preset) + 1).filter((w) => w.name !== WIDGET);
+  const marked = advancedInputs.get(typeOf(node));
+  const advanced = marked
+    ? node.widgets.filter((w) => marked.includes(w.name))
+    : node.widgets.slice(node.widgets.indexOf(preset) + 1).filter((w) => w.name !== WIDGET);
   if (!advanced.length) return;
   const apply = () => {
     const hide = preset.value !== "custom";
     let changed = false;
     for (const w of advanced) {
-      if (!!w.hidden !== hide) { w.hidden = hide; changed = true; }
+      if (!!w.hidden === hide) continue;
+      w.hidden = hide;
+      // This frontend still lays out hidden widgets; a zero height frees their space.
+      if (hide) {
+        w.turbo4dComputeSize = Object.prototype.hasOwnProperty.call(w, "computeSize") ? w.computeSize : null;
+        w.computeSize = () => [0, -4];
+      } else if (w.turbo4dComputeSize) {
+        w.computeSize = w.turbo4dComputeSize;
+      } else {
+        delete w.computeSize;
+      }
+      changed = true;
     }
     if (changed) {
       const sz = node.computeSize();
@@ -254,6 +283,9 @@ app.registerExtension({
     api.addEventListener("turbo4d.step", ({ detail }) => onStep(detail));
     api.addEventListener("turbo4d.done", ({ detail }) => onDone(detail));
     window.turbo4d = Object.assign(window.turbo4d || {}, { nodeOfExecutionId, upstreamAccelerators });
+  },
+  beforeRegisterNodeDef(nodeType, nodeData) {
+    if (String(nodeData?.name || "").startsWith("Turbo4D")) collectAdvanced(nodeData);
   },
   nodeCreated(node) {
     const type = typeOf(node);
