@@ -181,6 +181,13 @@ def test_every_workflow_opens_with_all_nodes_registered(page, tmp_path):
         assert {n["type"] for n in got} == {n["type"] for n in wf["nodes"]}, name
         assert all(n["registered"] and not n["errors"] for n in got), (name, got)
         assert not missing_dialog_text(page), f"{name}: {missing_dialog_text(page)}"
+        # The pack's canvas widgets change neither the saved workflow nor the queued prompt.
+        saved, prompt = page.evaluate("""async () => [window.app.graph.serialize(),
+            (await window.app.graphToPrompt()).output]""")
+        by_id = {n["id"]: n for n in saved["nodes"]}
+        for n in wf["nodes"]:
+            assert by_id[n["id"]].get("widgets_values") == n.get("widgets_values"), (name, n["type"])
+        assert not any(k.startswith("turbo4d") for v in prompt.values() for k in v["inputs"]), name
         fit_view(page)
         page.screenshot(path=os.path.join(ARTIFACTS, f"browser_open_{name[:-5]}.png"))
     assert not page.errors, page.errors
@@ -341,9 +348,17 @@ def widget_state(page, node_id) -> dict:
     }""", node_id)
 
 
+def clean_view(page) -> None:
+    """No selection toolbox, no hover tooltip in the screenshot."""
+    page.evaluate("window.app.canvas.deselectAll && window.app.canvas.deselectAll()")
+    page.mouse.move(5, 995)
+    page.wait_for_timeout(300)
+
+
 def screenshot_array(page, path) -> np.ndarray:
     from PIL import Image
 
+    clean_view(page)
     page.screenshot(path=path)
     return np.asarray(Image.open(path).convert("RGB"))
 
@@ -373,6 +388,7 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
         .map(n => ({type: n.type, figures: n.turbo4dFigures || null}))""", sampler_id)
     for a in accs:
         assert a["figures"] and a["figures"]["speedup"].startswith(f"{first['summary']['compute_speedup']:.2f}x"), a
+    fit_view(page)
     shot = screenshot_array(page, os.path.join(ARTIFACTS, "browser_accelerated_run.png"))
     # The screenshot holds the map: many pixels of the "ran" colour.
     ran = next(l["colour"] for l in first["legend"] if l["state"] == "ran")
@@ -416,7 +432,14 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     assert second["summary"] != first["summary"], changed
     assert (second["summary"]["compute_speedup"], second["summary"]["model_calls"]) != \
         (first["summary"]["compute_speedup"], first["summary"]["model_calls"]), changed
+    # A Report node in the workflow shows the quality figures of the run.
+    reports = page.evaluate("""() => window.app.graph._nodes.filter(n => n.type === 'Turbo4DReport')
+        .map(n => ({id: n.id, figures: n.turbo4dFigures || null}))""")
+    for r in reports:
+        q = entry2["outputs"][str(r["id"])]["turbo4d"][0]
+        assert r["figures"]["speedup"].startswith(f"{q['summary']['compute_speedup']:.2f}x"), r
     fit_view(page)
+    clean_view(page)
     page.screenshot(path=os.path.join(ARTIFACTS, "browser_accelerated_run_2.png"))
     assert not page.errors, page.errors
     print(f"accelerated browser test: {time.perf_counter() - t0:.1f}s ({changed})")

@@ -51,7 +51,8 @@ export function figuresOf(summary, quality) {
     (s.compute_fraction != null ? ` (${(s.compute_fraction * 100).toFixed(1)}% of full)` : "");
   f["time"] = s.seconds != null ? `${s.seconds.toFixed(2)} s, ${s.model_calls ?? 0} model calls` : "-";
   f["peak memory"] = s.peak_memory_mb == null ? "n/a (not a CUDA run)" : `${s.peak_memory_mb.toFixed(0)} MB`;
-  f["chains bypassed"] = `${s.chains_bypassed ?? 0}/${s.chains_total ?? 0}` + pct(s.chains_bypassed, s.chains_total);
+  f["chains bypassed"] = `${s.chains_bypassed ?? 0}/${s.chains_total ?? 0}` + pct(s.chains_bypassed, s.chains_total) +
+    `, ${s.steps_fully_bypassed ?? 0} whole steps`;
   f["tokens pruned"] = `${s.tokens_pruned_camera_motion ?? 0}/${s.tokens_total_camera_motion ?? 0}` +
     pct(s.tokens_pruned_camera_motion, s.tokens_total_camera_motion) + " cam+motion seqs";
   f["cache hits"] = `${s.cache_hits ?? 0} (${s.cache_misses ?? 0} misses)`;

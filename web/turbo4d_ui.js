@@ -103,7 +103,7 @@ function addPanel(node, { map }) {
     legend.className = "turbo4d-legend";
     el.append(canvas, legend);
   }
-  const height = map ? 250 : 100;
+  const height = map ? 270 : 100;
   const widget = node.addDOMWidget(WIDGET, "turbo4d", el, {
     serialize: false, hideOnZoom: false, getMinHeight: () => height, getMaxHeight: () => (map ? 420 : height),
   });
