@@ -248,3 +248,21 @@ def test_stock_latent_of_the_wrong_size_names_the_fix(comfy):
     }
     msg = run_failing(comfy, prompt)
     assert "4 images of 8x8" in msg and "32x32" in msg and "latent output of 'MultiView Conditioning'" in msg, msg
+
+
+def test_images_input_takes_precedence_over_the_video(comfy):
+    prompt = {
+        "1": {"class_type": "Turbo4DSyntheticScene", "inputs": {"seed": 4, "views": 2, "frames": 4, "size": 32,
+                                                                "elevation": 20.0, "azimuth_start": 0.0,
+                                                                "azimuth_span": 360.0}},
+        # 8 ground-truth images, every third from the second: 3 frames (the 16-frame video would give 5)
+        "2": {"class_type": "Turbo4DLoadInput", "inputs": {"video": "turbo4d_example.mp4", "size": 32,
+                                                           "frame_count": 0, "frame_stride": 3, "start_frame": 1,
+                                                           "images": ["1", 1]}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 1]}},
+    }
+    entry = comfy.run(prompt, timeout=60)
+    assert len(entry["outputs"]["3"]["images"]) == 3
+    prompt["2"]["inputs"].pop("images")
+    entry = comfy.run(prompt, timeout=60)
+    assert len(entry["outputs"]["3"]["images"]) == 5
