@@ -246,6 +246,7 @@ def draw_signals(signals: Sequence[dict], width: int = 720, panel_height: int = 
                  "bypass": "bypass: estimated change of a block's output",
                  "prune": "prune: token change (no threshold; sets the keep ratio)"}[fam]
         _text(img, label, (L, 15), 0.42)
+        _text(img, "bar: min..max over blocks, line: mean", (L + pw - 250, panel_height - 5), 0.34, (120, 120, 120))
         if ths:
             th = ths[-1]
             _dashed_hline(img, L, L + pw, Y(th), (200, 40, 40))
@@ -257,7 +258,8 @@ def draw_signals(signals: Sequence[dict], width: int = 720, panel_height: int = 
     return np.concatenate(panels, axis=0)
 
 
-def draw_quality_speed(points: Sequence[dict], width: int = 720, height: int = 260) -> np.ndarray:
+def draw_quality_speed(points: Sequence[dict], width: int = 720, height: int = 260,
+                       speedup_kind: str = "compute") -> np.ndarray:
     """PSNR (y) against speedup (x). `points`: dicts with "label", "speedup", "psnr" (None or inf =
     identical to the reference, drawn on the top edge) and optional "ssim"."""
     cv2 = _cv2()
@@ -277,7 +279,7 @@ def draw_quality_speed(points: Sequence[dict], width: int = 720, height: int = 2
         _text(img, f"{q:.0f}", (L - 30, int(Y(q)) + 4), 0.36)
         s = 0.8 + (xmax - 0.8) * k / 4
         _text(img, f"{s:.1f}x", (int(X(s)) - 12, T + ph + 16), 0.36)
-    _text(img, "speedup", (L + pw // 2 - 20, height - 6), 0.4)
+    _text(img, f"speedup ({speedup_kind})", (L + pw // 2 - 50, height - 6), 0.4)
     _text(img, "dB", (8, T + 10), 0.4)
     for p in points:
         q = p.get("psnr")
@@ -332,7 +334,7 @@ def report_image(payload: dict, quality: Optional[dict] = None, width: int = 720
             {"label": "full compute", "speedup": 1.0, "psnr": None},
             {"label": "accelerated", "speedup": quality["speedup"], "psnr": quality.get("psnr"),
              "ssim": quality.get("ssim")},
-        ], width))
+        ], width, speedup_kind=quality.get("speedup_kind", "compute")))
     sep = np.full((2, width, 3), 225, np.uint8)
     out = []
     for p in parts:
