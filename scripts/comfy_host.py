@@ -249,6 +249,11 @@ def main(argv=None) -> int:
         p.add_argument("--output-dir", default=None)
         p.add_argument("--log", default=None)
     a = ap.parse_args(argv)
+
+    def on_term(*_):  # `kill` or `timeout` must stop the server too (it runs in its own process group)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
     host = ComfyHost(a.host_dir, port=a.port, base_dir=a.base_dir, log_path=a.log, output_dir=a.output_dir)
     host.start()
     print(f"ComfyUI ready at {host.url} in {host.started_s:.1f}s (log {host.log_path})", flush=True)
