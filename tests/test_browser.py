@@ -96,6 +96,9 @@ def page(comfy, random_weights):
             pg = browser.new_page(viewport={"width": 1600, "height": 1000})
             pg.errors = []
             pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+            # Console errors raised from the pack's own scripts count as page errors too.
+            pg.on("console", lambda m: pg.errors.append(f"{m.text} @ {m.location}") if m.type == "error" and
+                  ("/extensions/turbo4d" in str(m.location.get("url", "")) or "/extensions/turbo4d" in m.text) else None)
             pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
             pg.goto(comfy.url)
             pg.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90_000)
