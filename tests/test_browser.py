@@ -444,5 +444,14 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     fit_view(page)
     clean_view(page)
     page.screenshot(path=os.path.join(ARTIFACTS, "browser_accelerated_run_2.png"))
+    # Reopened, the workflow still shows its last run (kept in the sampler's properties).
+    restored = page.evaluate("""async (id) => {
+      await window.app.loadGraphData(window.app.graph.serialize());
+      await new Promise(r => setTimeout(r, 300));
+      const n = window.app.graph.getNodeById(id);
+      return {rows: n.turbo4dMap ? n.turbo4dMap.rows : null, figures: n.turbo4dFigures || null};
+    }""", sampler_id)
+    assert restored["rows"] == second["rows"]
+    assert restored["figures"]["chains bypassed"].startswith(f"{second['summary']['chains_bypassed']}/")
     assert not page.errors, page.errors
     print(f"accelerated browser test: {time.perf_counter() - t0:.1f}s ({changed})")
