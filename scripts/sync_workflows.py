@@ -44,6 +44,22 @@ NODE_DEFS = {
     "Turbo4DLatentToImage": ("MultiView Latent to Image", [("latent", "LATENT")], [], [("images", "IMAGE")]),
     "Turbo4DSaveMultiView": ("Save MultiView", [("images", "IMAGE")],
                              ["views", "fps", "filename_prefix", "scale"], []),
+    "Turbo4DCache": ("Turbo4D Cache", [("model", "MODEL")],
+                     ["preset", "threshold", "max_age", "start_percent", "end_percent", "storage"],
+                     [("MODEL", "MODEL"), ("settings", "STRING")]),
+    "Turbo4DSemanticPrune": ("Semantic Prune", [("model", "MODEL")],
+                             ["preset", "keep_start", "keep_end", "saliency", "max_age", "start_percent",
+                              "end_percent", "storage"],
+                             [("MODEL", "MODEL"), ("settings", "STRING")]),
+    "Turbo4DChainBypass": ("Chain Bypass", [("model", "MODEL")],
+                           ["preset", "threshold", "max_consecutive", "start_percent", "end_percent", "storage",
+                            "calibration_file"],
+                           [("MODEL", "MODEL"), ("settings", "STRING")]),
+    "Turbo4DReport": ("Turbo4D Report", [("run_stats", "TURBO4D_STATS"), ("images", "IMAGE"),
+                                         ("reference", "IMAGE"), ("reference_stats", "TURBO4D_STATS")],
+                      [], [("report", "IMAGE"), ("summary", "STRING")]),
+    "Turbo4DMultiViewPreview": ("MultiView Preview", [("images", "IMAGE")], ["views", "fps"], []),
+    "PreviewImage": ("Preview Image", [("images", "IMAGE")], [], []),
     "KSampler": ("KSampler", [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                               ("latent_image", "LATENT")],
                  ["seed+control", "steps", "cfg", "sampler_name", "scheduler", "denoise"], [("LATENT", "LATENT")]),
@@ -200,7 +216,58 @@ def turbo4d_stock_ksampler() -> Graph:
     return g
 
 
-WORKFLOWS = {f.__name__: f for f in (turbo4d_from_video, turbo4d_synthetic_compare, turbo4d_stock_ksampler)}
+def _accelerators(g: Graph, model, preset: str, x: int = 40, y: int = 520):
+    """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler."""
+    byp = g.add("Turbo4DChainBypass", (x, y), (320, 250), model=model.out(0), preset=preset, threshold=0.08,
+                max_consecutive=2, start_percent=0.2, end_percent=0.95, storage="native", calibration_file="")
+    cache = g.add("Turbo4DCache", (x, y + 290), (320, 230), model=byp.out(0), preset=preset, threshold=0.15,
+                  max_age=3, start_percent=0.15, end_percent=0.95, storage="native")
+    prune = g.add("Turbo4DSemanticPrune", (x, y + 560), (320, 270), model=cache.out(0), preset=preset,
+                  keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95,
+                  storage="native")
+    return prune
+
+
+def turbo4d_accelerated() -> Graph:
+    """The main workflow: the example video through all three accelerators."""
+    g = Graph()
+    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
+    inp = g.add("Turbo4DLoadInput", (40, 220), (320, 260), video="turbo4d_example.mp4", size=32, frame_count=8,
+                frame_stride=1, start_frame=0)
+    fast = _accelerators(g, model, "balanced")
+    smp = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=fast.out(0), input=inp.out(0), **SAMPLING)
+    g.add("Turbo4DSaveMultiView", (820, 60), (420, 480), images=smp.out(0), views=SAMPLING["views"], fps=8.0,
+          filename_prefix="turbo4d/accelerated", scale=4)
+    g.add("Turbo4DMultiViewPreview", (820, 600), (420, 420), images=smp.out(0), views=SAMPLING["views"], fps=8.0)
+    return g
+
+
+def turbo4d_accel_compare() -> Graph:
+    """Accelerated against full compute, same seed, on a synthetic scene with ground truth."""
+    g = Graph()
+    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
+    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=3, views=SAMPLING["views"],
+                  frames=SAMPLING["frames"], size=32, elevation=SAMPLING["elevation"],
+                  azimuth_start=0.0, azimuth_span=SAMPLING["azimuth_span"])
+    fast = _accelerators(g, model, "fast")
+    full = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=model.out(0), input=scene.out(0),
+                 **SAMPLING)
+    acc = g.add("Turbo4DMultiViewSampler", (420, 520), (340, 400), model=fast.out(0), input=scene.out(0),
+                **SAMPLING)
+    rep = g.add("Turbo4DReport", (820, 60), (360, 160), run_stats=acc.out(3), images=acc.out(0),
+                reference=full.out(0), reference_stats=full.out(3))
+    g.add("PreviewImage", (1220, 60), (520, 520), images=rep.out(0))
+    g.add("Turbo4DSaveMultiView", (820, 620), (420, 420), images=acc.out(0), views=SAMPLING["views"], fps=8.0,
+          filename_prefix="turbo4d/accel_result", scale=4)
+    g.add("Turbo4DSaveMultiView", (820, 1080), (420, 420), images=full.out(0), views=SAMPLING["views"], fps=8.0,
+          filename_prefix="turbo4d/full_result", scale=4)
+    g.add("Turbo4DSaveMultiView", (1220, 620), (420, 420), images=scene.out(1), views=SAMPLING["views"], fps=8.0,
+          filename_prefix="turbo4d/accel_ground_truth", scale=4)
+    return g
+
+
+WORKFLOWS = {f.__name__: f for f in (turbo4d_from_video, turbo4d_synthetic_compare, turbo4d_stock_ksampler,
+                                     turbo4d_accelerated, turbo4d_accel_compare)}
 
 
 def render(name: str) -> dict[str, str]:
