@@ -43,15 +43,18 @@ def ui_workflows() -> list[str]:
 
 
 def accelerated_workflow() -> str:
-    """The shipped accelerated workflow (the one holding accelerator nodes); until it exists, the
-    plain sampler workflow."""
+    """The shipped workflow with accelerator nodes, preferably the one that also reports quality
+    against full compute (a Report node); without any, the plain sampler workflow."""
     flows = ui_workflows()
+    best = None
     for path in flows:
         with open(path) as f:
             types = {n["type"] for n in json.load(f)["nodes"]}
-        if any(re.search(r"cache|prune|bypass|accel", t, re.I) for t in types):
-            return path
-    return next(p for p in flows if "synthetic" in os.path.basename(p))
+        if any(re.search(r"cache|prune|bypass", t, re.I) for t in types):
+            score = ("Turbo4DReport" in types, "accel" in os.path.basename(path))
+            if best is None or score > best[0]:
+                best = (score, path)
+    return best[1] if best else next(p for p in flows if "synthetic" in os.path.basename(p))
 
 
 @pytest.fixture(scope="module")
@@ -270,6 +273,7 @@ def check_sampler_matches_history(page, comfy, entry, sampler_id, steps_seen) ->
     counts = {s: sum(r.count(l["code"]) for r in payload["rows"]) for l in payload["legend"] for s in [l["state"]]}
     assert st["counts"] == counts
     # It filled live: one turbo4d.step per model call, rows as the final map.
+    steps_seen = [s for s in steps_seen if str(s["node"]) == str(sampler_id)]
     assert [s["row"] for s in steps_seen] == payload["rows"]
     assert steps_seen[-1]["summary"]["model_calls"] == summary["model_calls"]
     assert st["stored"]["rows"] == payload["rows"]  # kept with the workflow
@@ -371,8 +375,13 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     wf = accelerated_workflow()
     drop_workflow(page, wf)
     close_dialogs(page)
-    sampler_id = page.evaluate(f"window.app.graph._nodes.find(n => n.type === '{SAMPLER}').id")
-    use_random_weights(page)
+    # The sampler the accelerators feed (a compare workflow also has a full-compute one).
+    sampler_id = page.evaluate(f"""() => {{
+      const s = window.app.graph._nodes.filter(n => n.type === '{SAMPLER}');
+      return (s.find(n => window.turbo4d.upstreamAccelerators(n).length) || s[0]).id;
+    }}""")
+    if not os.path.exists(os.path.join(ROOT, "models", "turbo4d_default.safetensors")):
+        use_random_weights(page)  # the untrained fallback outputs exactly 0: nothing to accelerate
     acc_ids = ensure_accelerators(page, sampler_id)
     preview_id = add_preview(page, sampler_id)
     fit_view(page)
@@ -384,7 +393,7 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     entry = queue_and_wait(page, comfy)
     steps = page.evaluate("window.__t4d.steps")
     done = page.evaluate("window.__t4d.done")
-    assert done and str(done[-1]["node"]) == str(sampler_id)
+    assert str(sampler_id) in {str(d["node"]) for d in done}
     first = check_sampler_matches_history(page, comfy, entry, sampler_id, steps)
     # Accelerator nodes upstream of the sampler show their mechanism's figures of this run.
     accs = page.evaluate("""(id) => window.turbo4d.upstreamAccelerators(window.app.graph.getNodeById(id))
