@@ -194,6 +194,20 @@ def test_every_workflow_opens_with_all_nodes_registered(page, tmp_path):
         for n in wf["nodes"]:
             assert by_id[n["id"]].get("widgets_values") == n.get("widgets_values"), (name, n["type"])
         assert not any(k.startswith("turbo4d") for v in prompt.values() for k in v["inputs"]), name
+        # What Run sends is the API-format twin of this workflow (the one the server tests run):
+        # a widget value saved in the wrong slot shows up here.
+        api_path = os.path.join(ROOT, "workflows", "api", name)
+        if os.path.exists(api_path):
+            with open(api_path) as f:
+                api = json.load(f)
+            assert set(prompt) == set(api), name
+            for nid, node in api.items():
+                assert prompt[nid]["class_type"] == node["class_type"], (name, nid)
+                sent = {k: prompt[nid]["inputs"].get(k) for k in node["inputs"]}
+                wrong = {k: (sent[k], v) for k, v in node["inputs"].items() if sent[k] != v}
+                assert not wrong, (f"{name}: node {nid} ({node['class_type']}) would be queued with "
+                                   f"{{input: (sent, API file)}} = {wrong}; its widgets_values do not match the "
+                                   f"frontend's widget order")
         fit_view(page)
         page.screenshot(path=os.path.join(ARTIFACTS, f"browser_open_{name[:-5]}.png"))
     assert not page.errors, page.errors
