@@ -372,7 +372,7 @@ def widget_state(page, node_id) -> dict:
 def clean_view(page) -> None:
     """No selection toolbox, no hover tooltip in the screenshot."""
     page.evaluate("window.app.canvas.deselectAll && window.app.canvas.deselectAll()")
-    page.mouse.move(5, 995)
+    page.mouse.move(1000, 12)  # the empty end of the tab bar: no tooltip
     page.wait_for_timeout(300)
 
 
