@@ -183,12 +183,32 @@ def configurations(args, calibration=None) -> list[dict]:
         for keep in (0.7, 0.5, 0.3, 0.15, 0.05):
             rows.append({"name": f"sweep-prune-keep{keep}", "family": "sweep-prune",
                          "specs": [("prune", TokenPrunerConfig(keep_start=min(1.0, keep * 1.5), keep_end=keep))]})
-        for sal in (0.0, 2.0):
+        for sal in (0.0, 0.25, 1.0, 2.0):
             rows.append({"name": f"sweep-prune-sal{sal}", "family": "sweep-prune",
                          "specs": [("prune", TokenPrunerConfig(keep_start=0.3, keep_end=0.15, saliency=sal))]})
+        for adapt in (0.0, 1.0):
+            rows.append({"name": f"sweep-prune-adapt{adapt}", "family": "sweep-prune",
+                         "specs": [("prune", TokenPrunerConfig(keep_start=0.3, keep_end=0.15, adapt=adapt))]})
         for t in (0.02, 0.05, 0.1, 0.2, 0.4):
             rows.append({"name": f"sweep-bypass-t{t}", "family": "sweep-bypass",
                          "specs": [("bypass", ChainBypassConfig(threshold=t, max_consecutive=3))]})
+        for mc in (1, 6):
+            rows.append({"name": f"sweep-bypass-mc{mc}", "family": "sweep-bypass",
+                         "specs": [("bypass", ChainBypassConfig(threshold=0.1, max_consecutive=mc))]})
+        # Combinations: the bypass carries most of the saving, the cache and the pruner add theirs
+        # on the calls the bypass runs.
+        combos = {"b.05+c.1": [("bypass", ChainBypassConfig(threshold=0.05)), ("cache", RollingCacheConfig(threshold=0.1))],
+                  "b.05+c.15+p.4": [("bypass", ChainBypassConfig(threshold=0.05)),
+                                    ("cache", RollingCacheConfig(threshold=0.15)),
+                                    ("prune", TokenPrunerConfig(keep_start=0.5, keep_end=0.4))],
+                  "b.08+c.2": [("bypass", ChainBypassConfig(threshold=0.08)), ("cache", RollingCacheConfig(threshold=0.2))],
+                  "b.08+c.2+p.3": [("bypass", ChainBypassConfig(threshold=0.08)),
+                                   ("cache", RollingCacheConfig(threshold=0.2)),
+                                   ("prune", TokenPrunerConfig(keep_start=0.45, keep_end=0.3, saliency=0.0))],
+                  "b.12+c.3": [("bypass", ChainBypassConfig(threshold=0.12, max_consecutive=3)),
+                               ("cache", RollingCacheConfig(threshold=0.3, max_age=5))]}
+        for name, specs in combos.items():
+            rows.append({"name": f"sweep-turbo4d-{name}", "family": "sweep-turbo4d", "specs": specs})
     if args.only:
         keep = set(args.only.split(","))
         rows = [r for r in rows if r["name"] in keep or r["name"] == "full"]
@@ -261,7 +281,7 @@ def _fmt(v, nd=2):
 
 COLORS = {"full": (0, 0, 0), "cache": (200, 90, 20), "prune": (40, 160, 40), "bypass": (30, 30, 210),
           "turbo4d": (150, 30, 150), "fixed": (120, 120, 120), "sweep-cache": (230, 170, 120),
-          "sweep-prune": (140, 210, 140), "sweep-bypass": (140, 140, 240)}
+          "sweep-prune": (140, 210, 140), "sweep-bypass": (140, 140, 240), "sweep-turbo4d": (210, 140, 210)}
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

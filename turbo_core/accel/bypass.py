@@ -141,7 +141,7 @@ class ChainBypass(Accelerator):
             dx = (xs - e.x_ref).abs().mean() / e.x_ref.abs().mean().clamp_min(1e-12)
             dr = (rs - e.r_ref).abs().mean() / y_scale
             e.k = dr / dx.clamp_min(1e-12)
-        e.residual = self.store.put(residual)
+        e.residual = self.store.keep(residual)  # a fresh tensor: nobody else holds it
         e.x_ref, e.r_ref, e.y_scale = xs.clone(), rs.clone(), y_scale
         return y
 

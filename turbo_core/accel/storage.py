@@ -43,6 +43,13 @@ class TensorStore:
             return out
         return t.to(self._dtype(t), copy=True)
 
+    def keep(self, t: torch.Tensor) -> torch.Tensor:
+        """Stores a tensor the caller has just made and hands over (no one else holds it): kept
+        as it is where the mode allows, saving the copy `put` makes."""
+        if self.mode == "native":
+            return t.detach()
+        return self.put(t)
+
     def get(self, stored: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """A new tensor with the stored values in `like`'s dtype and device."""
         if stored.device == like.device and stored.dtype == like.dtype:

@@ -1,0 +1,82 @@
+"""Where the time of an accelerated run goes: the accelerators' own overhead (each mechanism set so
+that it never skips anything: every cost it adds, none of its savings) and a kernel profile of full
+compute and of a combined preset.
+
+    python -m bench.profile_accel --device cuda [--large] [--steps 10]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.bench_accel import DEFAULT_MODEL, HELD_OUT_SEED, load_net, make_batch
+from turbo_core.accel.bypass import ChainBypassConfig
+from turbo_core.accel.cache import RollingCacheConfig
+from turbo_core.accel.presets import turbo4d_specs
+from turbo_core.accel.prune import TokenPrunerConfig
+from turbo_core.accel.script import sample_accelerated
+from turbo_core.diffusion import EDM, karras_sigmas
+from turbo_core.metrics import measure
+
+NEVER_SKIP = {
+    "cache (never reuses)": [("cache", RollingCacheConfig(threshold=1e-12, start_percent=0.0))],
+    "prune (keeps all)": [("prune", TokenPrunerConfig(keep_start=1.0, keep_end=1.0, adapt=0.0, start_percent=0.0))],
+    "bypass (never bypasses)": [("bypass", ChainBypassConfig(threshold=1e-12, start_percent=0.0))],
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--large", action="store_true")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--scenes", type=int, default=None)
+    ap.add_argument("--preset", default="balanced")
+    ap.add_argument("--rows", type=int, default=18)
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if args.large:
+        net, source = load_net(None, "large", device, torch.bfloat16)
+        views, frames, scenes = 4, 12, args.scenes or 1
+    else:
+        net, source = load_net(DEFAULT_MODEL, "default", device)
+        views, frames, scenes = 4, 8, args.scenes or 16
+    edm = EDM(sigma_data=net.cfg.sigma_data)
+    batch = make_batch(list(range(HELD_OUT_SEED, HELD_OUT_SEED + scenes)), views, frames, net.cfg.image_size, device)
+    dtype = next(net.parameters()).dtype
+    noise, cond = batch["noise"].to(dtype), batch["cond"].to(dtype)
+    sigmas = karras_sigmas(args.steps, device=device)
+    print(f"{source}, {scenes * frames * views} images, {args.steps} steps, {dtype}")
+
+    def run(specs):
+        return sample_accelerated(net, edm, specs, noise, sigmas, cond, batch["camera"], views, frames)
+
+    configs = {"full": [], **NEVER_SKIP, f"turbo4d-{args.preset}": turbo4d_specs(args.preset)}
+    for name, specs in configs.items():
+        run(specs)
+        times = []
+        for _ in range(3):
+            with measure(device) as m:
+                _, st = run(specs)
+            times.append(m.seconds)
+        t = min(times)
+        print(f"{name:<28} {t * 1000 / args.steps:8.2f} ms/call  compute {st.compute_fraction:.3f}")
+    from torch.profiler import ProfilerActivity, profile
+
+    for name in ("full", f"turbo4d-{args.preset}"):
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            run(configs[name])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(f"\n=== {name}: top ops by {key} ===")
+        print(prof.key_averages().table(sort_by=key, row_limit=args.rows, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
