@@ -68,8 +68,8 @@ class Turbo4DReport(io.ComfyNode):
                                            "speedup and the time saved."),
             ],
             outputs=[
-                io.Image.Output("report", tooltip="The plots, one image (save or preview it)."),
-                io.String.Output("summary", tooltip="The headline figures as one line."),
+                io.Image.Output("report", display_name="report", tooltip="The plots, one image (save or preview it)."),
+                io.String.Output("summary", display_name="summary", tooltip="The headline figures as one line."),
             ],
         )
 
