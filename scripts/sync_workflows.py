@@ -129,14 +129,15 @@ class Graph:
         nodes = []
         for n in self.nodes:
             title, sockets, widgets, outputs = NODE_DEFS[n.type]
-            values = []
+            values, tail = [], []
             for w in widgets:
                 name, _, extra = w.partition("+")
                 values.append(n.widgets[name])
                 if extra == "control":
                     values.append("fixed")
                 elif extra == "upload":
-                    values.append("image")
+                    tail.append("image")  # the frontend adds the upload button after all the widgets
+            values += tail
             nodes.append({
                 "id": n.id, "type": n.type, "pos": list(n.pos), "size": list(n.size), "flags": {},
                 "order": order[n.id], "mode": 0,
