@@ -251,9 +251,10 @@ def turbo4d_accel_compare() -> Graph:
                   frames=SAMPLING["frames"], size=32, elevation=SAMPLING["elevation"],
                   azimuth_start=0.0, azimuth_span=SAMPLING["azimuth_span"])
     fast = _accelerators(g, model, "fast")
-    full = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=model.out(0), input=scene.out(0),
+    # Samplers are tall: after a run each shows its figures and steps x blocks map (web/turbo4d_ui.js).
+    full = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 660), model=model.out(0), input=scene.out(0),
                  **SAMPLING)
-    acc = g.add("Turbo4DMultiViewSampler", (420, 520), (340, 400), model=fast.out(0), input=scene.out(0),
+    acc = g.add("Turbo4DMultiViewSampler", (420, 780), (340, 660), model=fast.out(0), input=scene.out(0),
                 **SAMPLING)
     rep = g.add("Turbo4DReport", (820, 60), (360, 160), run_stats=acc.out(3), images=acc.out(0),
                 reference=full.out(0), reference_stats=full.out(3))
