@@ -1,4 +1,4 @@
-"""Turbo4D Model Loader: a safetensors SCM network -> a ComfyUI MODEL."""
+"""Turbo4D Model Loader: a safetensors SCM network (or an SV4D / SV4D 2.0 UNet) -> a ComfyUI MODEL."""
 from __future__ import annotations
 
 import logging
@@ -13,7 +13,7 @@ from turbo_core.models.io import CheckpointError, load_model
 from turbo_core.models.scm_net import CONFIGS, SCMNet
 
 from .model import PACK_DIR, make_model_patcher
-from .sv4d import check_not_sv4d
+from . import sv4d
 
 log = logging.getLogger("turbo4d")
 
@@ -49,19 +49,22 @@ def _untrained_default_net() -> SCMNet:
 
 
 def model_files() -> list[str]:
+    """models/turbo4d/, then the SV4D files of ComfyUI's diffusion_models and checkpoints folders."""
     try:
-        return folder_paths.get_filename_list(FOLDER)
+        names = list(folder_paths.get_filename_list(FOLDER))
     except OSError:  # the folder was removed while ComfyUI runs
-        return []
+        names = []
+    return names + [n for n in sv4d.sv4d_files() if n not in names]
 
 
 def weights_path(model_name: str) -> str:
     if model_name == EMBEDDED:
         return DEFAULT_WEIGHTS
-    path = folder_paths.get_full_path(FOLDER, model_name)
+    path = folder_paths.get_full_path(FOLDER, model_name) or sv4d.sv4d_path(model_name)
     if path is None:
-        raise CheckpointError(f"{model_name} is not in models/{FOLDER}/. Put the .safetensors file there "
-                              f"and refresh, or pick '{EMBEDDED}'.")
+        raise CheckpointError(f"{model_name} is not in models/{FOLDER}/ (nor an SV4D file in models/diffusion_models/ "
+                              f"or models/checkpoints/). Put the .safetensors file there and refresh, or pick "
+                              f"'{EMBEDDED}'.")
     return path
 
 
@@ -73,12 +76,14 @@ class Turbo4DModelLoader(io.ComfyNode):
             display_name="Turbo4D Model Loader",
             category="Turbo4D/loaders",
             description="Loads a Turbo4D multi-view 4D network (safetensors only) as a MODEL that the "
-                        "MultiView Sampler, ComfyUI's KSampler and the Turbo4D accelerators can drive.",
+                        "MultiView Sampler, ComfyUI's KSampler and the Turbo4D accelerators can drive; "
+                        "SV4D / SV4D 2.0 files (for MultiView Sampler (SV4D)) are listed too.",
             inputs=[
                 io.Combo.Input("model_name", options=[EMBEDDED] + model_files(),
                                default=EMBEDDED,
                                tooltip=f"'{EMBEDDED}' is the small network shipped with the pack; other "
-                                       f"entries are .safetensors files in ComfyUI's models/{FOLDER}/ folder."),
+                                       f"entries are .safetensors files in ComfyUI's models/{FOLDER}/ folder, and "
+                                       f"SV4D / SV4D 2.0 files in models/diffusion_models/ or models/checkpoints/."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto",
                                tooltip="Precision of the weights. auto: fp32 on a CPU, fp16/bf16 on a GPU "
                                        "that runs them fast."),
@@ -102,8 +107,9 @@ class Turbo4DModelLoader(io.ComfyNode):
             path = weights_path(model_name)
             if model_name == EMBEDDED and not os.path.isfile(path):
                 net = _untrained_default_net()
+            elif sv4d.sv4d_version_of(path):  # recognised by its keys, wherever it lies
+                return io.NodeOutput(sv4d.load_sv4d_model(path, DTYPES[weight_dtype]))
             else:
-                check_not_sv4d(path)  # an SV4D file gets its own message, not "not a Turbo4D network"
                 net = load_model(path)
         except CheckpointError as e:
             raise ValueError(f"Turbo4D Model Loader, model_name={model_name!r}: {e}") from e

@@ -75,7 +75,38 @@ class Turbo4DModelConfig(comfy.supported_models_base.BASE):
         self.sampling_settings = {"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": float(sigma_data)}
 
 
-class Turbo4DDiffusionModel(torch.nn.Module):
+class ExecutorDiffusionModel(torch.nn.Module):
+    """A `diffusion_model` whose `forward` goes through the DIFFUSION_MODEL wrapper executor, like
+    ComfyUI's `UNetModel.forward`, so wrappers such as EasyCache apply; subclasses write `_forward`."""
+
+    def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
+            self._forward,
+            self,
+            comfy.patcher_extension.get_all_wrappers(WrappersMP.DIFFUSION_MODEL, transformer_options),
+        ).execute(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    def _forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        raise NotImplementedError
+
+
+def call_dispatch(transformer_options: dict, layout, timesteps, x: torch.Tensor, blocks: int,
+                  cost: Optional[dict] = None, stream_tag: str = ""):
+    """(run, dispatch) of one model call inside a sampling run (the OUTER_SAMPLE wrapper's
+    Turbo4DRun), or (None, None) outside one. The stream (whose accelerator state this call uses)
+    is the CFG half (cond_or_uncond) plus `stream_tag`."""
+    run = transformer_options.get(RUN_KEY)
+    if run is None:
+        return None, None
+    sigmas = transformer_options.get("sigmas")
+    sigma = float(sigmas.flatten()[0]) if sigmas is not None else math.exp(4.0 * float(timesteps.flatten()[0]))
+    stream = str(tuple(transformer_options.get("cond_or_uncond") or ())) + stream_tag
+    d = run.dispatch(layout, sigma, transformer_options.get("sample_sigmas"), stream=stream, dtype=x.dtype,
+                     device=x.device, blocks=blocks, cost=cost)
+    return run, d
+
+
+class Turbo4DDiffusionModel(ExecutorDiffusionModel):
     """ComfyUI's `diffusion_model` slot: runs the SCM network for one stacked V x F batch."""
 
     def __init__(self, net: SCMNet):
@@ -85,13 +116,6 @@ class Turbo4DDiffusionModel(torch.nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.net.patch.weight.dtype
-
-    def forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
-        return comfy.patcher_extension.WrapperExecutor.new_class_executor(
-            self._forward,
-            self,
-            comfy.patcher_extension.get_all_wrappers(WrappersMP.DIFFUSION_MODEL, transformer_options),
-        ).execute(x, timesteps, context, y, control, transformer_options, **kwargs)
 
     def _forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         camera, views, frames = kwargs.get("camera"), kwargs.get("views"), kwargs.get("frames")
@@ -107,14 +131,9 @@ class Turbo4DDiffusionModel(torch.nn.Module):
                 f"Sample into the latent output of 'MultiView Conditioning' (not an Empty Latent Image).")
         layout = net.token_layout(x.shape[0], int(views), int(frames))
         frame_index = kwargs.get("frame_index")
-        run = transformer_options.get(RUN_KEY)
+        run, d = call_dispatch(transformer_options, layout, timesteps, x, net.depth, net.cost(layout))
         if run is None:
             return net(x, timesteps, camera, int(views), int(frames), frame_index=frame_index, layout=layout)
-        sigmas = transformer_options.get("sigmas")
-        sigma = float(sigmas.flatten()[0]) if sigmas is not None else math.exp(4.0 * float(timesteps.flatten()[0]))
-        stream = str(tuple(transformer_options.get("cond_or_uncond") or ()))
-        d = run.dispatch(layout, sigma, transformer_options.get("sample_sigmas"), stream=stream, dtype=x.dtype,
-                         device=x.device, blocks=net.depth, cost=net.cost(layout))
         out = net(x, timesteps, camera, int(views), int(frames), frame_index=frame_index, dispatch=d, layout=layout)
         run.end_call(d)
         return out
@@ -185,26 +204,40 @@ def turbo4d_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = orig_model_options
 
 
-def make_model_patcher(net: SCMNet, dtype: Optional[torch.dtype] = None) -> comfy.model_patcher.ModelPatcher:
-    """A MODEL for ComfyUI (stock KSampler included) around a loaded network."""
+def wrap_model(net: torch.nn.Module, dtype: Optional[torch.dtype], supported_dtypes: list,
+               build) -> comfy.model_patcher.ModelPatcher:
+    """A MODEL around a loaded network: `build(net, device)` makes the BaseModel; the patcher gets
+    the OUTER_SAMPLE wrapper that gives every sampling run its Turbo4DRun."""
     load_device = comfy.model_management.get_torch_device()
     offload_device = comfy.model_management.unet_offload_device()
     if dtype is None:
         params = sum(p.numel() for p in net.parameters())
-        dtype = comfy.model_management.unet_dtype(load_device, params, Turbo4DModelConfig.supported_inference_dtypes)
+        dtype = comfy.model_management.unet_dtype(load_device, params, supported_dtypes)
     net = net.to(device=offload_device, dtype=dtype).eval()
-    model = Turbo4DModel(net, device=offload_device)
+    model = build(net, offload_device)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, turbo4d_sample_wrapper)
     return patcher
 
 
+def make_model_patcher(net: SCMNet, dtype: Optional[torch.dtype] = None) -> comfy.model_patcher.ModelPatcher:
+    """A MODEL for ComfyUI (stock KSampler included) around a loaded network."""
+    return wrap_model(net, dtype, Turbo4DModelConfig.supported_inference_dtypes,
+                      lambda n, device: Turbo4DModel(n, device=device))
+
+
+# BaseModel classes whose diffusion_model.net runs its attention through the SCM dispatch (the
+# SV4D glue adds its own), i.e. the MODELs the accelerator nodes accept.
+SCM_MODELS: list = [Turbo4DModel]
+
+
 def is_turbo4d_model(model_patcher) -> bool:
-    return isinstance(getattr(model_patcher, "model", None), Turbo4DModel)
+    return isinstance(getattr(model_patcher, "model", None), tuple(SCM_MODELS))
 
 
-def get_scm_net(model_patcher, node: str = "this node") -> SCMNet:
-    """The SCM network inside a MODEL, or a clear error when the MODEL is something else."""
+def get_scm_net(model_patcher, node: str = "this node"):
+    """The SCM network inside a MODEL (an SCMNet, or an SV4DUNet for SV4D models), or a clear error
+    when the MODEL is something else."""
     if not is_turbo4d_model(model_patcher):
         kind = type(getattr(model_patcher, "model", model_patcher)).__name__
         raise ValueError(

@@ -13,6 +13,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from turbo_core.data.synth4d import SceneConfig, camera_angles
+from turbo_core.models.scm_net import SCMNet
 from turbo_core.train import relative_cameras
 from turbo_core.multiview import check_grid, frame_major_to_view_major, grid_condition, square_resize, to_unit
 
@@ -48,6 +49,9 @@ def build_conditioning(node: str, model, data: dict, views: int, frames: int, el
                        azimuth_span: float):
     """(positive, negative, latent dict, net) for one grid; every check names the input and the fix."""
     net = m.get_scm_net(model, node)
+    if not isinstance(net, SCMNet):
+        raise ValueError(f"{node}: the 'model' input is an SV4D / SV4D 2.0 model, which this node cannot condition. "
+                         f"Sample it with 'MultiView Sampler (SV4D)'.")
     if not isinstance(data, dict) or "video" not in data:
         raise ValueError(f"{node}: 'input' is not a Turbo4D input. Connect Load 4D Input or Synthetic 4D Scene.")
     video = data["video"]

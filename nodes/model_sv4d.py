@@ -1,0 +1,220 @@
+"""Glue between SV4D / SV4D 2.0's UNet (turbo_core.models.sv4d) and ComfyUI's model stack.
+
+- `SV4DModelConfig` / `SV4DModel`: `ModelType.V_PREDICTION_EDM` with sigma_data 1, sigma 0.002..700,
+  the SD 1.x latent format (0.18215), like ComfyUI's SVD / SV3D models. ComfyUI then computes
+  c_in = 1/sqrt(s^2+1), c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1) and c_noise = 0.25 ln s, which is
+  SV4D's `VScalingWithEDMcNoise` (tests/test_host_sv4d.py checks it).
+- Conditioning, one row per image of the pass (frame-major, N = T*V):
+  c_crossattn (N, 1, 1024) the CLIP image embedding of the image's input frame (zeros for uncond),
+  c_concat (N, 4, h, w) the VAE latent of that frame (zeros for uncond), y (N, 1280) =
+  [256-d embedding of the conditioning noise 0 (zeros for uncond) | 512-d polar | 512-d azimuth],
+  cond_view (N, 4*k, h', w') the latents of the V views at the reference frame (k = 2 for passes
+  that alternate their frame order: forward reference | reversed reference), views / frames /
+  alternate as constants.
+- `SV4DDiffusionModel`: the `diffusion_model` slot, forward through the DIFFUSION_MODEL executor
+  and the active Turbo4DRun's dispatch (nodes/model.py's helpers). In an alternating pass it
+  reverses the frames at even steps (the reference script's backward inputs), runs the network,
+  and puts the result back in frame order, so the sampler's latent keeps every frame in place.
+  The accelerators' state is kept per frame order (see turbo_core/sampling_plans.py).
+"""
+from __future__ import annotations
+
+import torch
+
+import comfy.conds
+import comfy.latent_formats
+import comfy.model_base
+import comfy.supported_models_base
+from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
+
+from turbo_core.layout import AXES, SCMLayout
+from turbo_core.models.sv4d import SV4DAttentionLayer, SV4DUNet
+from turbo_core.models.sv4d_blocks import Downsample, Upsample
+from turbo_core.sampling_plans import SIGMA_MAX, SIGMA_MIN, frame_permutation, step_index
+
+from . import model as m
+
+# Conditioning entries the SV4D sampler writes and `SV4DModel.extra_conds` reads.
+COND_CONCAT, COND_VECTOR, COND_VIEW = "sv4d_concat", "sv4d_vector", "sv4d_cond_view"
+COND_VIEWS, COND_FRAMES, COND_ALTERNATE = "sv4d_views", "sv4d_frames", "sv4d_alternate"
+LATENT_CHANNELS = 4
+
+
+class SV4DModelConfig(comfy.supported_models_base.BASE):
+    unet_config = {"disable_unet_model_creation": True}  # the UNet comes from turbo_core
+    unet_extra_config = {}
+    latent_format = comfy.latent_formats.SD15
+    supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
+    sampling_settings = {"sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "sigma_data": 1.0}
+    memory_usage_factor = 2.0
+
+    def __init__(self):
+        super().__init__({"disable_unet_model_creation": True})
+
+
+def attention_downsampling(net: SV4DUNet) -> list[int]:
+    """Downsampling factor of the latent grid at each attention layer, in dispatch block order."""
+    out, ds = [], 1
+    for blk in net.input_blocks:
+        for mod in blk:
+            if isinstance(mod, Downsample):
+                ds *= 2
+            elif isinstance(mod, SV4DAttentionLayer):
+                out.append(ds)
+    out += [ds for mod in net.middle_block if isinstance(mod, SV4DAttentionLayer)]
+    for blk in net.output_blocks:
+        for mod in blk:
+            if isinstance(mod, SV4DAttentionLayer):
+                out.append(ds)
+            elif isinstance(mod, Upsample):
+                ds //= 2
+    return out
+
+
+def _attention_flops(length: int, width: int, ff_in: bool) -> float:
+    """One sequence through a transformer block: self-attention (projections + scores), a
+    single-token cross-attention, GEGLU feed-forward(s)."""
+    proj = 2 * length * width * width * (4 + 2 + 12 + (12 if ff_in else 0))
+    return float(proj + 4 * length * length * width)
+
+
+class SV4DDiffusionModel(m.ExecutorDiffusionModel):
+    def __init__(self, net: SV4DUNet):
+        super().__init__()
+        self.net = net
+        self.downsampling = attention_downsampling(net)
+        self.widths = [layer.proj_in.in_features for layer in self._layers()]
+
+    def _layers(self):
+        for mod in self.net.modules():
+            if isinstance(mod, SV4DAttentionLayer):
+                yield mod
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.out[2].weight.dtype
+
+    def call_work(self, layout: SCMLayout) -> tuple[dict, dict]:
+        """(sequences, FLOPs) per axis of one full call, summed over the attention layers, each
+        at its own level's grid (the dispatch counts the top grid for every block)."""
+        seqs, flops = dict.fromkeys(AXES, 0), dict.fromkeys(AXES, 0.0)
+        for ds, width in zip(self.downsampling, self.widths):
+            lay = SCMLayout(layout.batch, layout.views, layout.frames, layout.height // ds, layout.width // ds)
+            for axis in AXES:
+                n, length = lay.axis_shape(axis)
+                seqs[axis] += n
+                flops[axis] += n * _attention_flops(length, width, ff_in=axis != "spatial")
+        return seqs, flops
+
+    def _dispatch(self, transformer_options, layout, timesteps, x, stream_tag):
+        seqs, flops = self.call_work(layout)
+        cost = {a: flops[a] / max(seqs[a], 1) for a in AXES}  # average per sequence
+        run, d = m.call_dispatch(transformer_options, layout, timesteps, x, self.net.blocks, cost, stream_tag)
+        if run is not None:
+            # RunStats counted top-grid sequences for every block; count each level's own.
+            st = run.stats
+            for a in AXES:
+                extra = seqs[a] - layout.axis_shape(a)[0] * self.net.blocks
+                st.sequences_total[a] += extra
+                st.flops_full += extra * cost[a]
+        return run, d
+
+    def _forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        views, frames, cond_view = kwargs.get("views"), kwargs.get("frames"), kwargs.get("cond_view")
+        if views is None or frames is None or cond_view is None or y is None or context is None:
+            raise ValueError("the SV4D model got conditioning that is not SV4D's (views, frames, cond_view, y, CLIP "
+                             "tokens). Sample it with 'MultiView Sampler (SV4D)'.")
+        views, frames = int(views), int(frames)
+        n, per = x.shape[0], views * frames
+        if n % per:
+            raise ValueError(f"the SV4D model got {n} images, not a multiple of frames x views = {frames} x {views}")
+        b = n // per
+        reverse = False
+        if kwargs.get("alternate"):
+            sigmas = transformer_options.get("sigmas")
+            sigma = float(sigmas.flatten()[0]) if sigmas is not None else float(torch.exp(4.0 * timesteps.flatten()[0]))
+            reverse = step_index(sigma, transformer_options.get("sample_sigmas")) % 2 == 0
+        t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
+        t = t.expand(n) if t.numel() == 1 else t
+        if reverse:
+            perm = (frame_permutation(frames, views, True)[None] + per * torch.arange(b)[:, None]).flatten().to(x.device)
+            x, t, context, y, cond_view = x[perm], t[perm], context[perm], y[perm], cond_view[perm]
+        k = cond_view.shape[1] // LATENT_CHANNELS
+        # every image of a batch item carries the item's V reference latents; take frame 0's rows
+        cv = cond_view.view(b, frames, views, k, LATENT_CHANNELS, *cond_view.shape[-2:])[:, 0]
+        cv = cv[:, :, 1 if (reverse and k > 1) else 0].reshape(b * views, LATENT_CHANNELS, *cond_view.shape[-2:])
+        hh, ww = x.shape[-2:]
+        layout = self.net.token_layout(n, views, frames, hh, ww)
+        tag = ("|reversed" if reverse else "|forward") if kwargs.get("alternate") else ""
+        run, d = self._dispatch(transformer_options, layout, timesteps, x, tag)
+        out = self.net(x, t, context, y, cv, views, frames, dispatch=d)
+        if run is not None:
+            run.end_call(d)
+        if reverse:
+            out = out[torch.argsort(perm)]
+        return out
+
+
+class SV4DModel(comfy.model_base.BaseModel):
+    def __init__(self, net: SV4DUNet, device=None):
+        super().__init__(SV4DModelConfig(), model_type=comfy.model_base.ModelType.V_PREDICTION_EDM, device=device)
+        self.diffusion_model = SV4DDiffusionModel(net)
+        self.diffusion_model.eval()
+
+    def extra_conds(self, **kwargs):
+        out = {}
+        concat = kwargs.get(COND_CONCAT)
+        if concat is None:
+            raise ValueError("the SV4D model needs SV4D conditioning (the input video's CLIP tokens and latents, the "
+                             "views' cameras and reference latents). Sample it with 'MultiView Sampler (SV4D)'.")
+        noise = kwargs.get("noise")
+        if noise is not None and tuple(noise.shape) != tuple(concat.shape):
+            raise ValueError(
+                f"the latent to sample ({tuple(noise.shape)}) does not fit the SV4D conditioning "
+                f"({tuple(concat.shape)}: {kwargs[COND_FRAMES]} frames x {kwargs[COND_VIEWS]} views of 4-channel "
+                f"latents). Sample with 'MultiView Sampler (SV4D)'.")
+        device = kwargs["device"]
+        out["c_concat"] = comfy.conds.CONDNoiseShape(concat.to(device))
+        out["c_crossattn"] = comfy.conds.CONDCrossAttn(kwargs["cross_attn"].to(device))
+        out["y"] = comfy.conds.CONDRegular(kwargs[COND_VECTOR].to(device))
+        out["cond_view"] = comfy.conds.CONDRegular(kwargs[COND_VIEW].to(device))
+        out["views"] = comfy.conds.CONDConstant(int(kwargs[COND_VIEWS]))
+        out["frames"] = comfy.conds.CONDConstant(int(kwargs[COND_FRAMES]))
+        out["alternate"] = comfy.conds.CONDConstant(bool(kwargs.get(COND_ALTERNATE, False)))
+        return out
+
+
+m.SCM_MODELS.append(SV4DModel)
+
+_noise_embedder, _angle_embedder = Timestep(256), Timestep(512)
+
+
+def vector_condition(polar: torch.Tensor, azimuth: torch.Tensor, frames: int, uncond: bool) -> torch.Tensor:
+    """y (frames*views, 1280) of a pass, frame-major: [conditioning-noise embedding | polar | azimuth]
+    per view, as SV4D's conditioner builds it (noise level 0: cos 1 / sin 0; zeroed in the uncond
+    branch, which forces the input frames' embeddings to zero)."""
+    v = polar.numel()
+    noise = _noise_embedder(torch.zeros(v))
+    if uncond:
+        noise = torch.zeros_like(noise)
+    per_view = torch.cat([noise, _angle_embedder(polar.float()), _angle_embedder(azimuth.float())], dim=1)
+    return per_view.repeat(frames, 1)
+
+
+def is_sv4d_model(model_patcher) -> bool:
+    return isinstance(getattr(model_patcher, "model", None), SV4DModel)
+
+
+def get_sv4d_net(model_patcher, node: str) -> SV4DUNet:
+    if not is_sv4d_model(model_patcher):
+        kind = type(getattr(model_patcher, "model", model_patcher)).__name__
+        raise ValueError(f"{node}: the 'model' input is a {kind} model, not SV4D / SV4D 2.0. Load sv4d.safetensors or "
+                         f"sv4d2.safetensors with 'Turbo4D Model Loader' and connect its MODEL (directly or through "
+                         f"the Turbo4D accelerator nodes).")
+    return model_patcher.model.diffusion_model.net
+
+
+def make_sv4d_model_patcher(net: SV4DUNet, dtype=None):
+    """A MODEL around a loaded SV4D UNet; the accelerator nodes accept it like the reference model."""
+    return m.wrap_model(net, dtype, SV4DModelConfig.supported_inference_dtypes,
+                        lambda n, device: SV4DModel(n, device=device))

@@ -1,0 +1,322 @@
+"""SV4D / SV4D 2.0 in ComfyUI.
+
+In-process (the real ComfyUI code of the host, CPU): ComfyUI's V_PREDICTION_EDM path denoises as
+SV4D's VScalingWithEDMcNoise denoiser; its karras scheduler and euler sampler are the reference's
+EDM discretisation and Euler EDM sampler; an alternating pass reverses the frames at even steps and
+keeps the accelerator state per order; MultiView Sampler (SV4D) runs both schemes with a real
+ComfyUI CLIP vision model and VAE (small configurations of ComfyUI's own classes).
+
+On the real server: a reduced-width SV4D 2.0 checkpoint saved by the test loads through the
+Turbo4D Model Loader from ComfyUI's diffusion_models folder (and a full-layout file from
+checkpoints), and the shipped SV4D workflows run with the file names substituted by the test's
+small weights (the smallest CLIP vision ComfyUI's loader accepts, a TAESD-structured VAE).
+"""
+import copy
+import importlib
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import HOST_DIR, ROOT, host_missing
+
+COMFY_DIR = os.path.join(HOST_DIR, "ComfyUI")
+CLIP_DIM = 64  # the in-process CLIP vision's projection width
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack's nodes package imported the way ComfyUI imports it (see test_host_model.py)."""
+    if host_missing():
+        pytest.fail(host_missing())
+    if COMFY_DIR not in sys.path:
+        sys.path.insert(0, COMFY_DIR)
+    from comfy.cli_args import args
+    args.cpu = True
+    name = "turbo4d_pack_nodes"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "nodes", "__init__.py"),
+                                                      submodule_search_locations=[os.path.join(ROOT, "nodes")])
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[name] = pkg
+        spec.loader.exec_module(pkg)
+    return lambda sub: importlib.import_module(f"{name}.{sub}")
+
+
+def random_sv4d(version="sv4d2", seed=0, context_dim=CLIP_DIM, **kw):
+    """A reduced-width SV4D UNet with every weight perturbed (zero-initialised output layers would
+    make any comparison trivial)."""
+    from turbo_core.models.sv4d import SV4DConfig, SV4DUNet
+
+    torch.manual_seed(seed)
+    net = SV4DUNet(SV4DConfig.reduced(version, context_dim=context_dim, **kw)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.03)
+    return net
+
+
+def pass_conditioning(g, T, V, hw, alternate, seed=1, uncond=False):
+    gen = torch.Generator().manual_seed(seed)
+    n = T * V
+    clip = torch.randn(T, CLIP_DIM, generator=gen)[torch.arange(T).repeat_interleave(V)][:, None]
+    concat = torch.randn(T, 4, hw, hw, generator=gen).repeat_interleave(V, 0)
+    k = 2 if alternate else 1
+    cond_view = torch.randn(V, 4 * k, hw, hw, generator=gen).repeat(T, 1, 1, 1)
+    polar, az = torch.full((V,), 1.4), torch.linspace(0.5, 5.0, V)
+    z = torch.zeros_like
+    return {"cross_attn": z(clip) if uncond else clip, g.COND_CONCAT: z(concat) if uncond else concat,
+            g.COND_VECTOR: g.vector_condition(polar, az, T, uncond), g.COND_VIEW: z(cond_view) if uncond else cond_view,
+            g.COND_VIEWS: V, g.COND_FRAMES: T, g.COND_ALTERNATE: alternate}
+
+
+def model_kwargs(model, conds, x):
+    out = model.extra_conds(**conds, device=x.device, noise=x)
+    assert set(out) == {"c_concat", "c_crossattn", "y", "cond_view", "views", "frames", "alternate"}
+    return {k: v.cond for k, v in out.items()}
+
+
+# --- the denoiser and the schedule -------------------------------------------------------------
+def test_comfy_v_prediction_edm_is_sv4d_denoiser(pack):
+    """Denoiser(VScalingWithEDMcNoise): D = c_skip x + c_out F(cat[c_in x, concat], 0.25 ln s) with
+    c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_in = 1/sqrt(s^2+1)."""
+    g = pack("model_sv4d")
+    net = random_sv4d()
+    model = g.make_sv4d_model_patcher(net, torch.float32).model
+    ms = model.model_sampling
+    assert float(ms.sigma_data) == 1.0
+    assert float(ms.sigma_min) == pytest.approx(0.002, rel=1e-4) and float(ms.sigma_max) == pytest.approx(700.0, rel=1e-4)
+    assert model.latent_format.scale_factor == pytest.approx(0.18215)
+    T, V, hw = 2, 4, 8
+    conds = pass_conditioning(g, T, V, hw, alternate=False)
+    sigma = torch.tensor([0.002, 0.1, 1.0, 5.0, 30.0, 120.0, 400.0, 700.0])
+    x = torch.randn(T * V, 4, hw, hw) * sigma.view(-1, 1, 1, 1)
+    with torch.no_grad():
+        comfy_out = model.apply_model(x, sigma, transformer_options={}, **model_kwargs(model, conds, x))
+        s = sigma.view(-1, 1, 1, 1)
+        c_skip, c_out, c_in = 1 / (s ** 2 + 1), -s / (s ** 2 + 1).sqrt(), 1 / (s ** 2 + 1).sqrt()
+        f = net(torch.cat([x * c_in, conds[g.COND_CONCAT]], 1), 0.25 * sigma.log(), conds["cross_attn"],
+                conds[g.COND_VECTOR], conds[g.COND_VIEW][:V], V, T)
+        ref = c_skip * x + c_out * f
+    assert (ref - c_skip * x).abs().max() > 0.1  # the network's term is not negligible
+    torch.testing.assert_close(comfy_out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_karras_euler_is_the_reference_edm_euler(pack):
+    """ComfyUI's karras scheduler on the SV4D model equals EDMDiscretization(0.002, 700, rho 7) with
+    0 appended; its noise scaling at full denoise is sqrt(1 + sigma_0^2) (EulerEDMSampler's
+    prepare_sampling_loop) and an euler step without churn is x + (s' - s) (x - D) / s."""
+    import comfy.k_diffusion.sampling as kds
+    import comfy.samplers
+    from turbo_core.sampling_plans import edm_sigmas
+
+    g = pack("model_sv4d")
+    model = g.make_sv4d_model_patcher(random_sv4d(), torch.float32).model
+    for steps in (20, 50):
+        ramp = torch.linspace(0, 1, steps)  # sgm EDMDiscretization.get_sigmas, then append_zero
+        ref = (700.0 ** (1 / 7.0) + ramp * (0.002 ** (1 / 7.0) - 700.0 ** (1 / 7.0))) ** 7.0
+        ref = torch.cat([ref, ref.new_zeros(1)])
+        ours = comfy.samplers.calculate_sigmas(model.model_sampling, "karras", steps)
+        torch.testing.assert_close(ours.float(), ref, rtol=1e-5, atol=0)
+        torch.testing.assert_close(edm_sigmas(steps), ref, rtol=1e-6, atol=0)
+    noise, sig = torch.randn(2, 4, 8, 8), torch.tensor(700.0)
+    scaled = model.model_sampling.noise_scaling(sig, noise, torch.zeros_like(noise), max_denoise=True)
+    torch.testing.assert_close(scaled, noise * math.sqrt(1 + 700.0 ** 2))
+    x0 = torch.randn(1, 4, 8, 8)
+    den = torch.randn_like(x0)
+    sigmas = torch.tensor([3.0, 1.5])
+    step = kds.sample_euler(lambda x, s, **k: den, x0.clone(), sigmas, disable=True)
+    torch.testing.assert_close(step, x0 + (1.5 - 3.0) * (x0 - den) / 3.0)
+
+
+def test_vector_condition_is_sv4d_conditioner_layout(pack):
+    """y = [Timestep(256)(noise 0) | Timestep(512)(polar) | Timestep(512)(azimuth)] per view, frame-major;
+    the uncond branch zeroes the noise-level part only (force_uc_zero_embeddings of cond_frames)."""
+    from turbo_core.models.sv4d_blocks import timestep_embedding
+
+    g = pack("model_sv4d")
+    polar, az = torch.tensor([1.2, 1.4, 1.5]), torch.tensor([0.5, 2.0, 4.0])
+    y = g.vector_condition(polar, az, frames=2, uncond=False)
+    assert y.shape == (6, 1280)
+    want = torch.cat([timestep_embedding(torch.zeros(3), 256), timestep_embedding(polar, 512),
+                      timestep_embedding(az, 512)], 1).repeat(2, 1)
+    torch.testing.assert_close(y, want)
+    assert y[0, :128].eq(1).all() and y[0, 128:256].eq(0).all()  # cos 0, sin 0
+    u = g.vector_condition(polar, az, frames=2, uncond=True)
+    assert u[:, :256].eq(0).all() and torch.equal(u[:, 256:], y[:, 256:])
+
+
+# --- alternating frame order -------------------------------------------------------------------
+def test_alternating_pass_reverses_frames_at_even_steps(pack):
+    """At step 0, 2, ... the network sees the frames reversed and the reverse reference views (the
+    script's backward inputs); the result comes back in frame order. At odd steps: forward."""
+    from turbo_core.sampling_plans import edm_sigmas, frame_permutation
+
+    g = pack("model_sv4d")
+    net = random_sv4d("sv4d")
+    model = g.make_sv4d_model_patcher(net, torch.float32).model
+    T, V, hw = 3, 2, 8
+    conds = pass_conditioning(g, T, V, hw, alternate=True)
+    kw = model_kwargs(model, conds, torch.zeros(T * V, 4, hw, hw))
+    sched = edm_sigmas(4)
+    perm = frame_permutation(T, V, True)
+    outs = {}
+    for step in (0, 1):
+        sigma = sched[step].expand(T * V)
+        x = torch.randn(T * V, 4, hw, hw, generator=torch.Generator().manual_seed(step)) * sched[step]
+        to = {"sigmas": sigma, "sample_sigmas": sched}
+        with torch.no_grad():
+            got = model.apply_model(x, sigma, transformer_options=to, **kw)
+            s = sigma.view(-1, 1, 1, 1)
+            c_skip, c_out, c_in = 1 / (s ** 2 + 1), -s / (s ** 2 + 1).sqrt(), 1 / (s ** 2 + 1).sqrt()
+            inp = torch.cat([x * c_in, conds[g.COND_CONCAT]], 1)
+            cv = conds[g.COND_VIEW][:V]
+            if step == 0:
+                f = net(inp[perm], 0.25 * sigma.log(), conds["cross_attn"][perm], conds[g.COND_VECTOR][perm],
+                        cv[:, 4:], V, T)[torch.argsort(perm)]
+            else:
+                f = net(inp, 0.25 * sigma.log(), conds["cross_attn"], conds[g.COND_VECTOR], cv[:, :4], V, T)
+            want = c_skip * x + c_out * f
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+        outs[step] = (x, got)
+    # the same input at a reversed step gives another result than at a forward step
+    x = outs[1][0]
+    with torch.no_grad():
+        as_even = model.apply_model(x, sched[1].expand(T * V), transformer_options={
+            "sigmas": sched[1].expand(T * V), "sample_sigmas": torch.cat([sched[:1], sched])}, **kw)
+    assert (as_even - outs[1][1]).abs().max() > 1e-3
+
+
+def _sample_pass(pack, patcher, T, V, hw, alternate, steps, cfg=2.0):
+    import comfy.sample
+
+    g, m = pack("model_sv4d"), pack("model")
+    sink = m.StatsSink()
+    patcher.model_options.setdefault("transformer_options", {})[m.REPORTS_KEY] = sink
+    pos = pass_conditioning(g, T, V, hw, alternate)
+    neg = pass_conditioning(g, T, V, hw, alternate, uncond=True)
+    to_cond = lambda c: [[c.pop("cross_attn"), c]]  # noqa: E731
+    x = torch.zeros(T * V, 4, hw, hw)
+    out = comfy.sample.sample(patcher, comfy.sample.prepare_noise(x, 0), steps, cfg, "euler", "karras",
+                              to_cond(pos), to_cond(neg), x, disable_pbar=True, seed=0)
+    return out, sink.items
+
+
+def test_accelerated_alternating_pass_keeps_state_per_frame_order(pack):
+    """Through ComfyUI's sampler with the Turbo4D cache: every call's stream names its frame order,
+    orders alternate starting reversed, the counts are per level (nothing counted as skipped without
+    an accelerator), and the cache answers from the same order's earlier call."""
+    from turbo_core.accel.presets import CACHE_PRESETS
+    from turbo_core.accel.registry import merge_spec
+
+    g, m = pack("model_sv4d"), pack("model")
+    base = g.make_sv4d_model_patcher(random_sv4d("sv4d"), torch.float32)
+    assert m.is_turbo4d_model(base) and m.get_scm_net(base) is base.model.diffusion_model.net
+    full_out, full = _sample_pass(pack, base.clone(), T=3, V=2, hw=8, alternate=True, steps=6)
+    st = full[0]
+    assert [t["stream"].split("|")[1] for t in st.timeline if t["stream"].startswith("(1, 0)")] == \
+        ["reversed", "forward"] * 3
+    s = st.summary()
+    assert s["tokens_pruned_camera_motion"] == 0 and s["sequences_computed"] == s["sequences_total"]
+    assert st.compute_fraction == pytest.approx(1.0)
+    fast = base.clone()
+    m.set_accelerator_specs(fast, merge_spec([], "cache", CACHE_PRESETS["fast"]))
+    out, acc = _sample_pass(pack, fast, T=3, V=2, hw=8, alternate=True, steps=12)
+    assert torch.isfinite(out).all()
+    assert acc[0].cache_hits > 0 and acc[0].compute_fraction < 1.0, acc[0].format_line()
+
+
+# --- the sampler node, in-process --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_encoders(pack, tmp_path_factory):
+    """A real ComfyUI ClipVisionModel (a small configuration of its CLIP vision class) and a real
+    ComfyUI VAE (TAESD structure), random weights."""
+    import comfy.clip_vision
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    pack("model")
+    d = tmp_path_factory.mktemp("enc")
+    with open(os.path.join(os.path.dirname(comfy.clip_vision.__file__), "clip_vision_config_vitl.json")) as f:
+        cfg = json.load(f)
+    cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+               projection_dim=CLIP_DIM)
+    path = d / "clip_small.json"
+    path.write_text(json.dumps(cfg))
+    clip = comfy.clip_vision.ClipVisionModel(str(path))
+    torch.manual_seed(0)
+    clip.load_sd({k: torch.randn_like(v) * 0.05 for k, v in clip.get_sd().items()})
+    return clip, comfy.sd.VAE(sd=taesd_state_dict())
+
+
+def taesd_state_dict(seed=0) -> dict:
+    import comfy.taesd.taesd
+
+    torch.manual_seed(seed)
+    t = comfy.taesd.taesd.TAESD()
+    sd = {k: torch.randn_like(v) * 0.05 for k, v in t.state_dict().items() if k.startswith("taesd_")}
+    sd.update(vae_scale=torch.tensor(0.18215), vae_shift=torch.tensor(0.0))  # as ComfyUI's taesd loader sets
+    return sd
+
+
+def run_node(pack, encoders, version, frames, steps=2, size=64, first_frame_views=None, cfg=2.0, seed=0):
+    nodes, g = pack("sv4d"), pack("model_sv4d")
+    clip, vae = encoders
+    model = g.make_sv4d_model_patcher(random_sv4d(version), torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    video = torch.rand(frames + 1, 48, 80, 3, generator=gen)  # not square: the node crops
+    out = nodes.SV4DSampler.execute(model, clip, vae, video, frames, size, 10.0, seed, steps, cfg, 1.0, "euler",
+                                    "karras", first_frame_views=first_frame_views)
+    return out, video
+
+
+def test_sampler_node_sv4d2_chunks(pack, small_encoders):
+    from turbo_core.sampling_plans import VARIANTS
+
+    frames, V, size = 3, VARIANTS["sv4d2"].views, 64
+    out, video = run_node(pack, small_encoders, "sv4d2", frames)
+    images, latent, line, stats = out.result
+    assert images.shape == ((V + 1) * frames, size, size, 3) and torch.isfinite(images).all()
+    assert latent["samples"].shape == (frames * V, 4, size // 8, size // 8)
+    # view 0 is the input video (centre-cropped, resized), views 1..V were sampled
+    nodes = pack("sv4d")
+    torch.testing.assert_close(images[:frames], nodes._square(video[:frames], size))
+    assert images[frames:].std() > 0.01
+    assert "1 passes" in line and sorted({t["step"] for t in stats.timeline}) == [0, 1]  # one chunk of 3 frames
+
+
+def test_sampler_node_sv4d_anchor_and_dense_passes(pack, small_encoders):
+    frames, size = 5, 64
+    sv3d = torch.rand(21, size, size, 3, generator=torch.Generator().manual_seed(2))
+    out, _ = run_node(pack, small_encoders, "sv4d", frames, first_frame_views=sv3d)
+    images, latent, line, stats = out.result
+    assert images.shape == (9 * frames, size, size, 3) and torch.isfinite(images).all()
+    assert "2 passes" in line  # anchor frame 4, then the dense window 0..4
+    streams = [t["stream"] for t in stats.timeline]
+    assert any(s.endswith("|reversed") for s in streams) and any(s.endswith("|forward") for s in streams)
+    nodes = pack("sv4d")
+    with pytest.raises(ValueError, match="first_frame_views"):
+        run_node(pack, small_encoders, "sv4d", frames)
+    with pytest.raises(ValueError, match="5, 9, 13, 17, 21"):
+        run_node(pack, small_encoders, "sv4d", 6, first_frame_views=sv3d)
+    with pytest.raises(ValueError, match="21 views"):
+        run_node(pack, small_encoders, "sv4d", frames, first_frame_views=sv3d[:4])
+    assert nodes.NODE == "MultiView Sampler (SV4D)"
+
+
+def test_sampler_node_names_a_wrong_clip_vision_and_model(pack, small_encoders):
+    nodes, g = pack("sv4d"), pack("model_sv4d")
+    clip, vae = small_encoders
+    model = g.make_sv4d_model_patcher(random_sv4d("sv4d2", context_dim=CLIP_DIM * 2), torch.float32)
+    with pytest.raises(ValueError, match="clip_vision gives 64-d.*needs 128"):
+        nodes.SV4DSampler.execute(model, clip, vae, torch.rand(2, 64, 64, 3), 2, 64, 0.0, 0, 1, 2.0, 1.0, "euler",
+                                  "karras")
+    reference = pack("model").make_model_patcher(__import__("turbo_core.models.scm_net", fromlist=["x"]).SCMNet(
+        __import__("turbo_core.models.scm_net", fromlist=["x"]).CONFIGS["tiny"]), torch.float32)
+    with pytest.raises(ValueError, match="not SV4D"):
+        nodes.SV4DSampler.execute(reference, clip, vae, torch.rand(2, 64, 64, 3), 2, 64, 0.0, 0, 1, 2.0, 1.0,
+                                  "euler", "karras")
