@@ -68,6 +68,8 @@ def random_weights(comfy):
     from turbo_core.models.scm_net import CONFIGS, SCMNet
 
     path = os.path.join(comfy.models_directory, "turbo4d", WEIGHTS)
+    if os.path.exists(os.path.join(ROOT, "models", "turbo4d_default.safetensors")):
+        return None  # the shipped trained weights are used
     if not os.path.exists(path):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
