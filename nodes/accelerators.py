@@ -8,6 +8,7 @@ sampler that ran it (its STRING/TURBO4D_STATS outputs, the log and the canvas).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -26,7 +27,7 @@ PRESETS = list(PRESET_NAMES) + [CUSTOM]
 STORAGE = ["native", "fp16", "cpu"]
 PRESET_TIP = ("off: full compute. quality / balanced / fast: settings measured on the embedded model "
               "(see BENCHMARKS.md). custom: use the advanced inputs below.")
-STORAGE_TIP = ("Where cached activations live: native (same device and dtype as the model), fp16 (half the "
+STORAGE_TIP = ("Where cached activations live (applies to every preset): native (same device and dtype as the model), fp16 (half the "
                "memory), cpu (frees GPU memory, costs transfers).")
 
 
@@ -47,9 +48,12 @@ def _summary(name: str, preset: str, cfg) -> str:
     return f"{name}: {preset} {json.dumps(cfg.to_dict(), sort_keys=True)}"
 
 
-def _apply(node: str, model, mechanism: str, preset: str, custom_cfg, apply_fn):
+def _apply(node: str, model, mechanism: str, preset: str, custom_cfg, apply_fn, storage: str = None):
     m.get_scm_net(model, node)  # a clear error for a MODEL without SCM attention
     cfg = custom_cfg if preset == CUSTOM else preset_config(mechanism, preset)
+    if cfg is not None and storage is not None:
+        # Where the cache lives is a memory choice, not a speed/quality one: it applies to presets too.
+        cfg = dataclasses.replace(cfg, storage=storage)
     out = model.clone()
     specs = [(n, c) for n, c in m.accelerator_specs(out) if n != mechanism]
     if cfg is not None:
@@ -96,7 +100,7 @@ class Turbo4DCache(io.ComfyNode):
         cfg = _custom(node, lambda: RollingCacheConfig(threshold=threshold, max_age=max_age, start_percent=start_percent,
                                                        end_percent=end_percent, storage=storage)) \
             if preset == CUSTOM else None
-        return io.NodeOutput(*_apply(node, model, "cache", preset, cfg, apply_rolling_cache))
+        return io.NodeOutput(*_apply(node, model, "cache", preset, cfg, apply_rolling_cache, storage))
 
 
 class SemanticPrune(io.ComfyNode):
@@ -137,7 +141,7 @@ class SemanticPrune(io.ComfyNode):
                                                       max_age=max_age, start_percent=start_percent,
                                                       end_percent=end_percent, storage=storage)) \
             if preset == CUSTOM else None
-        return io.NodeOutput(*_apply(node, model, "prune", preset, cfg, apply_token_pruning))
+        return io.NodeOutput(*_apply(node, model, "prune", preset, cfg, apply_token_pruning, storage))
 
 
 class ChainBypass(io.ComfyNode):
@@ -189,7 +193,7 @@ class ChainBypass(io.ComfyNode):
                                                       start_percent=start_percent, end_percent=end_percent,
                                                       storage=storage)) \
             if preset == CUSTOM else None
-        return io.NodeOutput(*_apply(node, model, "bypass", preset, cfg, apply_chain_bypass))
+        return io.NodeOutput(*_apply(node, model, "bypass", preset, cfg, apply_chain_bypass, storage))
 
 
 NODES = [Turbo4DCache, SemanticPrune, ChainBypass]
