@@ -45,20 +45,20 @@ BYPASS_PRESETS = {
 PRESETS = {"cache": CACHE_PRESETS, "prune": PRUNE_PRESETS, "bypass": BYPASS_PRESETS}
 _APPLY = {"cache": apply_rolling_cache, "prune": apply_token_pruning, "bypass": apply_chain_bypass}
 
-# Measured on the same sweep: bypass + cache without the pruner gave b.05+c.1 1.17x, 55.0 dB,
-# +0.04; b.08+c.2 1.38x, 40.7 dB, -0.58; b.12+c.3 1.74x, 31.4 dB, -2.7. On this model (4 views x
-# 8 frames, 16 x 16 tokens) camera and motion attention are a small share of the time and the
-# pruner buys little there (b.08+c.2 with keep .45/.3 added: 1.42x but 33.7 dB), so in the combined
-# presets it runs gently; it earns more where V x F is large.
+# Measured the same way (bench/results/bench_accel.json, bench_accel_presets.json). Bypass + cache
+# alone: b.05+c.1 1.17x, 55.0 dB, +0.04; b.08+c.2 1.38x, 40.7 dB, -0.58; b.12+c.3 1.74x, 31.4 dB,
+# -2.7. With the pruner added (keep .8/.6, .6/.45, .45/.3): 1.07x 46.8 dB, 1.25x 36.1 dB, 1.71x
+# 29.9 dB: on this model (4 views x 8 frames, 16 x 16 tokens) camera and motion attention are a
+# small share of the time, so the pruner adds error for little speed. Quality and balanced
+# therefore leave it out; fast keeps all three levels, at a small cost (1.5 dB, 2% speed) against
+# bypass + cache alone, and is where a larger V x F grid gains from it.
 TURBO4D_PRESETS = {
     "off": {},
-    "quality": {"bypass": ChainBypassConfig(threshold=0.05),
-                "cache": RollingCacheConfig(threshold=0.1),
-                "prune": TokenPrunerConfig(keep_start=0.8, keep_end=0.6, start_percent=0.2)},
-    "balanced": {"bypass": ChainBypassConfig(threshold=0.08),
-                 "cache": RollingCacheConfig(threshold=0.2),
-                 "prune": TokenPrunerConfig(keep_start=0.6, keep_end=0.45, start_percent=0.15)},
-    "fast": {"bypass": ChainBypassConfig(threshold=0.12, max_consecutive=3),
+    "quality": {"bypass": ChainBypassConfig(threshold=0.05),                          # 1.17x, 55.0 dB, +0.04
+                "cache": RollingCacheConfig(threshold=0.1)},
+    "balanced": {"bypass": ChainBypassConfig(threshold=0.08),                         # 1.38x, 40.7 dB, -0.58
+                 "cache": RollingCacheConfig(threshold=0.2)},
+    "fast": {"bypass": ChainBypassConfig(threshold=0.12, max_consecutive=3),          # 1.71x, 29.9 dB, -3.1
              "cache": RollingCacheConfig(threshold=0.3, max_age=5),
              "prune": TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1)},
 }
