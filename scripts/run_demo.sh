@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Turbo4D demo: installs the ComfyUI host if needed, starts the real server, runs one workflow
 # headless, prints where the outputs are and the run's stats line, and stops the server.
-#   bash scripts/run_demo.sh                                      # synthetic scene vs its ground truth
+#   bash scripts/run_demo.sh                                      # held-out scene: full vs accelerated vs ground truth
 #   bash scripts/run_demo.sh workflows/api/turbo4d_from_video.json
 # Outputs go to output/demo/ (TURBO4D_DEMO_OUT to change); the server log is written beside them.
 set -euo pipefail
 PACK=$(cd "$(dirname "$0")/.." && pwd)
 HOST=${TURBO4D_HOST:-$PACK/.host}
-WF=${1:-$PACK/workflows/api/turbo4d_synthetic_compare.json}
+WF=${1:-$PACK/workflows/api/turbo4d_accel_compare.json}
 OUT=${TURBO4D_DEMO_OUT:-$PACK/output/demo}
 
 bash "$PACK/scripts/setup_host.sh"
