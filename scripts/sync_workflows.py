@@ -65,6 +65,28 @@ NODE_DEFS = {
                  ["seed+control", "steps", "cfg", "sampler_name", "scheduler", "denoise"], [("LATENT", "LATENT")]),
 }
 
+# SV4D / SV4D 2.0 (the sampler node, and ComfyUI's stock loaders and SV3D nodes the workflows use)
+NODE_DEFS.update({
+    "Turbo4DSV4DSampler": ("MultiView Sampler (SV4D)",
+                           [("model", "MODEL"), ("clip_vision", "CLIP_VISION"), ("vae", "VAE"), ("video", "IMAGE"),
+                            ("first_frame_views", "IMAGE")],
+                           ["frames", "size", "elevation", "seed+control", "steps", "cfg", "min_cfg", "sampler_name",
+                            "scheduler"],
+                           [("images", "IMAGE"), ("latent", "LATENT"), ("stats", "STRING"),
+                            ("run_stats", "TURBO4D_STATS")]),
+    "CLIPVisionLoader": ("Load CLIP Vision", [], ["clip_name"], [("CLIP_VISION", "CLIP_VISION")]),
+    "VAELoader": ("Load VAE", [], ["vae_name"], [("VAE", "VAE")]),
+    "ImageOnlyCheckpointLoader": ("Image Only Checkpoint Loader (img2vid model)", [], ["ckpt_name"],
+                                  [("MODEL", "MODEL"), ("CLIP_VISION", "CLIP_VISION"), ("VAE", "VAE")]),
+    "ImageFromBatch": ("ImageFromBatch", [("image", "IMAGE")], ["batch_index", "length"], [("IMAGE", "IMAGE")]),
+    "VideoTriangleCFGGuidance": ("VideoTriangleCFGGuidance", [("model", "MODEL")], ["min_cfg"], [("MODEL", "MODEL")]),
+    "SVD_img2vid_Conditioning": ("SVD_img2vid_Conditioning",
+                                 [("clip_vision", "CLIP_VISION"), ("init_image", "IMAGE"), ("vae", "VAE")],
+                                 ["width", "height", "video_frames", "motion_bucket_id", "fps", "augmentation_level"],
+                                 [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]),
+    "VAEDecode": ("VAE Decode", [("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
+})
+
 
 @dataclass
 class Node:
@@ -271,6 +293,61 @@ def turbo4d_accel_compare() -> Graph:
 WORKFLOWS = {f.__name__: f for f in (turbo4d_from_video, turbo4d_synthetic_compare, turbo4d_stock_ksampler,
                                      turbo4d_accelerated, turbo4d_accel_compare)}
 
+
+# --- SV4D / SV4D 2.0 (docs/sv4d.md: where the weights go) ---------------------------------------
+# The reference scripts' settings at full size (576 px, 21 frames); they need the official weights.
+SV4D_SIZE, SV4D_FRAMES = 576, 21
+
+
+def _sv4d_input(g: Graph, pos=(40, 520)):
+    return g.add("Turbo4DLoadInput", pos, (320, 260), video="turbo4d_example.mp4", size=SV4D_SIZE,
+                 frame_count=SV4D_FRAMES, frame_stride=1, start_frame=0)
+
+
+def sv4d2_video_to_4d() -> Graph:
+    """SV4D 2.0: 4 novel views x 21 frames in 12-frame chunks, through all three accelerators."""
+    g = Graph()
+    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="sv4d2.safetensors", weight_dtype="auto")
+    clip = g.add("CLIPVisionLoader", (40, 220), (320, 90), clip_name="clip_vision_h.safetensors")
+    vae = g.add("VAELoader", (40, 360), (320, 90), vae_name="vae-ft-mse-840000-ema-pruned.safetensors")
+    inp = _sv4d_input(g)
+    fast = _accelerators(g, model, "balanced", x=400, y=60)
+    smp = g.add("Turbo4DSV4DSampler", (780, 60), (360, 420), model=fast.out(0), clip_vision=clip.out(0), vae=vae.out(0),
+                video=inp.out(1), frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=0.0, seed=23, steps=50, cfg=2.0,
+                min_cfg=1.0, sampler_name="euler", scheduler="karras")
+    g.add("Turbo4DSaveMultiView", (1180, 60), (420, 480), images=smp.out(0), views=5, fps=10.0,
+          filename_prefix="turbo4d/sv4d2", scale=1)
+    return g
+
+
+def sv4d_video_to_4d() -> Graph:
+    """SV4D: SV3D_u makes the first frame's 21 views (ComfyUI's stock nodes, the reference's settings:
+    20 steps, triangle CFG 1..2.5), then anchor frames and dense windows give 8 novel views x 21
+    frames, through all three accelerators. SV3D_u ignores cameras, so SVD_img2vid_Conditioning
+    conditions it exactly as SV3D_Conditioning does."""
+    g = Graph()
+    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="sv4d.safetensors", weight_dtype="auto")
+    sv3d = g.add("ImageOnlyCheckpointLoader", (40, 220), (320, 120), ckpt_name="sv3d_u.safetensors")
+    inp = _sv4d_input(g, (40, 400))
+    first = g.add("ImageFromBatch", (400, 60), (300, 100), image=inp.out(1), batch_index=0, length=1)
+    guid = g.add("VideoTriangleCFGGuidance", (400, 200), (300, 80), model=sv3d.out(0), min_cfg=1.0)
+    cond = g.add("SVD_img2vid_Conditioning", (400, 320), (300, 260), clip_vision=sv3d.out(1), init_image=first.out(0),
+                 vae=sv3d.out(2), width=SV4D_SIZE, height=SV4D_SIZE, video_frames=21, motion_bucket_id=127, fps=6,
+                 augmentation_level=0.0)
+    ks = g.add("KSampler", (400, 620), (300, 280), model=guid.out(0), positive=cond.out(0), negative=cond.out(1),
+               latent_image=cond.out(2), seed=23, steps=20, cfg=2.5, sampler_name="euler", scheduler="karras",
+               denoise=1.0)
+    views = g.add("VAEDecode", (400, 940), (300, 60), samples=ks.out(0), vae=sv3d.out(2))
+    fast = _accelerators(g, model, "balanced", x=740, y=60)
+    smp = g.add("Turbo4DSV4DSampler", (1100, 60), (360, 440), model=fast.out(0), clip_vision=sv3d.out(1),
+                vae=sv3d.out(2), video=inp.out(1), first_frame_views=views.out(0), frames=SV4D_FRAMES, size=SV4D_SIZE,
+                elevation=10.0, seed=23, steps=20, cfg=2.0, min_cfg=1.0, sampler_name="euler", scheduler="karras")
+    g.add("Turbo4DSaveMultiView", (1500, 60), (420, 480), images=smp.out(0), views=9, fps=10.0,
+          filename_prefix="turbo4d/sv4d", scale=1)
+    return g
+
+
+WORKFLOWS.update({f.__name__: f for f in (sv4d2_video_to_4d, sv4d_video_to_4d)})
 
 def render(name: str) -> dict[str, str]:
     """{path: text} of both files of one workflow."""
