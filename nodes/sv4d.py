@@ -307,7 +307,8 @@ class SV4DSampler(io.ComfyNode):
                 image_matrix[f, 1:] = decoded[j]
                 latents[f] = samples.view(t, V, *samples.shape[1:])[j]
         stats = merge_stats(reports)
-        line = (stats.format_line(f"Turbo4D {variant.title}, {len(plan)} passes") if stats is not None
+        passes = f"{len(plan)} pass" + ("es" if len(plan) != 1 else "")
+        line = (stats.format_line(f"Turbo4D {variant.title}, {passes}") if stats is not None
                 else "Turbo4D: no stats (the sampling runs did not report)")
         images = image_matrix.permute(1, 0, 2, 3, 4).reshape(-1, size, size, 3)
         return io.NodeOutput(images, {"samples": latents.reshape(-1, *latents.shape[2:])}, line, stats,

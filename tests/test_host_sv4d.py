@@ -288,7 +288,32 @@ def test_sampler_node_sv4d2_chunks(pack, small_encoders):
     nodes = pack("sv4d")
     torch.testing.assert_close(images[:frames], nodes._square(video[:frames], size))
     assert images[frames:].std() > 0.01
-    assert "1 passes" in line and sorted({t["step"] for t in stats.timeline}) == [0, 1]  # one chunk of 3 frames
+    assert "1 pass:" in line and sorted({t["step"] for t in stats.timeline}) == [0, 1]  # one chunk of 3 frames
+
+
+def test_sampler_node_sv4d2_second_chunk_references_the_first(pack, small_encoders):
+    """13 frames: chunks 0-11 and 1-12; the second chunk's cond_view is the first chunk's views of
+    frame 1, decoded and encoded again; frames 1-11 are rewritten by the second chunk."""
+    nodes = pack("sv4d")
+    seen = []
+    encode = nodes._encode
+
+    def spy(vae, images, latent_size):
+        seen.append(images.clone())
+        return encode(vae, images, latent_size)
+
+    nodes._encode = spy
+    try:
+        out, _ = run_node(pack, small_encoders, "sv4d2", 13, steps=1)
+    finally:
+        nodes._encode = encode
+    images, latent, line, stats = out.result
+    assert "2 passes" in line and images.shape == (5 * 13, 64, 64, 3)
+    # input frames, then the reference views of chunk 2: frame 1's 4 novel views as chunk 1 made them
+    assert len(seen) == 2 and seen[0].shape[0] == 13 and seen[1].shape[0] == 4
+    assert seen[1].std() > 0.01
+    final_frame1 = torch.stack([images[v * 13 + 1] for v in range(1, 5)])
+    assert (final_frame1 - seen[1]).abs().max() > 1e-3  # the second chunk rewrote frame 1
 
 
 def test_sampler_node_sv4d_anchor_and_dense_passes(pack, small_encoders):
@@ -448,7 +473,7 @@ def test_sv4d2_workflow_runs_on_the_reduced_checkpoint(comfy, server_weights):
     grid = os.path.join(comfy.output_directory, out["images"][0]["subfolder"], out["images"][0]["filename"])
     assert Image.open(grid).size == (frames * size, views * size)
     texts = [t for o in entry["outputs"].values() for t in o.get("text", [])]
-    assert texts and texts[0].startswith("Turbo4D SV4D 2.0, 1 passes:"), texts
+    assert texts and texts[0].startswith("Turbo4D SV4D 2.0, 1 pass:"), texts
 
 
 def test_sv4d_workflow_runs_on_a_full_layout_checkpoint(comfy, server_weights):
