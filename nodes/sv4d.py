@@ -222,7 +222,7 @@ class SV4DSampler(io.ComfyNode):
                 io.Int.Input("frames", default=21, min=0, max=1024,
                              tooltip="Output frames, taken from the start of the video; 0 = all of its frames. "
                                      f"SV4D: one of {', '.join(map(str, sv4d_frame_counts()))}. SV4D 2.0: any."),
-                io.Int.Input("size", default=576, min=64, max=2048, step=8,
+                io.Int.Input("size", default=576, min=64, max=2048, step=64,
                              tooltip="Image side in pixels (the models are trained at 576)."),
                 io.Float.Input("elevation", default=0.0, min=-89.0, max=89.0, step=0.5,
                                tooltip="Camera elevation of the novel views, degrees. SV4D: SV3D's elevation (the "
