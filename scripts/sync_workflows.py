@@ -193,6 +193,8 @@ class Graph:
 # --- the workflows ----------------------------------------------------------------------------
 # Sized for a 2-core CPU: a 4 x 8 grid at 32 px, 12 steps, no CFG (cfg 1 halves the work). The
 # stock-KSampler example uses cfg 2 so that the guided path is exercised as well.
+# Scenes the embedded model never saw in training (training draws seeds 0..999,999).
+HELD_OUT_SEED = 1_000_003
 SAMPLING = dict(views=4, frames=8, elevation=20.0, azimuth_span=360.0, seed=0, steps=12, cfg=1.0,
                 sampler_name="euler", scheduler="karras")
 
@@ -211,7 +213,7 @@ def turbo4d_from_video() -> Graph:
 def turbo4d_synthetic_compare() -> Graph:
     g = Graph()
     model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
-    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=3, views=SAMPLING["views"],
+    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=HELD_OUT_SEED, views=SAMPLING["views"],
                   frames=SAMPLING["frames"], size=32, elevation=SAMPLING["elevation"],
                   azimuth_start=0.0, azimuth_span=SAMPLING["azimuth_span"])
     smp = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=model.out(0), input=scene.out(0), **SAMPLING)
@@ -226,7 +228,7 @@ def turbo4d_stock_ksampler() -> Graph:
     """The same model driven by ComfyUI's own KSampler through MultiView Conditioning."""
     g = Graph()
     model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
-    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=3, views=4, frames=8, size=32,
+    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=HELD_OUT_SEED, views=4, frames=8, size=32,
                   elevation=20.0, azimuth_start=0.0, azimuth_span=360.0)
     cond = g.add("Turbo4DMultiViewConditioning", (420, 60), (320, 260), model=model.out(0), input=scene.out(0),
                  views=4, frames=8, elevation=20.0, azimuth_span=360.0)
@@ -269,7 +271,7 @@ def turbo4d_accel_compare() -> Graph:
     """Accelerated against full compute, same seed, on a synthetic scene with ground truth."""
     g = Graph()
     model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
-    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=3, views=SAMPLING["views"],
+    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=HELD_OUT_SEED, views=SAMPLING["views"],
                   frames=SAMPLING["frames"], size=32, elevation=SAMPLING["elevation"],
                   azimuth_start=0.0, azimuth_span=SAMPLING["azimuth_span"])
     fast = _accelerators(g, model, "fast")

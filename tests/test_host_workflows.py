@@ -13,6 +13,9 @@ import sync_workflows as sw
 from conftest import ROOT
 
 API = sorted(glob.glob(os.path.join(ROOT, "workflows", "api", "*.json")))
+# The SV4D workflows need the official weights, which CI cannot have; tests/test_host_sv4d.py runs
+# them with reduced-width checkpoints substituted.
+RUNNABLE = [p for p in API if not os.path.basename(p).startswith("sv4d")]
 
 
 def test_committed_workflows_equal_the_generated_ones():
@@ -75,7 +78,7 @@ def _mp4_frames(path):
         return sum(1 for _ in c.decode(video=0)), (s.codec_context.width, s.codec_context.height)
 
 
-@pytest.mark.parametrize("path", API, ids=[os.path.basename(p)[:-5] for p in API])
+@pytest.mark.parametrize("path", RUNNABLE, ids=[os.path.basename(p)[:-5] for p in RUNNABLE])
 def test_api_workflow_runs_and_writes_its_files(comfy, path):
     with open(path) as f:
         prompt = json.load(f)

@@ -412,16 +412,3 @@ def test_foreign_file_names_first_missing_and_unexpected_keys(tmp_path):
         load_sv4d(path2)
     assert f"'{gone}'" in str(e.value) and f"'{PREFIX}middle_block.1.extra.weight'" in str(e.value)
 
-
-def test_loader_hook_recognises_sv4d_files(tmp_path):
-    hook = pytest.importorskip("nodes.sv4d")  # ComfyUI-free: the pack's node module, by path
-    sv4d_path = str(tmp_path / "sv4d2_small.safetensors")
-    save_sv4d(random_net("sv4d2", context_dim=128), sv4d_path)
-    assert hook.describe_sv4d(sv4d_path).startswith("SV4D 2.0 UNet (width 32,")
-    with pytest.raises(CheckpointError, match="sv4d2_small.safetensors is an SV4D 2.0 UNet"):
-        hook.check_not_sv4d(sv4d_path)
-    other = str(tmp_path / "scm.safetensors")
-    save_model(SCMNet(CONFIGS["tiny"]), other)
-    assert hook.describe_sv4d(other) is None
-    hook.check_not_sv4d(other)  # not SV4D: left to the loader's own checks
-    assert hook.describe_sv4d(str(tmp_path / "missing.safetensors")) is None

@@ -10,7 +10,7 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { countStates, drawMap, figuresOf, halvesOf, legendOf } from "./turbo4d_draw.js";
 
-const SAMPLERS = new Set(["Turbo4DMultiViewSampler"]);
+const SAMPLERS = new Set(["Turbo4DMultiViewSampler", "Turbo4DSV4DSampler"]);
 const REPORTS = new Set(["Turbo4DReport"]);
 const NOT_ACCELERATORS = new Set(["Turbo4DModelLoader"]);
 const PROP = "turbo4d_last_run";
