@@ -3,35 +3,19 @@ ComfyUI's EDM path denoises exactly like turbo_core.diffusion.EDM, the forward g
 DIFFUSION_MODEL wrapper executor (what EasyCache hooks), the OUTER_SAMPLE wrapper builds one run
 per sampling from the accelerator specs and reports its stats, and a foreign MODEL gets a clear
 error."""
-import importlib.util
 import os
-import sys
 
 import pytest
 import torch
 
-from conftest import HOST_DIR, ROOT, host_missing
+from conftest import import_pack_nodes
 
-COMFY_DIR = os.path.join(HOST_DIR, "ComfyUI")
 
 
 @pytest.fixture(scope="module")
 def glue():
     """nodes/model.py imported the way ComfyUI imports the pack (a package, not the top-level `nodes`)."""
-    if host_missing():
-        pytest.fail(host_missing())
-    if COMFY_DIR not in sys.path:
-        sys.path.insert(0, COMFY_DIR)
-    from comfy.cli_args import args
-    args.cpu = True  # before comfy.model_management is imported: no CUDA probing
-    name = "turbo4d_pack_nodes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "nodes", "__init__.py"),
-                                                      submodule_search_locations=[os.path.join(ROOT, "nodes")])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[name] = pkg
-        spec.loader.exec_module(pkg)
-    return importlib.import_module(f"{name}.model")
+    return import_pack_nodes()("model")
 
 
 def _net(seed=0):

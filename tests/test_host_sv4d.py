@@ -13,39 +13,22 @@ small weights (the smallest CLIP vision ComfyUI's loader accepts, a TAESD-struct
 """
 import copy
 import functools
-import importlib
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-from conftest import HOST_DIR, ROOT, host_missing
+from conftest import ROOT, import_pack_nodes
 
-COMFY_DIR = os.path.join(HOST_DIR, "ComfyUI")
 CLIP_DIM = 64  # the in-process CLIP vision's projection width
 
 
 @pytest.fixture(scope="module")
 def pack():
-    """The pack's nodes package imported the way ComfyUI imports it (see test_host_model.py)."""
-    if host_missing():
-        pytest.fail(host_missing())
-    if COMFY_DIR not in sys.path:
-        sys.path.insert(0, COMFY_DIR)
-    from comfy.cli_args import args
-    args.cpu = True
-    name = "turbo4d_pack_nodes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "nodes", "__init__.py"),
-                                                      submodule_search_locations=[os.path.join(ROOT, "nodes")])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[name] = pkg
-        spec.loader.exec_module(pkg)
-    return lambda sub: importlib.import_module(f"{name}.{sub}")
+    """The pack's nodes package imported the way ComfyUI imports it."""
+    return import_pack_nodes()
 
 
 @functools.lru_cache(maxsize=None)
