@@ -3,7 +3,6 @@ ComfyUI's EDM path denoises exactly like turbo_core.diffusion.EDM, the forward g
 DIFFUSION_MODEL wrapper executor (what EasyCache hooks), the OUTER_SAMPLE wrapper builds one run
 per sampling from the accelerator specs and reports its stats, and a foreign MODEL gets a clear
 error."""
-import os
 
 import pytest
 import torch
