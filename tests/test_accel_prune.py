@@ -33,7 +33,7 @@ def test_keep_one_equals_full_compute(net, full):
 
 def test_pruning_skips_camera_and_motion_work_within_bound(net, full):
     counting, ref = CountingAttention(), CountingAttention()
-    cfg = TokenPrunerConfig(keep_start=0.4, keep_end=0.2, start_percent=0.1, adapt=0.0)
+    cfg = TokenPrunerConfig(keep_start=0.4, keep_end=0.2, start_percent=0.1, adapt=0.0, size_buckets=0)
     x, st = sample(net, [("prune", cfg)], backend=counting)
     sample(net, [], backend=ref)
     done, all_ = counting.by_axis(net), ref.by_axis(net)
@@ -82,7 +82,7 @@ def test_changed_sequences_are_computed_first():
     x1 = base.clone()
     x1[moved] += 1.0
     cfg = TokenPrunerConfig(keep_start=3 / s, keep_end=3 / s, start_percent=0.0, saliency=0.0, adapt=0.0,
-                            channel_stride=1)
+                            channel_stride=1, size_buckets=0)
     run, outs, seen = _drive(cfg, lay, [base, x1])
     assert seen[0] == [None]
     assert seen[1][0].tolist() == moved.tolist()
@@ -99,7 +99,7 @@ def test_saliency_prefers_sequences_whose_views_differ():
     varied = torch.tensor([3, 11, 30])
     x[varied] = torch.randn(3, 3, 8) * 2              # ... except here
     cfg = TokenPrunerConfig(keep_start=3 / s, keep_end=3 / s, start_percent=0.0, saliency=1.0, adapt=0.0,
-                            channel_stride=1)
+                            channel_stride=1, size_buckets=0)
     run, outs, seen = _drive(cfg, lay, [x, x])        # no change at all: saliency decides
     assert seen[1][0].tolist() == varied.tolist()
 
@@ -141,7 +141,7 @@ def test_subsets_from_an_outer_accelerator():
     x1[[4, 10]] += 1.0   # even rows: visible to the pruner
     x1[[5]] += 5.0       # an odd row: the pruner never sees it
     cfg = TokenPrunerConfig(keep_start=2 / (s // 2), keep_end=2 / (s // 2), start_percent=0.0, saliency=0.0,
-                            adapt=0.0, channel_stride=1)
+                            adapt=0.0, channel_stride=1, size_buckets=0)
     run, outs, seen = _drive(cfg, lay, [x0, x1], outer=_HalfSubset())
     assert seen[1][0].tolist() == [4, 10]             # rows of the whole axis, not of the subset
     out = outs[1]
@@ -159,7 +159,7 @@ def test_keep_share_loosens_when_the_change_jumps():
     for i in range(7):  # small steady drift, then a jump
         step = 0.01 if i < 5 else 0.5
         inputs.append(inputs[-1] + step * torch.randn(s, 3, 8, generator=g))
-    cfg = TokenPrunerConfig(keep_start=0.3, keep_end=0.3, start_percent=0.0, adapt=1.0)
+    cfg = TokenPrunerConfig(keep_start=0.3, keep_end=0.3, start_percent=0.0, adapt=1.0, size_buckets=0)
     run, outs, seen = _drive(cfg, lay, inputs)
     counts = [len(c[0]) for c in seen[1:]]
     # The jump at input 6 is measured there and applied at input 7: more rows are computed.
@@ -173,3 +173,28 @@ def test_config_errors():
     with pytest.raises(ValueError, match="keep_end"):
         TokenPrunerConfig(keep_end=0.0)
     assert isinstance(build_run([("prune", None)]).accelerators[0], TokenPruner)
+
+
+def test_subset_sizes_are_bucketed():
+    """An adaptive k is rounded up to one of `size_buckets` sizes, so kernels see a bounded set of
+    shapes; rounding only ever computes more than the unbucketed share."""
+    lay = SCMLayout(1, 3, 2, 4, 4)
+    s = lay.axis_shape("camera")[0]
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(s, 3, 8, generator=g)]
+    for i in range(11):  # irregular drift makes the adapted share take many values
+        inputs.append(inputs[-1] + torch.randn(s, 3, 8, generator=g) * (0.02 + 0.3 * (i % 3)))
+    exact_cfg = TokenPrunerConfig(keep_start=0.5, keep_end=0.1, start_percent=0.0, adapt=1.0, size_buckets=0)
+    _, _, exact = _drive(exact_cfg, lay, inputs)
+    cfg = TokenPrunerConfig(keep_start=0.5, keep_end=0.1, start_percent=0.0, adapt=1.0, size_buckets=4)
+    _, _, seen = _drive(cfg, lay, inputs)
+    def size(c):  # None: the whole axis was computed
+        return s if c[0] is None else len(c[0])
+
+    sizes = {size(c) for c in seen[1:]}
+    unit = -(-s // 4)
+    assert sizes <= {unit * i for i in range(1, 5)} | {s}, sizes
+    assert len({size(c) for c in exact[1:]}) > len(sizes)
+    assert size(seen[1]) >= size(exact[1])  # the same state at call 1: rounding only adds
+    with pytest.raises(ValueError, match="size_buckets"):
+        TokenPrunerConfig(size_buckets=-1)
