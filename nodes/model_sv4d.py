@@ -27,9 +27,8 @@ import comfy.model_base
 import comfy.supported_models_base
 from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
 
-from turbo_core.layout import AXES, SCMLayout
-from turbo_core.models.sv4d import SV4DAttentionLayer, SV4DUNet
-from turbo_core.models.sv4d_blocks import Downsample, Upsample
+from turbo_core.layout import AXES
+from turbo_core.models.sv4d import SV4DUNet
 from turbo_core.sampling_plans import SIGMA_MAX, SIGMA_MIN, frame_permutation, step_index
 
 from . import model as m
@@ -52,62 +51,17 @@ class SV4DModelConfig(comfy.supported_models_base.BASE):
         super().__init__({"disable_unet_model_creation": True})
 
 
-def attention_downsampling(net: SV4DUNet) -> list[int]:
-    """Downsampling factor of the latent grid at each attention layer, in dispatch block order."""
-    out, ds = [], 1
-    for blk in net.input_blocks:
-        for mod in blk:
-            if isinstance(mod, Downsample):
-                ds *= 2
-            elif isinstance(mod, SV4DAttentionLayer):
-                out.append(ds)
-    out += [ds for mod in net.middle_block if isinstance(mod, SV4DAttentionLayer)]
-    for blk in net.output_blocks:
-        for mod in blk:
-            if isinstance(mod, SV4DAttentionLayer):
-                out.append(ds)
-            elif isinstance(mod, Upsample):
-                ds //= 2
-    return out
-
-
-def _attention_flops(length: int, width: int, ff_in: bool) -> float:
-    """One sequence through a transformer block: self-attention (projections + scores), a
-    single-token cross-attention, GEGLU feed-forward(s)."""
-    proj = 2 * length * width * width * (4 + 2 + 12 + (12 if ff_in else 0))
-    return float(proj + 4 * length * length * width)
-
-
 class SV4DDiffusionModel(m.ExecutorDiffusionModel):
     def __init__(self, net: SV4DUNet):
         super().__init__()
         self.net = net
-        self.downsampling = attention_downsampling(net)
-        self.widths = [layer.proj_in.in_features for layer in self._layers()]
-
-    def _layers(self):
-        for mod in self.net.modules():
-            if isinstance(mod, SV4DAttentionLayer):
-                yield mod
 
     @property
     def dtype(self) -> torch.dtype:
         return self.net.out[2].weight.dtype
 
-    def call_work(self, layout: SCMLayout) -> tuple[dict, dict]:
-        """(sequences, FLOPs) per axis of one full call, summed over the attention layers, each
-        at its own level's grid (the dispatch counts the top grid for every block)."""
-        seqs, flops = dict.fromkeys(AXES, 0), dict.fromkeys(AXES, 0.0)
-        for ds, width in zip(self.downsampling, self.widths):
-            lay = SCMLayout(layout.batch, layout.views, layout.frames, layout.height // ds, layout.width // ds)
-            for axis in AXES:
-                n, length = lay.axis_shape(axis)
-                seqs[axis] += n
-                flops[axis] += n * _attention_flops(length, width, ff_in=axis != "spatial")
-        return seqs, flops
-
     def _dispatch(self, transformer_options, layout, timesteps, x, stream_tag):
-        seqs, flops = self.call_work(layout)
+        seqs, flops = self.net.call_work(layout)
         cost = {a: flops[a] / max(seqs[a], 1) for a in AXES}  # average per sequence
         run, d = m.call_dispatch(transformer_options, layout, timesteps, x, self.net.blocks, cost, stream_tag)
         if run is not None:

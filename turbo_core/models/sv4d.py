@@ -267,6 +267,13 @@ class SV4DCall:
         return self._frame_in[ch]
 
 
+def _transformer_flops(length: int, width: int, ff_in: bool) -> float:
+    """One sequence through a transformer block: self-attention (projections + scores), a
+    single-token cross-attention, GEGLU feed-forward(s)."""
+    proj = 2 * length * width * width * (4 + 2 + 12 + (12 if ff_in else 0))
+    return float(proj + 4 * length * length * width)
+
+
 class SV4DUNet(nn.Module):
     """F of SV4D / SV4D 2.0. `state_dict()` keys (with PREFIX) and shapes are the checkpoint's."""
 
@@ -326,6 +333,38 @@ class SV4DUNet(nn.Module):
     def token_layout(self, n_images: int, views: int, frames: int, height: int, width: int) -> SCMLayout:
         """The layout of the top level (the latent grid), for Turbo4DRun.dispatch."""
         return SCMLayout.from_images(n_images, views, frames, height, width)
+
+    def attention_levels(self) -> list[tuple[int, int]]:
+        """(downsampling factor of the latent grid, channel width) of each attention layer, in
+        dispatch block order."""
+        out, ds = [], 1
+        for blk in self.input_blocks:
+            for mod in blk:
+                if isinstance(mod, Downsample):
+                    ds *= 2
+                elif isinstance(mod, SV4DAttentionLayer):
+                    out.append((ds, mod.proj_in.in_features))
+        out += [(ds, mod.proj_in.in_features) for mod in self.middle_block if isinstance(mod, SV4DAttentionLayer)]
+        for blk in self.output_blocks:
+            for mod in blk:
+                if isinstance(mod, SV4DAttentionLayer):
+                    out.append((ds, mod.proj_in.in_features))
+                elif isinstance(mod, Upsample):
+                    ds //= 2
+        return out
+
+    def call_work(self, layout: SCMLayout) -> tuple[dict, dict]:
+        """(sequences, FLOPs) per axis of one full-compute call, summed over the attention layers,
+        each at its own level's grid (`layout` is the top level's)."""
+        axes = ("spatial", "camera", "motion")
+        seqs, flops = dict.fromkeys(axes, 0), dict.fromkeys(axes, 0.0)
+        for ds, width in self.attention_levels():
+            lay = SCMLayout(layout.batch, layout.views, layout.frames, layout.height // ds, layout.width // ds)
+            for axis in axes:
+                n, length = lay.axis_shape(axis)
+                seqs[axis] += n
+                flops[axis] += n * _transformer_flops(length, width, ff_in=axis != "spatial")
+        return seqs, flops
 
     def condition(self, x: torch.Tensor, timesteps, context: torch.Tensor, y: torch.Tensor,
                   cond_view: torch.Tensor, views: int, frames: int,
