@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import pytest
 import torch
 
 from turbo_core.accel.script import sample_accelerated
@@ -61,3 +62,15 @@ def sample(net, specs, inputs=None, steps=STEPS, views=V, frames=F, **kw):
 
 def rel_err(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture(scope="module")
+def net():
+    """A small network with non-zero weights, shared by a test module."""
+    return random_net()
+
+
+@pytest.fixture(scope="module")
+def full(net):
+    """Its full-compute sample of the default inputs, the reference every accelerator is held to."""
+    return sample(net, [])[0]

@@ -4,20 +4,10 @@ and an estimate that follows the real error."""
 import pytest
 import torch
 
-from accel_fixtures import random_net, rel_err, sample
+from accel_fixtures import full, net, rel_err, sample
 from turbo_core.accel.bypass import ChainBypass, ChainBypassConfig, apply_chain_bypass
 from turbo_core.accel.registry import build_run
 from turbo_core.layout import SCMLayout
-
-
-@pytest.fixture(scope="module")
-def net():
-    return random_net()
-
-
-@pytest.fixture(scope="module")
-def full(net):
-    return sample(net, [])[0]
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1e-12])

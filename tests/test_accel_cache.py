@@ -6,20 +6,10 @@ import math
 import pytest
 import torch
 
-from accel_fixtures import CountingAttention, random_net, rel_err, sample
+from accel_fixtures import full, net, rel_err, sample, CountingAttention
 from turbo_core.accel.cache import RollingCache, RollingCacheConfig, apply_rolling_cache
 from turbo_core.accel.registry import build_run
 from turbo_core.layout import AXES, SCMLayout
-
-
-@pytest.fixture(scope="module")
-def net():
-    return random_net()
-
-
-@pytest.fixture(scope="module")
-def full(net):
-    return sample(net, [])[0]
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1e-12])

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from accel_fixtures import EDM_, F, V, grid_inputs, random_net
+from accel_fixtures import EDM_, F, V, grid_inputs, net
 from turbo_core.accel.calibrate import Calibration, calibrate, load_calibration, save_calibration
 from turbo_core.accel.presets import PRESET_NAMES, PRESETS, apply_preset, turbo4d_specs
 from turbo_core.accel.registry import build_run
@@ -16,11 +16,6 @@ from turbo_core.accel.script import scene_samples
 from turbo_core.diffusion import karras_sigmas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def net():
-    return random_net()
 
 
 def test_calibration_picks_last_passing_candidate_and_round_trips(net, tmp_path):

@@ -4,7 +4,7 @@ interrupt and on a change of shape or dtype; runs and streams share nothing."""
 import pytest
 import torch
 
-from accel_fixtures import EDM_, F, STEPS, V, CountingAttention, grid_inputs, random_net, rel_err, sample
+from accel_fixtures import EDM_, F, STEPS, V, full, grid_inputs, net, random_net, rel_err, sample, CountingAttention
 from turbo_core.accel.bypass import ChainBypassConfig
 from turbo_core.accel.cache import RollingCacheConfig
 from turbo_core.accel.prune import TokenPrunerConfig
@@ -15,16 +15,6 @@ from turbo_core.layout import AXES
 ON = [("cache", RollingCacheConfig(threshold=0.3, start_percent=0.1)),
       ("prune", TokenPrunerConfig(keep_start=0.5, keep_end=0.3)),
       ("bypass", ChainBypassConfig(threshold=0.2, start_percent=0.1, max_consecutive=2))]
-
-
-@pytest.fixture(scope="module")
-def net():
-    return random_net()
-
-
-@pytest.fixture(scope="module")
-def full(net):
-    return sample(net, [])[0]
 
 
 def test_all_off_equivalent_equals_full(net, full):

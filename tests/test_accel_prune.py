@@ -6,22 +6,12 @@ import math
 import pytest
 import torch
 
-from accel_fixtures import CountingAttention, random_net, rel_err, sample
+from accel_fixtures import full, net, rel_err, sample, CountingAttention
 from turbo_core.accel.base import Accelerator
 from turbo_core.accel.prune import TokenPruner, TokenPrunerConfig, apply_token_pruning
 from turbo_core.accel.registry import build_run
 from turbo_core.accel.base import Turbo4DRun
 from turbo_core.layout import SCMLayout
-
-
-@pytest.fixture(scope="module")
-def net():
-    return random_net()
-
-
-@pytest.fixture(scope="module")
-def full(net):
-    return sample(net, [])[0]
 
 
 def test_keep_one_equals_full_compute(net, full):
