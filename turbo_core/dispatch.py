@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .kernels.short_axis import grid_attention, short_axis_sdpa
 from .layout import AXES, SCMLayout
 from .run import StepInfo
 
@@ -33,14 +34,24 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return torch.einsum("shlm,shmd->shld", w.softmax(-1), v.float()).to(q.dtype)
 
 
-BACKENDS = {"sdpa": sdpa, "naive": naive_attention}
+# "short-axis": the Triton short-axis kernel for sequences of 2..32 on CUDA, SDPA for the rest.
+BACKENDS = {"sdpa": sdpa, "naive": naive_attention, "short-axis": short_axis_sdpa}
+_KERNEL_OK = (sdpa, short_axis_sdpa)  # backends the grid path may replace by the kernel
+
+
+def _sees_sequences(acc) -> bool:
+    """Whether an accelerator acts on sub-attentions (overrides `attend`); one that only acts on
+    chains (the bypass) leaves them to the grid path."""
+    from .accel.base import Accelerator  # the accelerators import this module
+
+    return getattr(type(acc), "attend", None) is not Accelerator.attend
 
 
 class SCMDispatch:
     """Routes one model call's sub-attentions and chains through the accelerators."""
 
     def __init__(self, layout: SCMLayout, step: Optional[StepInfo] = None,
-                 accelerators: Sequence = (), backend: str = "sdpa", stats=None):
+                 accelerators: Sequence = (), backend: str = "sdpa", stats=None, grid: bool = True):
         # A backend is a name from BACKENDS or an attention function itself (q, k, v) -> o, e.g. a
         # counting wrapper in tests or a fused kernel a host provides.
         if callable(backend):
@@ -55,6 +66,9 @@ class SCMDispatch:
         self.accelerators = list(accelerators)
         self.attention = attention
         self.stats = stats
+        # grid=False keeps the camera/motion sub-attentions on the sequence path even with no
+        # accelerator (the layout copies of to_axis/from_axis): the benchmarks' baseline.
+        self.grid = grid
 
     def attend(self, block: int, axis: str, seqs: torch.Tensor, compute: Compute) -> torch.Tensor:
         if axis not in AXES:
@@ -68,6 +82,31 @@ class SCMDispatch:
             return acc.attend(self, block, axis, s, index, lambda s2, idx2: run_from(i + 1, s2, idx2))
 
         return run_from(0, seqs, None)
+
+    def attend_grid(self, block: int, axis: str, x: torch.Tensor, compute: Compute,
+                    grid: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                    to_axis=None, from_axis=None) -> torch.Tensor:
+        """A camera/motion sub-attention of image-major tokens x (N, tokens, c) -> its image-major
+        output. `grid(x)` is the same sub-attention computed on x where it lies (projections per
+        token, attention through `grid_attention`); it runs when no accelerator looks at this
+        axis's sequences, so no sequence copy of x is made. Otherwise the sequences
+        (`to_axis`, default the layout's) go through `attend` and come back through `from_axis`."""
+        if grid is not None and self.grid and not any(_sees_sequences(a) for a in self.accelerators):
+            if axis not in AXES:
+                raise ValueError(f"unknown SCM axis {axis!r}")
+            if self.stats is not None:
+                total = self.layout.axis_shape(axis)[0]
+                self.stats.attention_ran(self.step, block, axis, computed=total, total=total)
+            return grid(x)
+        seqs = to_axis(x) if to_axis is not None else self.layout.to_axis(x, axis)
+        out = self.attend(block, axis, seqs, compute)
+        return from_axis(out) if from_axis is not None else self.layout.from_axis(out, axis)
+
+    def grid_attention(self, view: Callable[[torch.Tensor], torch.Tensor]):
+        """(q, k, v, heads) -> o over image-major projections, the sequences laid out by `view`
+        (e.g. `layout.axis_view`): the short-axis kernel where it applies and the backend is
+        SDPA, else this dispatch's backend with the transposes."""
+        return grid_attention(view, self.attention, kernel=self.attention in _KERNEL_OK)
 
     def chain(self, block: int, x: torch.Tensor, chain: Chain) -> torch.Tensor:
         def run_from(i: int, h: torch.Tensor):
@@ -94,5 +133,5 @@ class SCMDispatch:
 class FullCompute(SCMDispatch):
     """A dispatch with no accelerators and no counters: the plain full-compute forward."""
 
-    def __init__(self, layout: SCMLayout, backend: str = "sdpa"):
-        super().__init__(layout, None, (), backend=backend, stats=None)
+    def __init__(self, layout: SCMLayout, backend: str = "sdpa", grid: bool = True):
+        super().__init__(layout, None, (), backend=backend, stats=None, grid=grid)

@@ -99,6 +99,19 @@ class SCMLayout:
             return s.view(b, v, n, f, c).permute(0, 3, 1, 2, 4).reshape(b * f * v, n, c)
         raise ValueError(f"unknown SCM axis {axis!r}; expected one of {AXES}")
 
+    def axis_view(self, x: torch.Tensor, axis: str) -> torch.Tensor:
+        """The camera or motion sequences of image-major tokens (N, tokens, c) as a strided view
+        (G, L, R, c), no copy: sequence (g, r) holds elements [g, :, r], and the sequences in (g, r)
+        order are `to_axis`'s. camera: (b*f, v, tokens); motion: (b, f, v*tokens). The short-axis
+        kernel (turbo_core/kernels) reads q, k, v and writes its output through such views."""
+        self._grid(x)
+        b, f, v, n, c = self.batch, self.frames, self.views, self.tokens, x.shape[-1]
+        if axis == "camera":
+            return x.view(b * f, v, n, c)
+        if axis == "motion":
+            return x.view(b, f, v * n, c)
+        raise ValueError(f"axis_view is for the camera and motion axes, got {axis!r}")
+
     # --- which sequences belong to which view / frame -----------------------------------------
     def sequence_groups(self, axis: str, device=None) -> torch.Tensor:
         """For each sequence of `axis`, the index of the slice it belongs to, for rolling refresh:

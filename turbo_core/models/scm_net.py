@@ -98,6 +98,12 @@ class AxisAttention(nn.Module):
         o = attention(qkv[0], qkv[1], qkv[2])
         return self.proj(o.transpose(1, 2).reshape(s, l, c))
 
+    def forward_grid(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """The same on image-major tokens (N, n, channels) where they lie; `attend(q, k, v, heads)`
+        (a dispatch's `grid_attention`) lays the sequences over them."""
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        return self.proj(attend(q, k, v, self.heads))
+
 
 class MLP(nn.Module):
     def __init__(self, width: int, ratio: float):
@@ -128,13 +134,19 @@ class SCMBlock(nn.Module):
     def forward(self, x, temb, cam, frm, layout: SCMLayout, d: SCMDispatch):
         i, attn = self.index, d.attention
 
+        def cam_view(t):
+            return layout.axis_view(t, "camera")
+
+        def mot_view(t):
+            return layout.axis_view(t, "motion")
+
         def chain(h):
             h = h + self.time(temb)[:, None]
             h = h + d.attend(i, "spatial", h, lambda s, idx: self.spatial(s, attn))
-            c = d.attend(i, "camera", layout.to_axis(h + cam[:, None], "camera"), lambda s, idx: self.camera(s, attn))
-            h = h + layout.from_axis(c, "camera")
-            m = d.attend(i, "motion", layout.to_axis(h + frm[:, None], "motion"), lambda s, idx: self.motion(s, attn))
-            h = h + layout.from_axis(m, "motion")
+            h = h + d.attend_grid(i, "camera", h + cam[:, None], lambda s, idx: self.camera(s, attn),
+                                  lambda x: self.camera.forward_grid(x, d.grid_attention(cam_view)))
+            h = h + d.attend_grid(i, "motion", h + frm[:, None], lambda s, idx: self.motion(s, attn),
+                                  lambda x: self.motion.forward_grid(x, d.grid_attention(mot_view)))
             if d.stats is not None:
                 d.stats.mlp_ran(h.shape[0])
             return h + self.mlp(h)

@@ -68,6 +68,11 @@ class CrossAttention(nn.Module):
         o = attention(q, k, v)
         return self.to_out(o.transpose(1, 2).reshape(s, l, -1))
 
+    def forward_grid(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """The same on image-major tokens (N, n, dim) where they lie: projections per token, and
+        `attend(q, k, v, heads)` (a dispatch's `grid_attention`) lays the sequences over them."""
+        return self.to_out(attend(self.to_q(x), self.to_k(x), self.to_v(x), self.heads))
+
     def single_token(self, context: torch.Tensor) -> torch.Tensor:
         """Cross-attention output for a one-token context (R, context_dim) -> (R, dim): the same
         for every query of the sequence (softmax over one key is 1)."""
@@ -135,6 +140,17 @@ class MixBlock(nn.Module):
         x = x + self.ff_in(self.norm_in(x))
         x = x + self.attn1(self.norm1(x), attention)
         x = x + cross[:, None].to(x.dtype)
+        return x + self.ff(self.norm3(x))
+
+    def forward_grid(self, x: torch.Tensor, cross: torch.Tensor, view, attend) -> torch.Tensor:
+        """`forward` on image-major tokens (N, n, dim), no sequence copy: `view` lays the
+        sequences over them as (G, L, R, dim), `cross` holds one row per sequence in (g, r) order
+        (the sequence path's order), `attend` is the dispatch's `grid_attention(view)`."""
+        x = x + self.ff_in(self.norm_in(x))
+        x = x + self.attn1.forward_grid(self.norm1(x), attend)
+        xv = view(x)
+        g, _, r, c = xv.shape
+        xv += cross.view(g, 1, r, c).to(x.dtype)  # x is this block's own tensor: in place is safe
         return x + self.ff(self.norm3(x))
 
 
@@ -256,6 +272,17 @@ class CameraAxis:
         c = s.shape[-1]
         g = s.view(b, t, n, v, c).permute(0, 2, 3, 1, 4).reshape(b, v, n, t, c)
         return g.permute(0, 3, 1, 2, 4).reshape(b * t * v, n, c)
+
+    def axis_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The camera sequences of image-major tokens (N, h*w, c) as a strided (G, V, R, c) view,
+        no copy, in `to_axis`'s sequence order (see SCMLayout.axis_view). With pixel groups each
+        sequence is V consecutive tokens of a (batch, frame)'s (view, pixel) flattening."""
+        lay = self.layout
+        if not self.pixel_groups:
+            return lay.axis_view(x, "camera")
+        lay._grid(x)
+        b, t, v, n, c = lay.batch, lay.frames, lay.views, lay.tokens, x.shape[-1]
+        return x.view(b * t, n, v, c).transpose(1, 2)
 
     def rows(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(context_rows (S,), view_rows (S, V)): for each sequence, its row of the (batch*frames)
