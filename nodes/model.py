@@ -35,6 +35,7 @@ import comfy.supported_models_base
 from comfy.patcher_extension import WrappersMP
 
 from turbo_core.accel.registry import build_run
+from turbo_core.diffusion import EDM
 from turbo_core.models.scm_net import SCMNet
 
 log = logging.getLogger("turbo4d")
@@ -91,7 +92,7 @@ class ExecutorDiffusionModel(torch.nn.Module):
 
 
 def call_dispatch(transformer_options: dict, layout, timesteps, x: torch.Tensor, blocks: int,
-                  cost: Optional[dict] = None, stream_tag: str = ""):
+                  cost: Optional[dict] = None, stream_tag: str = "", work: Optional[dict] = None):
     """(run, dispatch) of one model call inside a sampling run (the OUTER_SAMPLE wrapper's
     Turbo4DRun), or (None, None) outside one. The stream (whose accelerator state this call uses)
     is the CFG half (cond_or_uncond) plus `stream_tag`."""
@@ -102,8 +103,23 @@ def call_dispatch(transformer_options: dict, layout, timesteps, x: torch.Tensor,
     sigma = float(sigmas.flatten()[0]) if sigmas is not None else math.exp(4.0 * float(timesteps.flatten()[0]))
     stream = str(tuple(transformer_options.get("cond_or_uncond") or ())) + stream_tag
     d = run.dispatch(layout, sigma, transformer_options.get("sample_sigmas"), stream=stream, dtype=x.dtype,
-                     device=x.device, blocks=blocks, cost=cost)
+                     device=x.device, blocks=blocks, cost=cost, work=work)
     return run, d
+
+
+def denoised_space(net: SCMNet, x: torch.Tensor, transformer_options: dict):
+    """The EDM map from this call's raw output to the denoised images (Turbo4DModel declares
+    ModelType.EDM with the network's sigma_data, and ComfyUI hands the network c_in * x_noisy in
+    the first channels), for accelerators that stand in for a whole call; None without sigmas."""
+    sigmas = transformer_options.get("sigmas")
+    if sigmas is None:
+        return None
+    edm = EDM(sigma_data=net.cfg.sigma_data)
+    sigma = sigmas.flatten().to(device=x.device, dtype=torch.float32)
+    sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+    _, _, c_in, _ = edm.coefficients(sigma)
+    noisy = x[:, :net.cfg.out_channels].float() / c_in.view(-1, 1, 1, 1)
+    return edm.output_space(noisy, sigma)
 
 
 class Turbo4DDiffusionModel(ExecutorDiffusionModel):
@@ -134,7 +150,9 @@ class Turbo4DDiffusionModel(ExecutorDiffusionModel):
         run, d = call_dispatch(transformer_options, layout, timesteps, x, net.depth, net.cost(layout))
         if run is None:
             return net(x, timesteps, camera, int(views), int(frames), frame_index=frame_index, layout=layout)
-        out = net(x, timesteps, camera, int(views), int(frames), frame_index=frame_index, dispatch=d, layout=layout)
+        out = run.model_call(d, x, lambda: net(x, timesteps, camera, int(views), int(frames),
+                                                  frame_index=frame_index, dispatch=d, layout=layout),
+                             denoised_space(net, x, transformer_options))
         run.end_call(d)
         return out
 

@@ -61,17 +61,12 @@ class SV4DDiffusionModel(m.ExecutorDiffusionModel):
         return self.net.out[2].weight.dtype
 
     def _dispatch(self, transformer_options, layout, timesteps, x, stream_tag):
-        seqs, flops = self.net.call_work(layout)
-        cost = {a: flops[a] / max(seqs[a], 1) for a in AXES}  # average per sequence
-        run, d = m.call_dispatch(transformer_options, layout, timesteps, x, self.net.blocks, cost, stream_tag)
-        if run is not None:
-            # RunStats counted top-grid sequences for every block; count each level's own.
-            st = run.stats
-            for a in AXES:
-                extra = seqs[a] - layout.axis_shape(a)[0] * self.net.blocks
-                st.sequences_total[a] += extra
-                st.flops_full += extra * cost[a]
-        return run, d
+        # Each attention layer is counted at its own level's grid (four grids in the UNet); `cost`
+        # (the average per sequence) only serves readers of RunStats.cost.
+        work = self.net.block_work(layout)
+        cost = {a: sum(n * f for (_, ax), (n, f) in work.items() if ax == a)
+                / max(sum(n for (_, ax), (n, _f) in work.items() if ax == a), 1) for a in AXES}
+        return m.call_dispatch(transformer_options, layout, timesteps, x, self.net.blocks, cost, stream_tag, work=work)
 
     def _forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         views, frames, cond_view = kwargs.get("views"), kwargs.get("frames"), kwargs.get("cond_view")

@@ -58,6 +58,13 @@ class Accelerator:
     def chain(self, dispatch: SCMDispatch, block: int, x: torch.Tensor, nxt) -> torch.Tensor:
         return nxt(x)
 
+    def call(self, dispatch: SCMDispatch, x: torch.Tensor, nxt: Callable[[], torch.Tensor],
+             space=None) -> torch.Tensor:
+        """The whole model call: x is the network's input, nxt() runs the network and returns its
+        output, `space` (a turbo_core.diffusion.DenoisedSpace, or None when the adapter cannot say)
+        maps that output to the denoised image. An accelerator may answer without calling nxt."""
+        return nxt()
+
     def summary(self) -> dict:
         return {}
 
@@ -88,7 +95,10 @@ class Turbo4DRun:
         self._signature.clear()
 
     def dispatch(self, layout: SCMLayout, sigma: float, sample_sigmas=None, stream: str = "default",
-                 dtype=None, device=None, blocks: int = 0, cost: Optional[dict] = None) -> SCMDispatch:
+                 dtype=None, device=None, blocks: int = 0, cost: Optional[dict] = None,
+                 work: Optional[dict] = None) -> SCMDispatch:
+        """`work` (optional): this call's {(block, axis): (sequences, FLOPs per sequence)}, for
+        networks whose blocks are on different token grids (see RunStats.begin_call)."""
         if self.stats is None:
             self.stats = RunStats(blocks=blocks, cost=dict(cost or {}))
         sig = (layout, dtype, str(device))
@@ -105,10 +115,22 @@ class Turbo4DRun:
         percent, total = schedule_position(sigma, sample_sigmas)
         step = StepInfo(index=index, sigma=float(sigma), percent=percent, total=total, stream=stream)
         d = SCMDispatch(layout, step, self.accelerators, backend=self.backend, stats=self.stats)
-        self.stats.begin_call(step, layout)
+        self.stats.begin_call(step, layout, work)
         for a in self.accelerators:
             a.begin_call(d)
         return d
+
+    def model_call(self, dispatch: SCMDispatch, x: torch.Tensor, network: Callable[[], torch.Tensor],
+                   space=None) -> torch.Tensor:
+        """Runs `network()` (one model call on input x, through `dispatch`) via the accelerators'
+        call hooks, in order; the adapter calls this instead of the network itself. `space`: see
+        Accelerator.call."""
+        def run_from(i: int):
+            if i == len(self.accelerators):
+                return network()
+            return self.accelerators[i].call(dispatch, x, lambda: run_from(i + 1), space)
+
+        return run_from(0)
 
     def end_call(self, dispatch: SCMDispatch) -> None:
         for a in self.accelerators:

@@ -41,18 +41,33 @@ class RunStats:
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
     peak_memory_bytes: Optional[int] = None
+    # (block, axis) -> [sequences computed, sequences total, FLOPs done, FLOPs full] over the run.
+    # A model whose blocks sit on different token grids (SV4D's four levels) hands begin_call the
+    # call's work per (block, axis); otherwise every block counts the call's layout at `cost`.
+    per_block: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0.0, 0.0]))
+    _call_work: dict = field(default_factory=dict, repr=False)
+    _call_computed: dict = field(default_factory=dict, repr=False)
 
     # --- recording --------------------------------------------------------------------------
-    def begin_call(self, step, layout) -> None:
+    def begin_call(self, step, layout, work: Optional[dict] = None) -> None:
+        """`work`: {(block, axis): (sequences, FLOPs per sequence)} of this call at full compute,
+        for a model whose blocks are not all on `layout`'s grid; None = every block on `layout`,
+        at `cost`."""
         self.calls += 1
         self.timeline.append({"step": step.index, "sigma": step.sigma, "percent": step.percent,
                               "stream": step.stream, "cells": {}, "parts": {}, "signal": {}})
-        images = layout.images
-        for axis in AXES:
-            n = layout.axis_shape(axis)[0] * self.blocks
+        if work is None:
+            work = {(b, a): (layout.axis_shape(a)[0], self.cost.get(a, 0.0))
+                    for b in range(self.blocks) for a in AXES}
+        self._call_work = work
+        self._call_computed = {}
+        for (block, axis), (n, per_seq) in work.items():
             self.sequences_total[axis] += n
-            self.flops_full += n * self.cost.get(axis, 0.0)
-        self.flops_full += images * self.blocks * self.cost.get("mlp", 0.0)
+            self.flops_full += n * per_seq
+            cell = self.per_block[(block, axis)]
+            cell[1] += n
+            cell[3] += n * per_seq
+        self.flops_full += layout.images * self.blocks * self.cost.get("mlp", 0.0)
 
     def _cell(self, block: int, state: str) -> None:
         if not self.timeline:
@@ -78,12 +93,32 @@ class RunStats:
         self.flops_done += images * self.cost.get("mlp", 0.0)
 
     def attention_ran(self, step, block: int, axis: str, computed: int, total: int) -> None:
+        """`computed` of the `total` sequences of (block, axis) at its own grid ran; one
+        sub-attention may report in several pieces (memory chunks)."""
         self.sequences_computed[axis] += computed
-        self.flops_done += computed * self.cost.get(axis, 0.0)
+        known = self._call_work.get((block, axis))
+        per_seq = known[1] if known is not None else self.cost.get(axis, 0.0)
+        self.flops_done += computed * per_seq
+        cell = self.per_block[(block, axis)]
+        cell[0] += computed
+        cell[2] += computed * per_seq
+        done = self._call_computed[(block, axis)] = self._call_computed.get((block, axis), 0) + computed
         # A partial computation was narrowed by an accelerator, which marks the cell itself
         # (cached or pruned) through attention_reused.
-        if computed == total:
+        if done == total:
             self._cell(block, RAN)
+
+    def attention_retried(self, block: int, axis: str, computed: int) -> None:
+        """Takes back the count of a piece that ran out of memory before it finished; it is
+        counted again when it runs (turbo_core.memory)."""
+        known = self._call_work.get((block, axis))
+        per_seq = known[1] if known is not None else self.cost.get(axis, 0.0)
+        self.sequences_computed[axis] -= computed
+        self.flops_done -= computed * per_seq
+        cell = self.per_block[(block, axis)]
+        cell[0] -= computed
+        cell[2] -= computed * per_seq
+        self._call_computed[(block, axis)] = self._call_computed.get((block, axis), 0) - computed
 
     def attention_reused(self, block: int, axis: str, sequences: int, whole: bool, source: str = "cache") -> None:
         """`sequences` of this sub-attention were answered from a cache instead of computed.
@@ -149,6 +184,13 @@ class RunStats:
             "seconds": round(self.seconds, 3),
             "peak_memory_mb": None if self.peak_memory_bytes is None else round(self.peak_memory_bytes / 2**20, 1),
         }
+
+    def block_counts(self) -> dict:
+        """{axis: {block: {"computed", "total", "flops_done", "flops_full"}}} over the run."""
+        out: dict = {}
+        for (block, axis), (c, t, fd, ff) in sorted(self.per_block.items()):
+            out.setdefault(axis, {})[block] = {"computed": c, "total": t, "flops_done": fd, "flops_full": ff}
+        return out
 
     def timeline_grid(self) -> list[list[str]]:
         """steps x blocks of cell states, for the map."""

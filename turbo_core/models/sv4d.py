@@ -59,6 +59,7 @@ import torch.nn.functional as F
 
 from ..dispatch import FullCompute, SCMDispatch
 from ..layout import SCMLayout
+from ..memory import MemoryConfig, piece_budget, run_in_pieces, units_per_piece, with_pieces
 from .io import CheckpointError, read_metadata
 from .sv4d_blocks import (AlphaBlender, CameraAxis, Downsample, GroupNorm32, MixBlock, SpatialBlock,
                           Upsample, VideoResBlock, mlp, timestep_embedding)
@@ -371,17 +372,26 @@ class SV4DUNet(nn.Module):
                     ds //= 2
         return out
 
+    def block_work(self, layout: SCMLayout) -> dict:
+        """{(block, axis): (sequences, FLOPs per sequence)} of one full-compute call, each
+        attention layer at its own level's grid (`layout` is the top level's): what RunStats
+        counts a call's work against (Turbo4DRun.dispatch's `work`)."""
+        out = {}
+        for block, (ds, width) in enumerate(self.attention_levels()):
+            lay = SCMLayout(layout.batch, layout.views, layout.frames, layout.height // ds, layout.width // ds)
+            for axis in ("spatial", "camera", "motion"):
+                n, length = lay.axis_shape(axis)
+                out[(block, axis)] = (n, _transformer_flops(length, width, ff_in=axis != "spatial"))
+        return out
+
     def call_work(self, layout: SCMLayout) -> tuple[dict, dict]:
         """(sequences, FLOPs) per axis of one full-compute call, summed over the attention layers,
         each at its own level's grid (`layout` is the top level's)."""
         axes = ("spatial", "camera", "motion")
         seqs, flops = dict.fromkeys(axes, 0), dict.fromkeys(axes, 0.0)
-        for ds, width in self.attention_levels():
-            lay = SCMLayout(layout.batch, layout.views, layout.frames, layout.height // ds, layout.width // ds)
-            for axis in axes:
-                n, length = lay.axis_shape(axis)
-                seqs[axis] += n
-                flops[axis] += n * _transformer_flops(length, width, ff_in=axis != "spatial")
+        for (_, axis), (n, per_seq) in self.block_work(layout).items():
+            seqs[axis] += n
+            flops[axis] += n * per_seq
         return seqs, flops
 
     def condition(self, x: torch.Tensor, timesteps, context: torch.Tensor, y: torch.Tensor,
@@ -420,17 +430,25 @@ class SV4DUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps, context: torch.Tensor, y: torch.Tensor,
                 cond_view: torch.Tensor, views: int, frames: int,
-                dispatch: Optional[SCMDispatch] = None) -> torch.Tensor:
+                dispatch: Optional[SCMDispatch] = None, memory: Optional[MemoryConfig] = None) -> torch.Tensor:
         """x (N, 8, h, w), N = b*frames*views stacked (b, frame, view); timesteps (N,) or scalar
         c_noise; context (b, frames, 1024) or per image (N, 1, 1024) / (N, 1024); y (N, 1280);
-        cond_view (b*views, 4, H', W'). Returns (N, 4, h, w) in the model's dtype."""
+        cond_view (b*views, 4, H', W'). Returns (N, 4, h, w) in the model's dtype.
+
+        `memory` (turbo_core.memory): run the sub-attentions' sequences and the res blocks' batch
+        items a piece at a time as the free memory requires, retrying a piece that runs out of
+        memory smaller; the result is the same as in one piece."""
+        if memory is not None:
+            d = dispatch if dispatch is not None else FullCompute(self.token_layout(x.shape[0], views, frames,
+                                                                                   *x.shape[-2:]))
+            dispatch = with_pieces(d, memory)
         call = self.condition(x, timesteps, context, y, cond_view, views, frames, dispatch)
         emb, per_item = call.emb, frames * views
 
         def run(layers, h):
             for m in layers:
                 if isinstance(m, VideoResBlock):
-                    h = m(h, emb, per_item)
+                    h = m(h, emb, per_item) if memory is None else _res_block_in_pieces(m, h, emb, per_item, memory)
                 elif isinstance(m, SV4DAttentionLayer):
                     h = m(h, call)
                 else:
@@ -445,6 +463,27 @@ class SV4DUNet(nn.Module):
         for blk in self.output_blocks:
             h = run(blk, torch.cat([h, hs.pop()], dim=1))
         return self.out(h)
+
+
+# Transient activation elements per token of a VideoResBlock, per input and per output channel:
+# GroupNorm32 computes in float32 (x.float(), its output: 4 bf16-sized units per input channel,
+# then SiLU and the cast), the 2D and temporal halves each allocate several output-sized tensors.
+RES_IN_ELEMENTS, RES_OUT_ELEMENTS = 6, 26
+
+
+def _res_block_in_pieces(m: VideoResBlock, h: torch.Tensor, emb: torch.Tensor, per_item: int,
+                         memory: MemoryConfig) -> torch.Tensor:
+    """A VideoResBlock a few batch items at a time (its temporal half, GroupNorm included, spans
+    all images of one batch item, so a batch item is the smallest independent piece)."""
+    items = h.shape[0] // per_item
+    c_out = m.emb_layers[1].out_features
+    per = per_item * h.shape[2] * h.shape[3] * (RES_IN_ELEMENTS * h.shape[1] + RES_OUT_ELEMENTS * c_out)
+    piece = units_per_piece(piece_budget(memory, h.device), per * h.element_size(), items, memory.min_piece)
+
+    def part(a, b):
+        return m(h[a * per_item:b * per_item], emb[a * per_item:b * per_item], per_item)
+
+    return run_in_pieces(part, items, piece, "a res block", memory, key=("res", tuple(h.shape)))
 
 
 def _frame_context(context, b, frames, views, dim) -> torch.Tensor:
