@@ -18,7 +18,9 @@ images of 72 x 72 tokens, 50 steps): latency and peak memory with and without th
 using saved calibrated settings if given. Quality there is only agreement with full compute; a
 random network says nothing about image quality.
 
-Baselines implemented here (not in the product): "fixed-attn-kN" broadcasts every sub-attention's
+Baselines implemented here (not in the product): "fewer-steps-N" samples the same way with N
+steps instead of the run's (the trivial accelerator: any setting slower or worse than it is not
+worth having), "fixed-attn-kN" broadcasts every sub-attention's
 output for N-1 calls after computing it (PAB-like), "fixed-chain-kN" reuses every block's residual
 but the first for N-1 calls (DeepCache-like, the shallow block always runs); both inside the same
 percent window as the accelerators.
@@ -169,6 +171,9 @@ def configurations(args, calibration=None) -> list[dict]:
                      "run": lambda k=k: Turbo4DRun([FixedIntervalAttention(k)])})
         rows.append({"name": f"fixed-chain-k{k}", "family": "fixed",
                      "run": lambda k=k: Turbo4DRun([FixedIntervalChain(k)])})
+    # The baseline every accelerator must beat: simply sampling with fewer steps.
+    for n in ((3,) if args.tiny else (10, 7, 5, 4, 3, 2)):
+        rows.append({"name": f"fewer-steps-{n}", "family": "fewer-steps", "steps": n, "specs": []})
     if calibration is not None:
         specs = calibration.specs(turbo4d_specs("balanced"))
         rows.append({"name": f"turbo4d-calibrated({calibration.mechanism}.{calibration.field}={calibration.value})",
@@ -207,6 +212,23 @@ def configurations(args, calibration=None) -> list[dict]:
                                    ("prune", TokenPrunerConfig(keep_start=0.45, keep_end=0.3, saliency=0.0))],
                   "b.12+c.3": [("bypass", ChainBypassConfig(threshold=0.12, max_consecutive=3)),
                                ("cache", RollingCacheConfig(threshold=0.3, max_age=5))]}
+        # Whole steps: forecast denoised images in place of model calls.
+        for order in (1, 0):
+            for t in ((0.01, 0.03, 0.1, 0.3) if order else (0.03, 0.1, 0.3)):
+                for mx in (3, 6, 12):
+                    rows.append({"name": f"sweep-step-o{order}-t{t}-m{mx}", "family": "sweep-step",
+                                 "specs": [("bypass", ChainBypassConfig(threshold=0.0, step_threshold=t,
+                                                                        step_max_skips=mx, forecast_order=order,
+                                                                        start_percent=0.0))]})
+        for t, mx in ((0.03, 6), (0.1, 6), (0.3, 12)):
+            combos[f"s{t}m{mx}+b.08+c.2"] = [("bypass", ChainBypassConfig(threshold=0.08, step_threshold=t,
+                                                                          step_max_skips=mx, start_percent=0.0)),
+                                             ("cache", RollingCacheConfig(threshold=0.2))]
+            combos[f"s{t}m{mx}+b.12+c.3+p.3"] = [
+                ("bypass", ChainBypassConfig(threshold=0.12, max_consecutive=3, step_threshold=t, step_max_skips=mx,
+                                             start_percent=0.0)),
+                ("cache", RollingCacheConfig(threshold=0.3, max_age=5)),
+                ("prune", TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1))]
         for name, specs in combos.items():
             rows.append({"name": f"sweep-turbo4d-{name}", "family": "sweep-turbo4d", "specs": specs})
     if args.only:
@@ -222,6 +244,8 @@ def _spec_data(specs) -> list:
 # --- running --------------------------------------------------------------------------------------
 
 def run_once(net, edm, batch, sigmas, views, frames, row, device):
+    if "steps" in row:  # the fewer-steps baseline: the same sampler on a shorter schedule
+        sigmas = karras_sigmas(row["steps"], edm.sigma_min, edm.sigma_max, device=sigmas.device)
     run = row["run"]() if "run" in row else build_run(row["specs"])
     with measure(device) as m:
         x, stats = sample_accelerated(net, edm, None, batch["noise"], sigmas, batch["cond"], batch["camera"],
@@ -280,7 +304,8 @@ def _fmt(v, nd=2):
 # --- plot (matplotlib is not a dependency: drawn with OpenCV) -------------------------------------
 
 COLORS = {"full": (0, 0, 0), "cache": (200, 90, 20), "prune": (40, 160, 40), "bypass": (30, 30, 210),
-          "turbo4d": (150, 30, 150), "fixed": (120, 120, 120), "sweep-cache": (230, 170, 120),
+          "turbo4d": (150, 30, 150), "fixed": (120, 120, 120), "fewer-steps": (0, 140, 200),
+          "sweep-step": (100, 100, 255), "sweep-cache": (230, 170, 120),
           "sweep-prune": (140, 210, 140), "sweep-bypass": (140, 140, 240), "sweep-turbo4d": (210, 140, 210)}
 
 

@@ -50,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--easycache", default="0.05,0.1,0.2,0.3,0.5")
+    ap.add_argument("--fewer-steps", default="", help="also full compute at these step counts (e.g. 10,5,3)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "peers.json"))
     a = ap.parse_args(argv)
 
@@ -69,25 +70,27 @@ def main(argv=None):
     scenes = [make_scene(s, SceneConfig(views=a.views, frames=a.frames)) for s in seeds]
 
     def variants():
-        yield "full", base
+        yield "full", base, a.steps
+        for n in [int(x) for x in a.fewer_steps.split(",") if x]:
+            yield f"fewer-steps-{n}", base, n  # the trivial accelerator
         for t in [float(x) for x in a.easycache.split(",") if x]:
-            yield f"easycache-{t:g}", EasyCacheNode.execute(base, t, 0.15, 0.95, False)[0]
+            yield f"easycache-{t:g}", EasyCacheNode.execute(base, t, 0.15, 0.95, False)[0], a.steps
         for preset in ("quality", "balanced", "fast"):
             mp = base
             for node in (accel.ChainBypass, accel.Turbo4DCache, accel.SemanticPrune):
-                args = {"ChainBypass": dict(threshold=0.08, max_consecutive=2),
+                args = {"ChainBypass": dict(threshold=0.08, max_consecutive=2, step_threshold=0.0, step_max_skips=3),
                         "Turbo4DCache": dict(threshold=0.15, max_age=3),
                         "SemanticPrune": dict(keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6)}[node.__name__]
                 mp = node.execute(mp, preset, start_percent=0.2, end_percent=0.95, storage="native", **args)[0]
-            yield f"turbo4d-{preset}", mp
+            yield f"turbo4d-{preset}", mp, a.steps
 
-    def run(mp, scene, seed):
+    def run(mp, scene, seed, steps):
         data = {"video": scene["video"], "fps": 8.0, "source": "synth"}
         pos, neg, latent, _ = sampling.build_conditioning("bench", mp, data, a.views, a.frames, 20.0, 360.0)
         x = latent["samples"]
         noise = comfy.sample.prepare_noise(x, seed)
         with torch.inference_mode():
-            out = comfy.sample.sample(mp, noise, a.steps, 1.0, "euler", "karras", pos, neg, x, denoise=1.0,
+            out = comfy.sample.sample(mp, noise, steps, 1.0, "euler", "karras", pos, neg, x, denoise=1.0,
                                       disable_pbar=True, seed=seed)
         return out.float().cpu()
 
@@ -96,13 +99,13 @@ def main(argv=None):
             torch.cuda.synchronize()
 
     rows, full_out = [], None
-    run(base, scenes[0], seeds[0])  # warm-up: loads the model to the device
-    for name, mp in variants():
+    run(base, scenes[0], seeds[0], a.steps)  # warm-up: loads the model to the device
+    for name, mp, steps in variants():
         best, outs = float("inf"), None
         for _ in range(a.repeats):
             sync()
             t0 = time.perf_counter()
-            outs = [run(mp, sc, s) for sc, s in zip(scenes, seeds)]
+            outs = [run(mp, sc, s, steps) for sc, s in zip(scenes, seeds)]
             sync()
             best = min(best, time.perf_counter() - t0)
         if name == "full":

@@ -154,7 +154,8 @@ class ChainBypass(io.ComfyNode):
             node_id="Turbo4DChainBypass", display_name="Chain Bypass", category="Turbo4D/accelerate",
             description="Adaptive SCM chain bypass: per step and block, reuses the block's cached residual instead of "
                         "running spatial, camera and motion attention and the MLP, when an online estimate of the "
-                        "output change stays under the threshold.",
+                        "output change stays under the threshold; and per step, skips the whole model call with a "
+                        "forecast denoised image when the measured forecast error stays under step_threshold.",
             inputs=[
                 io.Model.Input("model", tooltip="A Turbo4D model (from Turbo4D Model Loader or another Turbo4D node)."),
                 io.Combo.Input("preset", options=PRESETS, default="balanced", tooltip=PRESET_TIP),
@@ -163,6 +164,13 @@ class ChainBypass(io.ComfyNode):
                                        "Higher = faster, less exact; 0 = never bypass."),
                 io.Int.Input("max_consecutive", default=d.max_consecutive, min=0, max=50,
                              tooltip="custom only: a block runs again after this many bypasses in a row."),
+                io.Float.Input("step_threshold", default=d.step_threshold, min=0.0, max=2.0, step=0.005,
+                               tooltip="custom only: whole steps. Estimated relative error of a forecast denoised "
+                                       "image (extrapolated from the last two steps that ran, its error measured "
+                                       "at every step that runs) under which the whole model call is skipped. "
+                                       "0 = never skip a whole step."),
+                io.Int.Input("step_max_skips", default=d.step_max_skips, min=0, max=50,
+                             tooltip="custom only: the model runs again after this many whole steps skipped in a row."),
                 *_percent_inputs(d.start_percent, d.end_percent),
                 io.Combo.Input("storage", options=STORAGE, default=d.storage, tooltip=STORAGE_TIP),
                 io.String.Input("calibration_file", default="", optional=True,
@@ -174,8 +182,8 @@ class ChainBypass(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, preset, threshold, max_consecutive, start_percent, end_percent, storage,
-                calibration_file: str = "") -> io.NodeOutput:
+    def execute(cls, model, preset, threshold, max_consecutive, step_threshold, step_max_skips, start_percent,
+                end_percent, storage, calibration_file: str = "") -> io.NodeOutput:
         node = "Chain Bypass"
         if calibration_file and calibration_file.strip():
             path = calibration_file.strip()
@@ -190,6 +198,7 @@ class ChainBypass(io.ComfyNode):
                                  f"bypass. Use it on the matching node, or calibrate with --mechanism bypass.")
             return io.NodeOutput(*_apply(node, model, "bypass", CUSTOM, cal.config_object(), apply_chain_bypass))
         cfg = _custom(node, lambda: ChainBypassConfig(threshold=threshold, max_consecutive=max_consecutive,
+                                                      step_threshold=step_threshold, step_max_skips=step_max_skips,
                                                       start_percent=start_percent, end_percent=end_percent,
                                                       storage=storage)) \
             if preset == CUSTOM else None

@@ -35,6 +35,7 @@ import comfy.supported_models_base
 from comfy.patcher_extension import WrappersMP
 
 from turbo_core.accel.registry import build_run
+from turbo_core.diffusion import EDM
 from turbo_core.models.scm_net import SCMNet
 
 log = logging.getLogger("turbo4d")
@@ -106,6 +107,21 @@ def call_dispatch(transformer_options: dict, layout, timesteps, x: torch.Tensor,
     return run, d
 
 
+def denoised_space(net: SCMNet, x: torch.Tensor, transformer_options: dict):
+    """The EDM map from this call's raw output to the denoised images (Turbo4DModel declares
+    ModelType.EDM with the network's sigma_data, and ComfyUI hands the network c_in * x_noisy in
+    the first channels), for accelerators that stand in for a whole call; None without sigmas."""
+    sigmas = transformer_options.get("sigmas")
+    if sigmas is None:
+        return None
+    edm = EDM(sigma_data=net.cfg.sigma_data)
+    sigma = sigmas.flatten().to(device=x.device, dtype=torch.float32)
+    sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+    _, _, c_in, _ = edm.coefficients(sigma)
+    noisy = x[:, :net.cfg.out_channels].float() / c_in.view(-1, 1, 1, 1)
+    return edm.output_space(noisy, sigma)
+
+
 class Turbo4DDiffusionModel(ExecutorDiffusionModel):
     """ComfyUI's `diffusion_model` slot: runs the SCM network for one stacked V x F batch."""
 
@@ -134,7 +150,9 @@ class Turbo4DDiffusionModel(ExecutorDiffusionModel):
         run, d = call_dispatch(transformer_options, layout, timesteps, x, net.depth, net.cost(layout))
         if run is None:
             return net(x, timesteps, camera, int(views), int(frames), frame_index=frame_index, layout=layout)
-        out = net(x, timesteps, camera, int(views), int(frames), frame_index=frame_index, dispatch=d, layout=layout)
+        out = run.model_call(d, x, lambda: net(x, timesteps, camera, int(views), int(frames),
+                                                  frame_index=frame_index, dispatch=d, layout=layout),
+                             denoised_space(net, x, transformer_options))
         run.end_call(d)
         return out
 

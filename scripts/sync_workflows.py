@@ -52,8 +52,8 @@ NODE_DEFS = {
                               "end_percent", "storage"],
                              [("MODEL", "MODEL"), ("settings", "STRING")]),
     "Turbo4DChainBypass": ("Chain Bypass", [("model", "MODEL")],
-                           ["preset", "threshold", "max_consecutive", "start_percent", "end_percent", "storage",
-                            "calibration_file"],
+                           ["preset", "threshold", "max_consecutive", "step_threshold", "step_max_skips",
+                            "start_percent", "end_percent", "storage", "calibration_file"],
                            [("MODEL", "MODEL"), ("settings", "STRING")]),
     "Turbo4DReport": ("Turbo4D Report", [("run_stats", "TURBO4D_STATS"), ("images", "IMAGE"),
                                          ("reference", "IMAGE"), ("reference_stats", "TURBO4D_STATS")],
@@ -243,11 +243,12 @@ def turbo4d_stock_ksampler() -> Graph:
 
 def _accelerators(g: Graph, model, preset: str, x: int = 40, y: int = 520):
     """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler."""
-    byp = g.add("Turbo4DChainBypass", (x, y), (320, 250), model=model.out(0), preset=preset, threshold=0.08,
-                max_consecutive=2, start_percent=0.2, end_percent=0.95, storage="native", calibration_file="")
-    cache = g.add("Turbo4DCache", (x, y + 290), (320, 230), model=byp.out(0), preset=preset, threshold=0.15,
+    byp = g.add("Turbo4DChainBypass", (x, y), (320, 300), model=model.out(0), preset=preset, threshold=0.08,
+                max_consecutive=2, step_threshold=0.0, step_max_skips=3, start_percent=0.2, end_percent=0.95,
+                storage="native", calibration_file="")
+    cache = g.add("Turbo4DCache", (x, y + 340), (320, 230), model=byp.out(0), preset=preset, threshold=0.15,
                   max_age=3, start_percent=0.15, end_percent=0.95, storage="native")
-    prune = g.add("Turbo4DSemanticPrune", (x, y + 560), (320, 270), model=cache.out(0), preset=preset,
+    prune = g.add("Turbo4DSemanticPrune", (x, y + 610), (320, 270), model=cache.out(0), preset=preset,
                   keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95,
                   storage="native")
     return prune

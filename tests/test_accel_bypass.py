@@ -104,3 +104,63 @@ def test_memory_freed_and_config_errors(net):
     with pytest.raises(ValueError, match="threshold"):
         ChainBypassConfig(threshold=-0.1)
     assert isinstance(build_run([("bypass", {"threshold": 0.1})]).accelerators[0], ChainBypass)
+
+
+# --- whole steps ------------------------------------------------------------------------------
+
+def _counting_forward(net):
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    return calls, hook
+
+
+def test_held_output_equals_sampling_with_fewer_steps(net):
+    """forecast_order=0: an Euler step with the output of an earlier call is exactly a longer
+    Euler step from that call, so the accelerated run must equal plain Euler over the sigmas of
+    the calls that ran; and the network really ran only those calls."""
+    from accel_fixtures import EDM_, grid_inputs, V, F
+    from turbo_core.diffusion import sample_euler
+
+    calls, hook = _counting_forward(net)
+    try:
+        cfg = ChainBypassConfig(threshold=0.0, step_threshold=0.5, step_max_skips=2, forecast_order=0,
+                                start_percent=0.0)
+        x, st = sample(net, [("bypass", cfg)], steps=16)
+    finally:
+        hook.remove()
+    ran = [t for t in st.timeline if any(c != "bypassed" for c in t["cells"].values())]
+    skipped = st.summary()["steps_fully_bypassed"]
+    assert skipped > 0 and len(calls) == len(ran) == 16 - skipped
+    assert st.accelerators["bypass"]["steps_skipped"] == skipped
+
+    noise, cond, cam = grid_inputs(net)
+    sig = [t["sigma"] for t in ran] + [0.0]
+    with torch.no_grad():
+        y = sample_euler(lambda z, s, i: EDM_.denoise(net, z, s, cond, cam, V, F), noise, torch.tensor(sig))
+    assert rel_err(x, y) < 1e-5
+
+
+def test_step_skip_forecast_within_bound_and_state_freed(net, full):
+    from accel_fixtures import STEPS
+
+    calls, hook = _counting_forward(net)
+    try:
+        cfg = ChainBypassConfig(threshold=0.0, step_threshold=0.2, step_max_skips=3, start_percent=0.0)
+        run = build_run([("bypass", cfg)])
+        x, st = sample(net, None, run=run)
+    finally:
+        hook.remove()
+    skipped = st.accelerators["bypass"]["steps_skipped"]
+    assert skipped > 0 and len(calls) == STEPS - skipped
+    assert st.chains_bypassed == skipped * net.cfg.depth
+    assert 0 < rel_err(x, full) < 3e-2
+    assert run.accelerators[0].cache_bytes() == 0  # the held outputs are gone after the run
+    assert "bypass.step" in {k for t in st.timeline for k in t["signal"]}
+    # The same settings again: the same result (nothing carried over from the first run).
+    assert torch.equal(sample(net, [("bypass", cfg)])[0], x)
+
+
+def test_step_skip_config_errors():
+    for bad in ({"step_threshold": -1.0}, {"step_max_skips": -1}, {"forecast_order": 2}):
+        with pytest.raises(ValueError, match="ChainBypassConfig"):
+            ChainBypassConfig(**bad)

@@ -18,7 +18,8 @@ def loader(i="1"):
 
 def accel(node_id, class_type, model, preset="fast"):
     widgets = {
-        "Turbo4DChainBypass": dict(threshold=0.08, max_consecutive=2, start_percent=0.2, end_percent=0.95,
+        "Turbo4DChainBypass": dict(threshold=0.08, max_consecutive=2, step_threshold=0.0, step_max_skips=3,
+                                   start_percent=0.2, end_percent=0.95,
                                    storage="native", calibration_file=""),
         "Turbo4DCache": dict(threshold=0.15, max_age=3, start_percent=0.15, end_percent=0.95, storage="native"),
         "Turbo4DSemanticPrune": dict(keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6, start_percent=0.1,

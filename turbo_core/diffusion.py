@@ -41,12 +41,33 @@ class EDM:
         f = net(inp, c_noise.view(-1), camera, views, frames, frame_index=frame_index, dispatch=dispatch)
         return c_skip * x + c_out * f.float()
 
+    def output_space(self, x: torch.Tensor, sigma) -> "DenoisedSpace":
+        """How this call's raw network output maps to the denoised image (see DenoisedSpace)."""
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
+        c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in self.coefficients(sigma))
+        return DenoisedSpace(x, c_skip, c_out)
+
     def sample_sigma(self, n: int, device=None, generator=None) -> torch.Tensor:
         z = torch.randn(n, device=device, generator=generator)
         return (z * self.p_std + self.p_mean).exp()
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+
+
+class DenoisedSpace:
+    """D = c_skip * x + c_out * F: the raw output F of one model call on the noisy images x as a
+    denoised image, and back. Accelerators that stand in for a whole call work on D: holding D
+    over Euler steps is exactly a longer Euler step, holding F is not."""
+
+    def __init__(self, x: torch.Tensor, c_skip, c_out):
+        self.x, self.c_skip, self.c_out = x, c_skip, c_out
+
+    def denoised(self, f: torch.Tensor) -> torch.Tensor:
+        return self.c_skip * self.x.float() + self.c_out * f.float()
+
+    def output(self, d: torch.Tensor) -> torch.Tensor:
+        return (d.float() - self.c_skip * self.x.float()) / self.c_out
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,

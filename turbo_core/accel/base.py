@@ -58,6 +58,13 @@ class Accelerator:
     def chain(self, dispatch: SCMDispatch, block: int, x: torch.Tensor, nxt) -> torch.Tensor:
         return nxt(x)
 
+    def call(self, dispatch: SCMDispatch, x: torch.Tensor, nxt: Callable[[], torch.Tensor],
+             space=None) -> torch.Tensor:
+        """The whole model call: x is the network's input, nxt() runs the network and returns its
+        output, `space` (a turbo_core.diffusion.DenoisedSpace, or None when the adapter cannot say)
+        maps that output to the denoised image. An accelerator may answer without calling nxt."""
+        return nxt()
+
     def summary(self) -> dict:
         return {}
 
@@ -112,6 +119,18 @@ class Turbo4DRun:
         for a in self.accelerators:
             a.begin_call(d)
         return d
+
+    def model_call(self, dispatch: SCMDispatch, x: torch.Tensor, network: Callable[[], torch.Tensor],
+                   space=None) -> torch.Tensor:
+        """Runs `network()` (one model call on input x, through `dispatch`) via the accelerators'
+        call hooks, in order; the adapter calls this instead of the network itself. `space`: see
+        Accelerator.call."""
+        def run_from(i: int):
+            if i == len(self.accelerators):
+                return network()
+            return self.accelerators[i].call(dispatch, x, lambda: run_from(i + 1), space)
+
+        return run_from(0)
 
     def end_call(self, dispatch: SCMDispatch) -> None:
         for a in self.accelerators:

@@ -21,9 +21,25 @@ mis-estimated k can go.
 The residual is taken from a clone of the block input made before the chain runs: a host whose
 blocks update activations in place (ComfyUI's) would otherwise turn `y - x` into zero. Bypassing
 every block of a call is the whole-model skip of step-level caches.
+
+Whole steps (step_threshold > 0). Before any block runs, the bypass may skip the model call
+outright and answer with a forecast of its output, extrapolated linearly in log(sigma) from the
+last two calls that ran. Why this works: an Euler step taken with a model output held from an
+earlier call is exactly a longer Euler step from that call (in the EDM and v parameterisations
+the held output means a held denoised image or noise estimate), so the zeroth-order forecast is
+never worse than sampling with fewer steps, and the first-order one is the extrapolation
+multistep solvers (DPM-Solver++ 2M) make of the denoised image. The error of a linear forecast
+grows with the product of its distances to the two points it extrapolates from,
+
+    error(s) ~= kappa * |s - s_b| * |s - s_c|,        s = log(sigma),
+
+and kappa is measured, not assumed: every call that runs first checks the forecast it would have
+made against its real output, so a run whose trajectory bends gets fewer skips, one that is
+straight gets more. A skip is taken when this estimate is under step_threshold.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -45,6 +61,10 @@ class ChainBypassConfig:
     max_consecutive: int = 2    # bypasses in a row per block before it must run again
     storage: str = "native"
     signal_stride: int = 8      # every n-th token enters the estimate
+    step_threshold: float = 0.0  # estimated relative error of a forecast model output under which a
+                                 # whole model call is skipped (0 = never skip whole calls)
+    step_max_skips: int = 3     # whole calls skipped in a row before one must run again
+    forecast_order: int = 1     # 1: extrapolate linearly in log(sigma); 0: hold the last output
 
     def __post_init__(self):
         _check_common(self, "ChainBypassConfig")
@@ -52,6 +72,13 @@ class ChainBypassConfig:
             raise ValueError(f"ChainBypassConfig.threshold must be >= 0 (0 = never bypass), got {self.threshold}")
         if int(self.max_consecutive) < 0:
             raise ValueError(f"ChainBypassConfig.max_consecutive must be >= 0, got {self.max_consecutive}")
+        if self.step_threshold < 0:
+            raise ValueError(f"ChainBypassConfig.step_threshold must be >= 0 (0 = never skip a whole step), "
+                             f"got {self.step_threshold}")
+        if int(self.step_max_skips) < 0:
+            raise ValueError(f"ChainBypassConfig.step_max_skips must be >= 0, got {self.step_max_skips}")
+        if self.forecast_order not in (0, 1):
+            raise ValueError(f"ChainBypassConfig.forecast_order must be 0 (hold) or 1 (linear), got {self.forecast_order}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,15 +99,43 @@ class _Entry:
         self.consecutive = 0
 
 
+class _Outputs:
+    """The whole-call forecast: the outputs of the last two calls that ran, at s = log(sigma),
+    the measured curvature kappa of the forecast error, and skips in a row."""
+
+    __slots__ = ("points", "kappa", "skips", "like")
+
+    def __init__(self):
+        self.points: list = []   # [(s, output as stored)], oldest first, at most two
+        self.kappa = None        # float, None until a forecast could be checked
+        self.skips = 0
+        self.like = None         # (dtype, device) of the real outputs
+
+    def forecast(self, s: float, order: int) -> torch.Tensor:
+        (s_a, a), (s_b, b) = self.points[-2], self.points[-1]
+        dtype, device = self.like
+        a, b = a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32)
+        if order == 0 or s_b == s_a:
+            return b.to(dtype)
+        return torch.lerp(a, b, (s - s_a) / (s_b - s_a)).to(dtype)  # t > 1: extrapolation
+
+    def estimate(self, s: float, order: int) -> float:
+        (s_a, _), (s_b, _) = self.points[-2], self.points[-1]
+        return self.kappa * (abs(s - s_b) if order == 0 else abs(s - s_b) * abs(s - s_a))
+
+
 class ChainBypassState:
     def __init__(self):
         self.blocks: dict = {}
+        self.outputs = _Outputs()
 
     def reset(self) -> None:
         self.blocks.clear()
+        self.outputs = _Outputs()
 
     def nbytes(self) -> int:
-        return sum(nbytes(e.residual) + nbytes(e.x_ref) + nbytes(e.r_ref) for e in self.blocks.values())
+        return (sum(nbytes(e.residual) + nbytes(e.x_ref) + nbytes(e.r_ref) for e in self.blocks.values())
+                + sum(nbytes(t) for _, t in self.outputs.points))
 
 
 class ChainBypass(Accelerator):
@@ -92,10 +147,55 @@ class ChainBypass(Accelerator):
         self.config = ChainBypassConfig.from_dict(config)
         self.store = TensorStore(self.config.storage)
         self.bypassed = self.ran = 0
+        self.steps_skipped = self.steps_ran = 0
 
     def reset(self) -> None:
         super().reset()
         self.bypassed = self.ran = 0
+        self.steps_skipped = self.steps_ran = 0
+
+    def call(self, dispatch, x, nxt, space=None):
+        """The whole model call: skip it with a forecast output, or run it and learn from it.
+        Outputs are kept and forecast as denoised images when the adapter gives their `space`."""
+        cfg = self.config
+        step = dispatch.step
+        if step is None or cfg.step_threshold <= 0 or step.sigma <= 0:
+            return nxt()
+        st = self.state(dispatch)
+        o = st.outputs
+        if o.points and o.points[-1][1].shape != x.shape[:1] + o.points[-1][1].shape[1:]:
+            o = st.outputs = _Outputs()
+        s = math.log(step.sigma)
+        if (cfg.start_percent <= step.percent <= cfg.end_percent and len(o.points) == 2
+                and o.kappa is not None and o.skips < cfg.step_max_skips):
+            estimate = o.estimate(s, cfg.forecast_order)
+            if dispatch.stats is not None:
+                dispatch.stats.signal("bypass.step", estimate, cfg.step_threshold)
+            if estimate < cfg.step_threshold:
+                o.skips += 1
+                self.steps_skipped += 1
+                if dispatch.stats is not None:
+                    for block in range(dispatch.stats.blocks):
+                        dispatch.stats.chain_bypassed(step, block, x.shape[0])
+                f = o.forecast(s, cfg.forecast_order)
+                return f if space is None else space.output(f).to(f.dtype)
+        out = nxt()
+        self.steps_ran += 1
+        o.skips = 0
+        if step.percent > cfg.end_percent:
+            st.outputs = _Outputs()  # no skip can follow: free it now
+            return out
+        kept = out.detach() if space is None else space.denoised(out.detach())
+        o.like = (out.dtype, out.device)
+        if len(o.points) == 2:
+            # How far off the forecast for this call would have been: kappa for the next ones.
+            (s_a, _), (s_b, _) = o.points
+            err = (o.forecast(s, cfg.forecast_order).float() - kept.float()).abs().mean() / \
+                kept.float().abs().mean().clamp_min(1e-12)
+            span = abs(s - s_b) if cfg.forecast_order == 0 else abs(s - s_b) * abs(s - s_a)
+            o.kappa = float(err) / max(span, 1e-12)  # one host sync per call that runs
+        o.points = (o.points + [(s, self.store.keep(kept.clone()))])[-2:]
+        return out
 
     def _sample(self, x: torch.Tensor) -> torch.Tensor:
         s = self.config.signal_stride
@@ -146,7 +246,8 @@ class ChainBypass(Accelerator):
         return y
 
     def summary(self) -> dict:
-        return {"config": self.config.to_dict(), "bypassed": self.bypassed, "ran": self.ran}
+        return {"config": self.config.to_dict(), "bypassed": self.bypassed, "ran": self.ran,
+                "steps_skipped": self.steps_skipped, "steps_ran": self.steps_ran}
 
 
 def apply_chain_bypass(specs, config: Optional[ChainBypassConfig] = None) -> list:

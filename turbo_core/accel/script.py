@@ -31,7 +31,12 @@ def sample_accelerated(net, edm: EDM, specs: Sequence, noise: torch.Tensor, sigm
 
     def denoise(x, sigma, i):
         d = run.dispatch(layout, sigma, schedule, stream, dtype, device, net.depth, cost)
-        out = edm.denoise(net, x, sigma, cond, camera, views, frames, dispatch=d, frame_index=frame_index)
+        space = edm.output_space(x, sigma)
+
+        def network(inp, *args, **kwargs):
+            return run.model_call(d, inp, lambda: net(inp, *args, **kwargs), space)
+
+        out = edm.denoise(network, x, sigma, cond, camera, views, frames, dispatch=d, frame_index=frame_index)
         run.end_call(d)
         return out
 
