@@ -1,16 +1,34 @@
-"""Time the full-size SV4D / SV4D 2.0 UNet (random weights) per model call on a GPU.
+"""Time the full-size SV4D / SV4D 2.0 UNet (random weights) on a GPU.
 
     python -m bench.bench_sv4d [--versions sv4d2 sv4d] [--calls 5] [--accel fast]
+    python -m bench.bench_sv4d --breakdown [--out bench/results/sv4d_breakdown.json]
+    python -m bench.bench_sv4d --memory [--out bench/results/sv4d_memory.json]
 
-Per call: the configs' grids at 576 px (72 x 72 latents): SV4D 2.0 12 frames x 4 views, SV4D 5 x 8,
-with the CFG batch (b = 2) and without (b = 1). Random weights: the timings are the network's cost;
-with --accel the accelerators' decisions on random weights say nothing about quality, only that the
-mechanics run at full size and what they cost when they skip.
+Per call (default): the configs' grids at 576 px (72 x 72 latents): SV4D 2.0 12 frames x 4 views,
+SV4D 5 x 8, with the CFG batch (b = 2) and without (b = 1).
+
+--breakdown: whole sampling runs, Euler EDM with CFG batched (b = 2) as the reference samples
+(SV4D 2.0 12 x 4 at 50 steps, SV4D 5 x 8 at 20), full compute and each Turbo4D preset: latency,
+per-step time split into spatial / camera / motion attention, convolutions (res blocks, up/down
+sampling, input and output convolutions) and the rest, by CUDA events around the dispatch's
+sub-attentions and the convolution modules (attention time includes the accelerators' own work on
+it; a bypassed block's time is in "rest"), peak memory, and RunStats' per-level work.
+
+--memory: SV4D's 21 frames x 9 views at 576 in one pass (with CFG: 378 images) without Turbo4D's
+memory pieces, with them, and with the fast preset's caches under a CacheBudget; then the most
+frames that fit at 9 and at 4 views, with and without the pieces.
+
+Random weights: the timings are the network's cost; the accelerators' decisions on random weights
+say nothing about quality, only that the mechanics run at full size and what they cost when they
+skip. --reduced runs the same code on a reduced-width model (CPU smoke test).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import math
+import sys
 import time
 
 import torch
@@ -19,6 +37,7 @@ from turbo_core.accel.presets import turbo4d_specs
 from turbo_core.accel.registry import build_run
 from turbo_core.dispatch import FullCompute
 from turbo_core.models.sv4d import SV4DConfig, build_sv4d
+from turbo_core.models.sv4d_blocks import Downsample, Upsample, VideoResBlock
 from turbo_core.train import broadcast_attention, chunked_sdpa
 
 GRIDS = {"sv4d2": (12, 4), "sv4d": (5, 8)}
@@ -56,6 +75,335 @@ def timed(fn, calls):
     return [s.elapsed_time(e) for s, e in ev]
 
 
+# --- whole runs with a per-step breakdown ---------------------------------------------------------
+CATEGORIES = ("spatial", "camera", "motion", "convolutions", "rest")
+
+
+class Timer:
+    """Intervals per category: CUDA events on a GPU (read after one synchronise per step), wall
+    clock on the CPU. Forward hooks time the convolution modules; `TimedDispatch` the
+    sub-attentions."""
+
+    def __init__(self, net, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.marks, self.handles = [], []
+        conv = (VideoResBlock, Downsample, Upsample)
+        mods = [m for m in net.modules() if isinstance(m, conv)] + [net.input_blocks[0][0], net.out]
+        for m in mods:
+            self.handles.append(m.register_forward_pre_hook(lambda mod, args: self._open(mod)))
+            self.handles.append(m.register_forward_hook(lambda mod, args, out: self._close(mod)))
+        self._open_at = {}
+        self.classes = {}  # dispatch class -> its timed subclass
+
+    def now(self):
+        if self.cuda:
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def _open(self, mod):
+        self._open_at[id(mod)] = self.now()
+
+    def _close(self, mod):
+        self.marks.append(("convolutions", self._open_at.pop(id(mod)), self.now()))
+
+    def span(self, category, start, end):
+        self.marks.append((category, start, end))
+
+    def elapsed_ms(self, start, end) -> float:
+        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
+
+    def collect(self, total_start, total_end) -> dict:
+        """ms per category since the last collect; "rest" = the step's time minus the others."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = dict.fromkeys(CATEGORIES, 0.0)
+        for cat, a, b in self.marks:
+            out[cat] += self.elapsed_ms(a, b)
+        total = self.elapsed_ms(total_start, total_end)
+        out["rest"] = total - sum(out[c] for c in CATEGORIES if c != "rest")
+        out["total"] = total
+        self.marks.clear()
+        return out
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def timed_dispatch(d, timer):
+    """A view of dispatch d whose sub-attentions (sequence and grid paths) are timed."""
+    cls = type(d)
+    if cls in timer.classes:
+        view = copy.copy(d)
+        view.__class__ = timer.classes[cls]
+        return view
+
+    class Timed(cls):
+        def attend(self, block, axis, seqs, compute):
+            a = timer.now()
+            out = super().attend(block, axis, seqs, compute)
+            timer.span(axis, a, timer.now())
+            return out
+
+        if hasattr(cls, "attend_grid"):
+            def attend_grid(self, block, axis, x, compute, grid=None, to_axis=None, from_axis=None):
+                # The sequence path inside times itself through attend; time only the grid path.
+                ran = []
+
+                def grid_timed(t):
+                    ran.append(timer.now())
+                    return grid(t)
+
+                out = super().attend_grid(block, axis, x, compute, None if grid is None else grid_timed,
+                                          to_axis, from_axis)
+                if ran:
+                    timer.span(axis, ran[0], timer.now())
+                return out
+
+    timer.classes[cls] = Timed
+    view = copy.copy(d)
+    view.__class__ = Timed
+    return view
+
+
+def sv4d_conditioning(frames, views, side, device, dtype, seed=0):
+    """CFG-batched SV4D conditioning, [uncond, cond] (b = 2): random CLIP tokens, input-frame
+    latents, camera vector and reference views for cond, zeros for uncond (as the guiders do)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    n = frames * views
+
+    def r(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+
+    ctx, concat, y, cv = r(1, frames, 1024), r(n, 4, side, side), r(n, 1280), r(views, 4, side, side)
+    y_u = y.clone()
+    y_u[:, :256] = 0
+    return dict(context=torch.cat([torch.zeros_like(ctx), ctx]), concat=torch.cat([torch.zeros_like(concat), concat]),
+                y=torch.cat([y_u, y]), cond_view=torch.cat([torch.zeros_like(cv), cv]))
+
+
+def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2.0, timer=None, memory=None,
+                  calls=None, seed=0):
+    """Euler EDM sampling of one pass with CFG batched (b = 2), SV4D's V-prediction EDM denoiser
+    (c_in = 1/sqrt(s^2+1), c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_noise = ln(s)/4).
+    `calls` stops after that many steps (per-call timing). Returns (per-step ms, breakdowns,
+    RunStats)."""
+    from turbo_core.sampling_plans import edm_sigmas
+
+    cond = sv4d_conditioning(frames, views, side, device, dtype, seed)
+    n = frames * views
+    sigmas = edm_sigmas(steps).tolist()
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    x = torch.randn(n, 4, side, side, device=device, generator=g, dtype=torch.float32) * sigmas[0]
+    lay = net.token_layout(2 * n, views, frames, side, side)
+    work = net.block_work(lay)
+    run = build_run(specs)
+    run.begin()
+    step_ms, parts = [], []
+    if timer:
+        timer.marks.clear()
+    cuda = torch.device(device).type == "cuda"
+    try:
+        with torch.inference_mode():
+            for i in range(steps if calls is None else min(calls, steps)):
+                s, s_next = sigmas[i], sigmas[i + 1]
+                c_in, c_skip, c_out = (s * s + 1) ** -0.5, 1 / (s * s + 1), -s * (s * s + 1) ** -0.5
+                start = timer.now() if timer else None
+                t0 = time.perf_counter()
+                d = run.dispatch(lay, s, sigmas, blocks=net.blocks, dtype=dtype, device=device, work=work)
+                xin = torch.cat([(x * c_in).to(dtype)] * 2)
+                f = net(torch.cat([xin, cond["concat"]], 1), torch.full((2 * n,), 0.25 * math.log(s), device=device),
+                        cond["context"], cond["y"], cond["cond_view"], views, frames,
+                        dispatch=timed_dispatch(d, timer) if timer else d, memory=memory)
+                run.end_call(d)
+                den = c_skip * torch.cat([x, x]) + c_out * f.float()
+                u, c = den.chunk(2)
+                den = u + scale * (c - u)
+                x = x + (x - den) / s * (s_next - s)
+                if timer:
+                    parts.append(timer.collect(start, timer.now()))
+                    step_ms.append(parts[-1]["total"])
+                else:
+                    if cuda:
+                        torch.cuda.synchronize()
+                    step_ms.append((time.perf_counter() - t0) * 1000)
+    finally:
+        stats = run.end(torch.cuda.max_memory_allocated() if cuda else None)
+    assert torch.isfinite(x).all(), "the sample is not finite"
+    return step_ms, parts, stats
+
+
+def mean_parts(parts):
+    return {c: round(sum(p[c] for p in parts) / len(parts), 1) for c in CATEGORIES + ("total",)} if parts else {}
+
+
+def level_summary(net, stats):
+    """Sequences computed / total per axis and token grid (level), from RunStats' per-block counts."""
+    grid = {b: ds for b, (ds, _) in enumerate(net.attention_levels())}
+    out = {}
+    for axis, blocks in stats.block_counts().items():
+        for b, c in blocks.items():
+            row = out.setdefault(f"1/{grid[b]}", {}).setdefault(axis, [0, 0])
+            row[0] += c["computed"]
+            row[1] += c["total"]
+    return out
+
+
+def breakdown(args, dev, dtype, emit):
+    plans = {"sv4d2": (12, 4, 50), "sv4d": (5, 8, 20)}
+    for version in args.versions:
+        frames, views, steps = plans[version]
+        if args.steps:
+            steps = args.steps
+        torch.manual_seed(0)
+        net = make_net(version, args, dev, dtype)
+        timer = Timer(net, dev)
+        # warm-up (kernel choice, Triton compiles) and the full-compute reference per call
+        euler_cfg_run(net, frames, views, args.side, steps, [], dev, dtype, calls=2)
+        for preset in ["off"] + list(args.presets):
+            if time.perf_counter() > args.deadline:
+                emit({"version": version, "preset": preset, "skipped": "deadline"})
+                continue
+            if dev == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            specs = turbo4d_specs(preset) if preset != "off" else []
+            calls = args.baseline_calls if preset == "off" else None
+            ms, parts, stats = euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, timer=timer,
+                                             calls=calls)
+            summ = stats.summary()
+            measured = sum(ms)
+            row = {"version": version, "frames": frames, "views": views, "batch": 2, "latent": args.side,
+                   "steps": steps, "preset": preset, "calls_run": len(ms),
+                   "latency_s": round(measured / 1000 * (steps / len(ms)), 2),
+                   "latency_note": ("per-call mean x steps (full compute costs the same every step)"
+                                    if len(ms) < steps else "measured, whole schedule"),
+                   "ms_per_step_mean": round(measured / len(ms), 1), "ms_per_step": [round(m, 1) for m in ms],
+                   "breakdown_ms_per_step": mean_parts(parts),
+                   "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
+                   "cache_mb": summ["cache_memory_peak_mb"], "compute_fraction": summ["compute_fraction"],
+                   "chains_bypassed": f"{summ['chains_bypassed']}/{summ['chains_total']}",
+                   "camera_motion_sequences_skipped": f"{summ['tokens_pruned_camera_motion']}/{summ['tokens_total_camera_motion']}",
+                   "per_level": level_summary(net, stats)}
+            emit(row)
+        timer.close()
+        del net
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+
+# --- memory ------------------------------------------------------------------------------------
+def one_pass(net, frames, views, side, dev, dtype, memory=None, specs=(), calls=1, budget=None, steps=20):
+    """Peak memory and ms per call of `calls` CFG-batched calls; None when out of memory."""
+    import gc
+
+    from turbo_core.accel.storage import cache_budget
+
+    if dev == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    failed, row = False, None
+    try:
+        with cache_budget(budget):
+            ms, _, stats = euler_cfg_run(net, frames, views, side, steps, list(specs), dev, dtype, memory=memory,
+                                         calls=calls)
+        row = {"ms_per_call": [round(m, 1) for m in ms],
+               "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
+               "cache_mb": stats.summary()["cache_memory_peak_mb"]}
+        if budget is not None:
+            row["cache_budget"] = budget.summary()
+        if memory is not None:
+            row["retries"] = memory.retries
+    except torch.cuda.OutOfMemoryError:
+        failed = True
+    if failed:
+        gc.collect()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+        return None
+    return row
+
+
+def memory_bench(args, dev, dtype, emit):
+    from turbo_core.memory import MemoryConfig, plan
+
+    net = make_net("sv4d", args, dev, dtype)
+    side = args.side
+    total = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else None
+    frames, views = args.grid
+    for label, memory in (("plain", None), ("pieces", "pieces")):
+        cfg = MemoryConfig() if memory else None
+        r = one_pass(net, frames, views, side, dev, dtype, memory=cfg, calls=2)
+        emit({"what": "one pass", "frames": frames, "views": views, "images_with_cfg": 2 * frames * views,
+              "mode": label, "fits": r is not None, **(r or {})})
+    if time.perf_counter() < args.deadline:
+        cfg = MemoryConfig()
+        _, budget = plan(dev, net.activation_bytes(2 * frames * views, side, side), args.cache_limit_gb and
+                         int(args.cache_limit_gb * 2**30), dtype)
+        r = one_pass(net, frames, views, side, dev, dtype, memory=cfg, specs=turbo4d_specs("fast"),
+                     calls=args.accel_calls, budget=budget)
+        emit({"what": "one pass, Turbo4D fast, cache under a budget", "frames": frames, "views": views,
+              "images_with_cfg": 2 * frames * views, "mode": "pieces+fast+budget", "fits": r is not None, **(r or {})})
+    for v in args.search_views:
+        for label in ("plain", "pieces"):
+            res = search_frames(net, v, side, dev, dtype, label, total, args)
+            emit({"what": "most frames in one pass", "views": v, "mode": label, **res})
+
+
+def search_frames(net, views, side, dev, dtype, label, total, args):
+    """Largest frame count that fits (CFG batch), by a prediction from the memory of two small
+    grids (plain) or the activation estimate (pieces), then bisection within the deadline."""
+    from turbo_core.memory import MemoryConfig
+
+    def fits(f):
+        cfg = MemoryConfig() if label == "pieces" else None
+        r = one_pass(net, f, views, side, dev, dtype, memory=cfg, calls=1)
+        probes.append({"frames": f, "fits": r is not None, **(r or {})})
+        return r
+
+    probes = []
+    weights = sum(p.numel() * p.element_size() for p in net.parameters())
+    f0, f1 = args.search_start
+    lo, hi = 0, None
+    if label == "plain":
+        r0, r1 = fits(f0), fits(f1)
+        if r0 is None:
+            return {"largest_fits": None, "smallest_fails": f0, "probes": probes}
+        if r1 is None:
+            hi = f1
+            lo = f0
+            guess = (f0 + f1) // 2
+        else:
+            lo = f1
+            per_frame = max((r1["peak_gb"] - r0["peak_gb"]) * 2**30 / (f1 - f0), 1) if total else 1
+            guess = int(f1 + (0.97 * total - r1["peak_gb"] * 2**30) / per_frame) if total else f1 * 2
+    else:
+        per_frame = net.activation_bytes(2 * views, side, side, dtype.itemsize)
+        guess = int((0.95 * total - weights - 2 * 2**30) / per_frame) if total else f1 * 2
+        lo = 0
+    guess = max(guess, lo + 1)
+    while time.perf_counter() < args.deadline and len(probes) < args.max_probes:
+        if hi is not None and hi - lo <= max(1, lo // 25):
+            break
+        if fits(guess) is not None:
+            lo = guess
+            guess = (lo + hi) // 2 if hi is not None else int(guess * 1.15) + 1
+        else:
+            hi = guess
+            guess = (lo + hi) // 2
+        if guess <= lo or (hi is not None and guess >= hi):
+            break
+    return {"largest_fits": lo or None, "smallest_fails": hi, "images_with_cfg_at_largest": 2 * views * lo,
+            "probes": probes}
+
+
+def make_net(version, args, dev, dtype):
+    cfg = SV4DConfig.reduced(version) if args.reduced else SV4DConfig(version=version)
+    return build_sv4d(cfg, dev).to(dtype).eval()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--versions", nargs="+", default=["sv4d2", "sv4d"])
@@ -63,7 +411,39 @@ def main():
     ap.add_argument("--side", type=int, default=72)
     ap.add_argument("--accel", default=None, help="a Turbo4D preset to run over a 10-step schedule")
     ap.add_argument("--backends", nargs="+", default=["sdpa", "chunked-sdpa"], choices=list(BACKENDS))
+    ap.add_argument("--breakdown", action="store_true", help="whole runs, per-step breakdown, presets")
+    ap.add_argument("--memory", action="store_true", help="one-pass memory of 21 x 9 and the largest grids")
+    ap.add_argument("--presets", nargs="+", default=["quality", "balanced", "fast"])
+    ap.add_argument("--steps", type=int, default=0, help="override the reference step counts (smoke tests)")
+    ap.add_argument("--baseline-calls", type=int, default=5, help="full-compute calls timed (x steps)")
+    ap.add_argument("--grid", type=int, nargs=2, default=[21, 9], metavar=("FRAMES", "VIEWS"))
+    ap.add_argument("--accel-calls", type=int, default=6)
+    ap.add_argument("--cache-limit-gb", type=float, default=0.0, help="0 = from the free memory")
+    ap.add_argument("--search-views", type=int, nargs="*", default=[9, 4])
+    ap.add_argument("--search-start", type=int, nargs=2, default=[4, 12])
+    ap.add_argument("--max-probes", type=int, default=7)
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
+    ap.add_argument("--reduced", action="store_true", help="reduced-width model (CPU smoke test)")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.breakdown or args.memory:
+        args.deadline = time.perf_counter() + args.budget_s
+        dev = args.device
+        dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+        rows = []
+        out = args.out or f"bench/results/sv4d_{'breakdown' if args.breakdown else 'memory'}.json"
+
+        def emit(row):
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            meta = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+                    "dtype": str(dtype), "command": "python -m bench.bench_sv4d " + " ".join(sys.argv[1:])}
+            with open(out, "w") as f:
+                json.dump({**meta, "rows": rows}, f, indent=1)
+
+        (breakdown if args.breakdown else memory_bench)(args, dev, dtype, emit)
+        return rows
     dev, dtype = "cuda", torch.bfloat16
     results = []
     for version in args.versions:

@@ -151,7 +151,10 @@ def test_sv4d_out_of_memory_piece_is_retried_smaller(caplog):
     assert cfg.retries > 0 and all(s <= 200 for _, _, s, _ in failing.done)
     msgs = [r.getMessage() for r in caplog.records if "out of GPU memory" in r.getMessage()]
     assert len(msgs) == cfg.retries
-    assert msgs[0] == ("Turbo4D: out of GPU memory in camera attention of block 0 (1536 at a time, units 0..1535 "
+    # Camera attention first ran whole on the dispatch's grid path, then in pieces of sequences.
+    assert msgs[0] == ("Turbo4D: out of GPU memory in camera attention of block 0 run whole; running it in pieces "
+                       "of sequences from now on")
+    assert msgs[1] == ("Turbo4D: out of GPU memory in camera attention of block 0 (1536 at a time, units 0..1535 "
                        "of 1536); retrying 768 at a time")
     # The second call starts from the sizes that worked: no message repeats.
     assert len(set(msgs)) == len(msgs)

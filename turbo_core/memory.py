@@ -144,7 +144,12 @@ def run_in_pieces(fn: Callable[[int, int], torch.Tensor], total: int, piece: int
 
 class SequencePieces(Accelerator):
     """Innermost dispatch middleware: runs a sub-attention's sequences a piece at a time, sized
-    from the free memory, retrying a piece that runs out of memory at half its size."""
+    from the free memory, retrying a piece that runs out of memory at half its size.
+
+    `attend` is bound per instance, not overridden on the class: the dispatch keeps its grid path
+    for camera and motion attention (no sequence copies) unless an accelerator's class acts on
+    sequences, and pieces alone are no reason to lose it. `with_pieces` turns the grid path off
+    when the camera and motion work itself has to run in pieces."""
 
     name = "memory"
 
@@ -152,8 +157,9 @@ class SequencePieces(Accelerator):
         super().__init__()
         self.config = config
         self.elements = elements
+        self.attend = self._attend_in_pieces
 
-    def attend(self, dispatch, block, axis, seqs, index, nxt):
+    def _attend_in_pieces(self, dispatch, block, axis, seqs, index, nxt):
         s, length, width = seqs.shape
         per_seq = length * width * seqs.element_size() * self.elements
         piece = units_per_piece(piece_budget(self.config, seqs.device), per_seq, s, self.config.min_piece)
@@ -178,11 +184,85 @@ class SequencePieces(Accelerator):
         return nxt(x)
 
 
-def with_pieces(dispatch, config: MemoryConfig):
+class _GridFallback:
+    """Mixed into a dispatch view by `with_pieces`: a camera/motion sub-attention whose grid path
+    (run whole, no sequence copies) runs out of memory is run again on the sequence path, in
+    pieces, and the run's later calls start on the sequence path."""
+
+    pieces_config: MemoryConfig
+
+    def attend_grid(self, block, axis, x, compute, grid=None, to_axis=None, from_axis=None):
+        if grid is None:
+            return super().attend_grid(block, axis, x, compute, None, to_axis, from_axis)
+        ran = []
+
+        def grid_once(t):
+            ran.append(True)
+            return grid(t)
+
+        failed = False
+        try:
+            return super().attend_grid(block, axis, x, compute, grid_once, to_axis, from_axis)
+        except torch.cuda.OutOfMemoryError:
+            if not ran:
+                raise  # the sequence path, already in pieces, failed at its smallest piece
+            failed = True  # retried outside the handler: the traceback holds the grid path's tensors
+        if failed:
+            cfg = self.pieces_config
+            if self.stats is not None:  # the grid path counted the whole sub-attention before it ran
+                self.stats.attention_retried(block, axis, self.layout.axis_shape(axis)[0])
+            msg = (f"Turbo4D: out of GPU memory in {axis} attention of block {block} run whole; running it "
+                   f"in pieces of sequences from now on")
+            log.warning(msg)
+            cfg.retries += 1
+            cfg.messages.append(msg)
+            cfg.caps["grid"] = False
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        return super().attend_grid(block, axis, x, compute, None, to_axis, from_axis)
+
+
+_FALLBACK_CLASSES: dict = {}
+
+
+def with_pieces(dispatch, config: MemoryConfig, device=None, largest_bytes: Optional[int] = None):
     """A view of `dispatch` (same step, accelerators, stats, backend) whose sub-attentions run in
-    pieces, `SequencePieces` innermost."""
+    pieces, `SequencePieces` innermost. `largest_bytes`: the transient memory of the call's
+    largest sub-attention in one piece; when it is over the budget now, camera and motion leave
+    the dispatch's grid path (which runs them whole) for the sequence path, in pieces."""
     import copy
 
     view = copy.copy(dispatch)
     view.accelerators = list(dispatch.accelerators) + [SequencePieces(config)]
+    if hasattr(view, "attend_grid"):
+        cls = type(dispatch)
+        if cls not in _FALLBACK_CLASSES:
+            _FALLBACK_CLASSES[cls] = type(f"Pieces{cls.__name__}", (_GridFallback, cls), {})
+        view.__class__ = _FALLBACK_CLASSES[cls]
+        view.pieces_config = config
+    if getattr(view, "grid", False):
+        budget = piece_budget(config, device)
+        if config.caps.get("grid") is False or (
+                largest_bytes is not None and budget is not None and largest_bytes > budget):
+            view.grid = False
     return view
+
+
+def plan(device, forward_bytes: int, cache_limit: Optional[int] = None, model_dtype=None,
+         weights_to_load: int = 0, reserve_bytes: int = 2 * GIB):
+    """(MemoryConfig, CacheBudget or None) for a sampling run on `device`: pieces sized from the
+    free memory at each step, and the accelerators' cache on the GPU up to what stays free beside
+    the weights still to load, the forward's own activations (`forward_bytes`) and a reserve for
+    its pieces, capped by `cache_limit` (the user's bound, bytes); beyond it the cache goes to CPU
+    memory. A float32 model's cache is kept in bf16 (half the bytes, float32's range). Off the
+    GPU: no budget (the cache stays where the model is)."""
+    from .accel.storage import CacheBudget
+
+    cfg = MemoryConfig()
+    free = free_bytes(device)
+    if free is None:
+        return cfg, None
+    room = max(free - int(weights_to_load) - int(forward_bytes) - int(reserve_bytes), 0)
+    if cache_limit is not None:
+        room = min(room, max(int(cache_limit), 0))
+    return cfg, CacheBudget(room, half=torch.bfloat16 if model_dtype == torch.float32 else None)

@@ -59,7 +59,8 @@ import torch.nn.functional as F
 
 from ..dispatch import FullCompute, SCMDispatch
 from ..layout import SCMLayout
-from ..memory import MemoryConfig, piece_budget, run_in_pieces, units_per_piece, with_pieces
+from ..memory import (TRANSFORMER_ELEMENTS, MemoryConfig, piece_budget, run_in_pieces, units_per_piece,
+                      with_pieces)
 from .io import CheckpointError, read_metadata
 from .sv4d_blocks import (AlphaBlender, CameraAxis, Downsample, GroupNorm32, MixBlock, SpatialBlock,
                           Upsample, VideoResBlock, mlp, timestep_embedding)
@@ -394,6 +395,22 @@ class SV4DUNet(nn.Module):
             flops[axis] += n * per_seq
         return seqs, flops
 
+    def activation_bytes(self, images: int, height: int, width: int, element_size: int = 2) -> int:
+        """Memory a forward of `images` latents of height x width holds beside the transient work
+        of its pieces (turbo_core.memory): the skip connections (every input block's output, kept
+        for the output blocks) and a working set of about eight top-level tensors of the model's
+        width (the stream, the attention chain's projections, axis copies and sums, a res block's
+        concatenated input)."""
+        cfg, hw = self.cfg, height * width
+        mc = cfg.model_channels
+        skip, ds = mc * hw, 1                          # input_blocks.0: the input convolution
+        for level, mult in enumerate(cfg.channel_mult):
+            skip += cfg.num_res_blocks * mult * mc * hw // (ds * ds)
+            if level != len(cfg.channel_mult) - 1:
+                ds *= 2
+                skip += mult * mc * hw // (ds * ds)    # the downsampled stream
+        return int((skip + 8 * mc * hw) * images * element_size)
+
     def condition(self, x: torch.Tensor, timesteps, context: torch.Tensor, y: torch.Tensor,
                   cond_view: torch.Tensor, views: int, frames: int,
                   dispatch: Optional[SCMDispatch] = None) -> "SV4DCall":
@@ -441,7 +458,9 @@ class SV4DUNet(nn.Module):
         if memory is not None:
             d = dispatch if dispatch is not None else FullCompute(self.token_layout(x.shape[0], views, frames,
                                                                                    *x.shape[-2:]))
-            dispatch = with_pieces(d, memory)
+            n, _, hh, ww = x.shape
+            largest = n * hh * ww * self.cfg.model_channels * TRANSFORMER_ELEMENTS * self.out[2].weight.element_size()
+            dispatch = with_pieces(d, memory, x.device, largest)
         call = self.condition(x, timesteps, context, y, cond_view, views, frames, dispatch)
         emb, per_item = call.emb, frames * views
 
