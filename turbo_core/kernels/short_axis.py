@@ -14,7 +14,9 @@ output through the same kind of view, so it lands in the image-major layout.
 
 Two kernel variants compute the same function: `fma` (elementwise products and an online softmax
 over the keys, on the CUDA cores, no padding of the key axis) and `dot` (batched tensor-core
-products, each sequence padded to 16). bench/bench_kernels.py times both; `_choose` holds the pick.
+products, each sequence padded to 16). bench/bench_kernels.py times both; `_choose` holds the pick
+(fma up to length 4, dot above). On an H100 both came within 1.1x of the memory floor (a copy of
+the same bytes) at SV4D 2.0's top level, where SDPA took 9.7 ms (camera) and 3.2 ms (motion).
 
 Where the kernel does not apply (no Triton, a CPU tensor, gradients wanted, an unsupported
 length, head size or dtype) the same views go through SDPA with explicit transposes: the same
@@ -144,18 +146,20 @@ def _pow2(n: int) -> int:
 
 
 def _choose(length: int, head_dim: int, dtype: torch.dtype, variant: Optional[str]) -> dict:
-    """Kernel variant and tile for a length / head size. `fma` keeps the queries and the
-    accumulator of BLOCK_L x BLOCK_R x d elements in registers (about 4096 fp32 each for 4 warps);
-    `dot` needs 16-wide tiles for the tensor cores and fp16/bf16 inputs."""
+    """Kernel variant and tile for a length / head size, from bench/bench_kernels.py's sweep on an
+    H100 (bf16, d = 64; results/kernels_sweep_h100.json): `fma` with 8 sequences x 2 warps a
+    program was fastest for length 4 (0.45 ms for SV4D 2.0's top-level camera axis, dot 0.52),
+    `dot` with 4 sequences x 4 warps for lengths 5..12 (length 12: 0.45 ms, fma 2.7: the fma
+    variant's fp32 registers grow with length^2). fp32 stays on `fma`: the tensor-core products
+    would round to tf32."""
     if variant is None:
-        variant = "fma"
+        variant = "fma" if length <= 4 or dtype == torch.float32 else "dot"
     if variant == "dot" and dtype == torch.float32:
-        variant = "fma"  # the tensor-core products would round to tf32
+        variant = "fma"
     if variant == "dot":
-        block_l = max(16, _pow2(length))
-        return dict(variant="dot", BLOCK_L=block_l, BLOCK_R=max(1, 8192 // (block_l * head_dim)), num_warps=4)
+        return dict(variant="dot", BLOCK_L=max(16, _pow2(length)), BLOCK_R=4, num_warps=4)
     block_l = _pow2(length)
-    return dict(variant="fma", BLOCK_L=block_l, BLOCK_R=max(1, 4096 // (block_l * head_dim)), num_warps=4)
+    return dict(variant="fma", BLOCK_L=block_l, BLOCK_R=max(1, 2048 // (block_l * head_dim)), num_warps=2)
 
 
 def _strides3(t: torch.Tensor):
