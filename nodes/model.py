@@ -116,7 +116,9 @@ def denoised_space(net: SCMNet, x: torch.Tensor, transformer_options: dict):
         return None
     edm = EDM(sigma_data=net.cfg.sigma_data)
     sigma = sigmas.flatten().to(device=x.device, dtype=torch.float32)
-    sigma = sigma.expand(x.shape[0]) if sigma.numel() == 1 else sigma
+    if sigma.numel() != x.shape[0]:
+        # One sigma per call: ComfyUI batches cond and uncond (CFG) under the sampler's sigma.
+        sigma = sigma[:1].expand(x.shape[0])
     _, _, c_in, _ = edm.coefficients(sigma)
     noisy = x[:, :net.cfg.out_channels].float() / c_in.view(-1, 1, 1, 1)
     return edm.output_space(noisy, sigma)

@@ -23,19 +23,24 @@ blocks update activations in place (ComfyUI's) would otherwise turn `y - x` into
 every block of a call is the whole-model skip of step-level caches.
 
 Whole steps (step_threshold > 0). Before any block runs, the bypass may skip the model call
-outright and answer with a forecast of its output, extrapolated linearly in log(sigma) from the
-last two calls that ran. Why this works: an Euler step taken with a model output held from an
-earlier call is exactly a longer Euler step from that call (in the EDM and v parameterisations
-the held output means a held denoised image or noise estimate), so the zeroth-order forecast is
-never worse than sampling with fewer steps, and the first-order one is the extrapolation
-multistep solvers (DPM-Solver++ 2M) make of the denoised image. The error of a linear forecast
-grows with the product of its distances to the two points it extrapolates from,
+outright and answer with a forecast denoised image: the last one held (forecast_order 0), or
+extrapolated linearly in s = log(sigma) from the last two (order 1, the extrapolation of
+DPM-Solver++ 2M). With the output held, Euler over the skipped calls is exactly one longer Euler
+step from the call that ran (a test checks this), so the skips choose, per run, which sigmas of
+the schedule are computed. The forecast error is modelled as
 
-    error(s) ~= kappa * |s - s_b| * |s - s_c|,        s = log(sigma),
+    error(s) ~= kappa * |s - s_b|               (order 0; order 1: kappa * |s - s_b| * |s - s_a|)
 
-and kappa is measured, not assumed: every call that runs first checks the forecast it would have
-made against its real output, so a run whose trajectory bends gets fewer skips, one that is
-straight gets more. A skip is taken when this estimate is under step_threshold.
+from the points s_b (and s_a) it extrapolates from, and kappa is measured, not assumed: every
+call that runs first checks the forecast it would have made against its real output, so a run
+whose trajectory bends gets fewer skips, a straight one more. A skip is taken while the estimate
+is under step_threshold and fewer than step_max_skips calls were skipped in a row.
+
+Measured on the embedded model (BENCHMARKS.md): holding beats extrapolating at equal calls; the
+adaptive choice matches a plain shorter Karras schedule at 9 of 20 calls and falls 1-4 dB behind
+it at 4-6 calls (it must run a second call to measure kappa, and its last jumps are long), so on a
+model that cheap, fewer steps is the first thing to try; the skips pay where the step count is
+fixed by the model's reference settings.
 """
 from __future__ import annotations
 
@@ -64,7 +69,7 @@ class ChainBypassConfig:
     step_threshold: float = 0.0  # estimated relative error of a forecast model output under which a
                                  # whole model call is skipped (0 = never skip whole calls)
     step_max_skips: int = 3     # whole calls skipped in a row before one must run again
-    forecast_order: int = 1     # 1: extrapolate linearly in log(sigma); 0: hold the last output
+    forecast_order: int = 0     # 0: hold the last denoised image; 1: extrapolate linearly in log(sigma)
 
     def __post_init__(self):
         _check_common(self, "ChainBypassConfig")
@@ -111,17 +116,23 @@ class _Outputs:
         self.skips = 0
         self.like = None         # (dtype, device) of the real outputs
 
+    def ready(self, order: int) -> bool:
+        return len(self.points) > order
+
     def forecast(self, s: float, order: int) -> torch.Tensor:
-        (s_a, a), (s_b, b) = self.points[-2], self.points[-1]
         dtype, device = self.like
-        a, b = a.to(device=device, dtype=torch.float32), b.to(device=device, dtype=torch.float32)
-        if order == 0 or s_b == s_a:
+        s_b, b = self.points[-1]
+        b = b.to(device=device, dtype=torch.float32)
+        if order == 0:
             return b.to(dtype)
+        s_a, a = self.points[-2]
+        a = a.to(device=device, dtype=torch.float32)
         return torch.lerp(a, b, (s - s_a) / (s_b - s_a)).to(dtype)  # t > 1: extrapolation
 
-    def estimate(self, s: float, order: int) -> float:
-        (s_a, _), (s_b, _) = self.points[-2], self.points[-1]
-        return self.kappa * (abs(s - s_b) if order == 0 else abs(s - s_b) * abs(s - s_a))
+    def span(self, s: float, order: int) -> float:
+        """How far s is from the points a forecast of this order extrapolates from."""
+        d = abs(s - self.points[-1][0])
+        return d if order == 0 else d * abs(s - self.points[-2][0])
 
 
 class ChainBypassState:
@@ -166,9 +177,9 @@ class ChainBypass(Accelerator):
         if o.points and o.points[-1][1].shape != x.shape[:1] + o.points[-1][1].shape[1:]:
             o = st.outputs = _Outputs()
         s = math.log(step.sigma)
-        if (cfg.start_percent <= step.percent <= cfg.end_percent and len(o.points) == 2
+        if (cfg.start_percent <= step.percent <= cfg.end_percent and o.ready(cfg.forecast_order)
                 and o.kappa is not None and o.skips < cfg.step_max_skips):
-            estimate = o.estimate(s, cfg.forecast_order)
+            estimate = o.kappa * o.span(s, cfg.forecast_order)
             if dispatch.stats is not None:
                 dispatch.stats.signal("bypass.step", estimate, cfg.step_threshold)
             if estimate < cfg.step_threshold:
@@ -187,13 +198,11 @@ class ChainBypass(Accelerator):
             return out
         kept = out.detach() if space is None else space.denoised(out.detach())
         o.like = (out.dtype, out.device)
-        if len(o.points) == 2:
+        if o.ready(cfg.forecast_order):
             # How far off the forecast for this call would have been: kappa for the next ones.
-            (s_a, _), (s_b, _) = o.points
             err = (o.forecast(s, cfg.forecast_order).float() - kept.float()).abs().mean() / \
                 kept.float().abs().mean().clamp_min(1e-12)
-            span = abs(s - s_b) if cfg.forecast_order == 0 else abs(s - s_b) * abs(s - s_a)
-            o.kappa = float(err) / max(span, 1e-12)  # one host sync per call that runs
+            o.kappa = float(err) / max(o.span(s, cfg.forecast_order), 1e-12)  # one host sync per call that runs
         o.points = (o.points + [(s, self.store.keep(kept.clone()))])[-2:]
         return out
 

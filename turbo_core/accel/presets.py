@@ -1,8 +1,8 @@
 """Named settings for each accelerator and for the three together ("Turbo4D").
 
-PROVISIONAL: chosen from one sweep (`python -m bench.bench_accel --sweep`) of the trained default
-model as it was on 2026-11-22; re-tune when the model or the sampler changes (the lead will), and
-use `python -m turbo_core.accel.calibrate` for a model-specific threshold.
+Chosen from the sweeps of `python -m bench.bench_accel --sweep` on the trained default model
+(bench/results/bench_accel.json); re-tune when the model or the sampler changes, and use
+`python -m turbo_core.accel.calibrate` for a model-specific threshold.
 
 In the combined presets each mechanism is set more gently than alone: their savings compound, and
 so do their errors (a block the bypass skips is one the cache cannot refresh).
@@ -35,31 +35,31 @@ PRUNE_PRESETS = {
     "fast": TokenPrunerConfig(keep_start=0.3, keep_end=0.15, start_percent=0.1),      # 1.38x, 32.4 dB, -1.6
 }
 
+# Whole steps (step_threshold) carry most of the saving; the per-block threshold works on the calls
+# that run. Whole-step settings from the sweep of 2026-11-23 (bench_accel.json, sweep-step-o0-*):
+# hold the denoised image (forecast_order 0), which beat extrapolating at equal calls.
 BYPASS_PRESETS = {
     "off": None,
-    "quality": ChainBypassConfig(threshold=0.05, max_consecutive=2, start_percent=0.2),  # 1.19x, 59.8 dB, +0.03
-    "balanced": ChainBypassConfig(threshold=0.08, max_consecutive=2, start_percent=0.2),  # 1.27x, 44.8 dB, -0.49
-    "fast": ChainBypassConfig(threshold=0.15, max_consecutive=3, start_percent=0.15),     # 1.65x, 32.0 dB, -3.2
+    "quality": ChainBypassConfig(threshold=0.05, max_consecutive=2, start_percent=0.2,
+                                 step_threshold=0.03, step_max_skips=3),
+    "balanced": ChainBypassConfig(threshold=0.08, max_consecutive=2, start_percent=0.2,
+                                  step_threshold=0.1, step_max_skips=6),
+    "fast": ChainBypassConfig(threshold=0.15, max_consecutive=3, start_percent=0.15,
+                              step_threshold=0.3, step_max_skips=12),
 }
 
 PRESETS = {"cache": CACHE_PRESETS, "prune": PRUNE_PRESETS, "bypass": BYPASS_PRESETS}
 _APPLY = {"cache": apply_rolling_cache, "prune": apply_token_pruning, "bypass": apply_chain_bypass}
 
-# Measured the same way (bench/results/bench_accel.json; the final presets again in
-# bench_accel_presets.json: 1.17x, 1.37x, 1.93x; timings vary ~10% between runs). Bypass + cache
-# alone: b.05+c.1 1.17x, 55.0 dB, +0.04; b.08+c.2 1.38x, 40.7 dB, -0.58; b.12+c.3 1.74x, 31.4 dB,
-# -2.7. With the pruner added (keep .8/.6, .6/.45, .45/.3): 1.07x 46.8 dB, 1.25x 36.1 dB, 1.71x
-# 29.9 dB: on this model (4 views x 8 frames, 16 x 16 tokens) camera and motion attention are a
-# small share of the time, so the pruner adds error for little speed. Quality and balanced
-# therefore leave it out; fast keeps all three levels, at a small cost (1.5 dB, 2% speed) against
-# bypass + cache alone, and is where a larger V x F grid gains from it.
+# The combined presets: the bypass with whole steps, plus the cache (and at fast the pruner) on the
+# calls that run. Measured rows: BENCHMARKS.md ("Accelerators on the embedded model").
 TURBO4D_PRESETS = {
     "off": {},
-    "quality": {"bypass": ChainBypassConfig(threshold=0.05),                          # 1.17x, 55.0 dB, +0.04
+    "quality": {"bypass": ChainBypassConfig(threshold=0.05, step_threshold=0.03, step_max_skips=3),
                 "cache": RollingCacheConfig(threshold=0.1)},
-    "balanced": {"bypass": ChainBypassConfig(threshold=0.08),                         # 1.38x, 40.7 dB, -0.58
+    "balanced": {"bypass": ChainBypassConfig(threshold=0.08, step_threshold=0.1, step_max_skips=6),
                  "cache": RollingCacheConfig(threshold=0.2)},
-    "fast": {"bypass": ChainBypassConfig(threshold=0.12, max_consecutive=3),          # 1.71-1.93x, 29.9 dB, -3.1
+    "fast": {"bypass": ChainBypassConfig(threshold=0.12, max_consecutive=3, step_threshold=0.3, step_max_skips=12),
              "cache": RollingCacheConfig(threshold=0.3, max_age=5),
              "prune": TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1)},
 }
