@@ -78,7 +78,7 @@ class Turbo4DRun:
     `listeners` (e.g. the GUI's live map) are called as `listener(stats, entry)` after every model
     call with the latest timeline entry, and as `listener(stats, None)` when the run ends."""
 
-    def __init__(self, accelerators: Sequence[Accelerator] = (), backend: str = "sdpa",
+    def __init__(self, accelerators: Sequence[Accelerator] = (), backend: str = "short-axis",
                  listeners: Sequence[Callable] = ()):
         self.accelerators = list(accelerators)
         self.backend = backend

@@ -27,7 +27,7 @@ def merge_spec(specs: Iterable[tuple[str, object]], name: str, config) -> list:
     return out
 
 
-def build_run(specs: Iterable[tuple[str, object]] = (), backend: str = "sdpa") -> Turbo4DRun:
+def build_run(specs: Iterable[tuple[str, object]] = (), backend: str = "short-axis") -> Turbo4DRun:
     _load_builtin()
     accs = []
     for name, config in specs or []:

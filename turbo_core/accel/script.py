@@ -15,7 +15,7 @@ from .stats import RunStats
 
 def sample_accelerated(net, edm: EDM, specs: Sequence, noise: torch.Tensor, sigmas: torch.Tensor,
                        cond: torch.Tensor, camera: torch.Tensor, views: int, frames: int, *,
-                       callback: Optional[Callable] = None, backend="sdpa", stream: str = "default",
+                       callback: Optional[Callable] = None, backend="short-axis", stream: str = "default",
                        run: Optional[Turbo4DRun] = None, frame_index=None) -> tuple[torch.Tensor, RunStats]:
     """Euler-samples a V x F grid with the accelerators of `specs` (or a prebuilt `run`).
 
