@@ -185,7 +185,7 @@ def sv4d_conditioning(frames, views, side, device, dtype, seed=0):
 
 
 def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2.0, timer=None, memory=None,
-                  calls=None, seed=0):
+                  calls=None, seed=0, progress=False):
     """Euler EDM sampling of one pass with CFG batched (b = 2), SV4D's V-prediction EDM denoiser
     (c_in = 1/sqrt(s^2+1), c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_noise = ln(s)/4).
     `calls` stops after that many steps (per-call timing). Returns (per-step ms, breakdowns,
@@ -229,6 +229,10 @@ def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2
                     if cuda:
                         torch.cuda.synchronize()
                     step_ms.append((time.perf_counter() - t0) * 1000)
+                if progress:
+                    print(json.dumps({"step": i, "ms": round(step_ms[-1], 1),
+                                      "allocated_gb": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None}),
+                          flush=True)
     finally:
         stats = run.end(torch.cuda.max_memory_allocated() if cuda else None)
     assert torch.isfinite(x).all(), "the sample is not finite"
@@ -294,7 +298,8 @@ def breakdown(args, dev, dtype, emit):
 
 
 # --- memory ------------------------------------------------------------------------------------
-def one_pass(net, frames, views, side, dev, dtype, memory=None, specs=(), calls=1, budget=None, steps=20):
+def one_pass(net, frames, views, side, dev, dtype, memory=None, specs=(), calls=1, budget=None, steps=20,
+             progress=False):
     """Peak memory and ms per call of `calls` CFG-batched calls; None when out of memory."""
     import gc
 
@@ -308,7 +313,7 @@ def one_pass(net, frames, views, side, dev, dtype, memory=None, specs=(), calls=
     try:
         with cache_budget(budget):
             ms, _, stats = euler_cfg_run(net, frames, views, side, steps, list(specs), dev, dtype, memory=memory,
-                                         calls=calls)
+                                         calls=calls, progress=progress)
         row = {"ms_per_call": [round(m, 1) for m in ms],
                "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
                "cache_mb": stats.summary()["cache_memory_peak_mb"]}
@@ -333,26 +338,31 @@ def memory_bench(args, dev, dtype, emit):
     side = args.side
     total = torch.cuda.get_device_properties(0).total_memory if dev == "cuda" else None
     frames, views = args.grid
-    for label, memory in (("plain", None), ("pieces", "pieces")):
-        cfg = MemoryConfig() if memory else None
-        r = one_pass(net, frames, views, side, dev, dtype, memory=cfg, calls=2)
-        emit({"what": "one pass", "frames": frames, "views": views, "images_with_cfg": 2 * frames * views,
-              "mode": label, "fits": r is not None, **(r or {})})
-    if time.perf_counter() < args.deadline:
+    parts = args.parts
+    if "one-pass" in parts:
+        for label, memory in (("plain", None), ("pieces", "pieces")):
+            cfg = MemoryConfig() if memory else None
+            r = one_pass(net, frames, views, side, dev, dtype, memory=cfg, calls=2)
+            emit({"what": "one pass", "frames": frames, "views": views, "images_with_cfg": 2 * frames * views,
+                  "mode": label, "fits": r is not None, **(r or {})})
+    if "search" in parts:
+        for v in args.search_views:
+            plain = search_frames(net, v, side, dev, dtype, "plain", total, args)
+            emit({"what": "most frames in one pass", "views": v, "mode": "plain", **plain})
+            res = search_frames(net, v, side, dev, dtype, "pieces", total, args, at_least=plain["largest_fits"] or 0)
+            emit({"what": "most frames in one pass", "views": v, "mode": "pieces", **res})
+    if "accel" in parts and time.perf_counter() < args.deadline:
         cfg = MemoryConfig()
         _, budget = plan(dev, net.activation_bytes(2 * frames * views, side, side), args.cache_limit_gb and
                          int(args.cache_limit_gb * 2**30), dtype)
+        print(json.dumps({"cache_budget_planned": None if budget is None else budget.summary()}), flush=True)
         r = one_pass(net, frames, views, side, dev, dtype, memory=cfg, specs=turbo4d_specs("fast"),
-                     calls=args.accel_calls, budget=budget)
+                     calls=args.accel_calls, budget=budget, progress=True)
         emit({"what": "one pass, Turbo4D fast, cache under a budget", "frames": frames, "views": views,
               "images_with_cfg": 2 * frames * views, "mode": "pieces+fast+budget", "fits": r is not None, **(r or {})})
-    for v in args.search_views:
-        for label in ("plain", "pieces"):
-            res = search_frames(net, v, side, dev, dtype, label, total, args)
-            emit({"what": "most frames in one pass", "views": v, "mode": label, **res})
 
 
-def search_frames(net, views, side, dev, dtype, label, total, args):
+def search_frames(net, views, side, dev, dtype, label, total, args, at_least=0):
     """Largest frame count that fits (CFG batch), by a prediction from the memory of two small
     grids (plain) or the activation estimate (pieces), then bisection within the deadline."""
     from turbo_core.memory import MemoryConfig
@@ -382,7 +392,7 @@ def search_frames(net, views, side, dev, dtype, label, total, args):
     else:
         per_frame = net.activation_bytes(2 * views, side, side, dtype.itemsize)
         guess = int((0.95 * total - weights - 2 * 2**30) / per_frame) if total else f1 * 2
-        lo = 0
+        lo = at_least
     guess = max(guess, lo + 1)
     while time.perf_counter() < args.deadline and len(probes) < args.max_probes:
         if hi is not None and hi - lo <= max(1, lo // 25):
@@ -423,6 +433,7 @@ def main():
     ap.add_argument("--search-start", type=int, nargs=2, default=[4, 12])
     ap.add_argument("--max-probes", type=int, default=7)
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new measurements after this")
+    ap.add_argument("--parts", nargs="+", default=["one-pass", "search", "accel"], help="--memory sections")
     ap.add_argument("--reduced", action="store_true", help="reduced-width model (CPU smoke test)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
