@@ -145,7 +145,7 @@ def test_step_skip_forecast_within_bound_and_state_freed(net, full):
 
     calls, hook = _counting_forward(net)
     try:
-        cfg = ChainBypassConfig(threshold=0.0, step_threshold=0.2, step_max_skips=3, start_percent=0.0)
+        cfg = ChainBypassConfig(threshold=0.0, step_threshold=0.1, step_max_skips=3, start_percent=0.0)
         run = build_run([("bypass", cfg)])
         x, st = sample(net, None, run=run)
     finally:
