@@ -353,8 +353,8 @@ def memory_bench(args, dev, dtype, emit):
             emit({"what": "most frames in one pass", "views": v, "mode": "pieces", **res})
     if "accel" in parts and time.perf_counter() < args.deadline:
         cfg = MemoryConfig()
-        _, budget = plan(dev, net.activation_bytes(2 * frames * views, side, side), args.cache_limit_gb and
-                         int(args.cache_limit_gb * 2**30), dtype)
+        limit = int(args.cache_limit_gb * 2**30) if args.cache_limit_gb > 0 else None  # 0 = no user limit
+        _, budget = plan(dev, net.activation_bytes(2 * frames * views, side, side), limit, dtype)
         print(json.dumps({"cache_budget_planned": None if budget is None else budget.summary()}), flush=True)
         r = one_pass(net, frames, views, side, dev, dtype, memory=cfg, specs=turbo4d_specs("fast"),
                      calls=args.accel_calls, budget=budget, progress=True)

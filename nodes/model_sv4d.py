@@ -28,6 +28,7 @@ import comfy.supported_models_base
 from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
 
 from turbo_core.layout import AXES
+from turbo_core.memory import MemoryConfig
 from turbo_core.models.sv4d import SV4DUNet
 from turbo_core.sampling_plans import SIGMA_MAX, SIGMA_MIN, frame_permutation, step_index
 
@@ -37,6 +38,10 @@ from . import model as m
 COND_CONCAT, COND_VECTOR, COND_VIEW = "sv4d_concat", "sv4d_vector", "sv4d_cond_view"
 COND_VIEWS, COND_FRAMES, COND_ALTERNATE = "sv4d_views", "sv4d_frames", "sv4d_alternate"
 LATENT_CHANNELS = 4
+# transformer_options[MEMORY_KEY]: the turbo_core.memory.MemoryConfig of a sampling run (the
+# SV4D sampler puts one there; a call on the GPU without one gets a fresh one).
+MEMORY_KEY = "turbo4d_memory"
+PIECE_ROOM = 2 << 30  # what memory_required adds for the pieces' transient work
 
 
 class SV4DModelConfig(comfy.supported_models_base.BASE):
@@ -96,7 +101,10 @@ class SV4DDiffusionModel(m.ExecutorDiffusionModel):
         layout = self.net.token_layout(n, views, frames, hh, ww)
         tag = ("|reversed" if reverse else "|forward") if kwargs.get("alternate") else ""
         run, d = self._dispatch(transformer_options, layout, timesteps, x, tag)
-        out = self.net(x, t, context, y, cv, views, frames, dispatch=d)
+        memory = transformer_options.get(MEMORY_KEY)
+        if memory is None and x.is_cuda:
+            memory = MemoryConfig()
+        out = self.net(x, t, context, y, cv, views, frames, dispatch=d, memory=memory)
         if run is not None:
             run.end_call(d)
         if reverse:
@@ -109,6 +117,15 @@ class SV4DModel(comfy.model_base.BaseModel):
         super().__init__(SV4DModelConfig(), model_type=comfy.model_base.ModelType.V_PREDICTION_EDM, device=device)
         self.diffusion_model = SV4DDiffusionModel(net)
         self.diffusion_model.eval()
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        """Activation memory of a call on `input_shape` (N, C, h, w): ComfyUI frees this much before
+        sampling and batches cond and uncond together when 1.5x it is free. The forward splits its
+        transient work into pieces that fit the free memory, so what it needs is what it holds
+        (SV4DUNet.activation_bytes) plus room for a piece, not ComfyUI's area-based guess."""
+        n, h, w = int(input_shape[0]), int(input_shape[-2]), int(input_shape[-1])
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        return self.diffusion_model.net.activation_bytes(n, h, w, torch.empty((), dtype=dtype).element_size()) + PIECE_ROOM
 
     def extra_conds(self, **kwargs):
         out = {}

@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 
+import comfy.model_management
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -30,6 +31,8 @@ import latent_preview
 from comfy_api.latest import io
 
 from turbo_core.accel.stats import RunStats
+from turbo_core.accel.storage import cache_budget
+from turbo_core.memory import plan
 from turbo_core.models.io import CheckpointError
 from turbo_core.models.sv4d import detect_sv4d, load_sv4d, parameter_count, read_sv4d_config
 from turbo_core.sampling_plans import (Pass, VARIANTS, camera_radians, check_plan, frame_permutation,
@@ -39,6 +42,7 @@ from turbo_core.sampling_plans import (Pass, VARIANTS, camera_radians, check_pla
 from . import events
 from . import model as m
 from . import model_sv4d as g
+from .memory import cache_limit_bytes
 from .types import Turbo4DStats
 
 log = logging.getLogger("turbo4d")
@@ -182,6 +186,10 @@ def merge_stats(items: list) -> Optional[RunStats]:
         for k in ("sequences_total", "sequences_computed", "sequences_reused"):
             for a, v in getattr(s, k).items():
                 getattr(out, k)[a] += v
+        for key, cell in s.per_block.items():
+            merged = out.per_block[key]
+            for i, v in enumerate(cell):
+                merged[i] += v
         for src, per in s.reused_by.items():
             for a, v in per.items():
                 out.reused_by[src][a] += v
@@ -195,8 +203,45 @@ def merge_stats(items: list) -> Optional[RunStats]:
         accs = s.__dict__.get("accelerators")
         if accs:
             out.__dict__.setdefault("accelerators", {}).update(accs)
+        mem = s.__dict__.get("memory")
+        if mem:
+            acc = out.__dict__.setdefault("memory", {"retries": 0})
+            acc["retries"] += mem.get("retries", 0)
+            for k in ("gpu_limit_mb", "gpu_peak_mb", "cpu_peak_mb"):
+                if mem.get(k) is not None:
+                    acc[k] = max(acc.get(k) or 0, mem[k])
     out.started = min(s.started for s in items)
     return out
+
+
+def memory_line(mem: Optional[dict]) -> str:
+    """Where the accelerators' cache was, and the out-of-memory retries, for the stats line."""
+    if not mem:
+        return ""
+    out = ""
+    if mem.get("gpu_limit_mb") is not None:
+        out += (f"; cache on GPU {mem['gpu_peak_mb'] / 1024:.1f} of {mem['gpu_limit_mb'] / 1024:.1f} GB allowed, "
+                f"in CPU memory {mem['cpu_peak_mb'] / 1024:.1f} GB")
+    if mem.get("retries"):
+        out += f"; {mem['retries']} out-of-memory retries in smaller pieces"
+    return out
+
+
+def plan_memory(model_patcher, net, images: int, latent: int):
+    """(MemoryConfig, CacheBudget or None) of one pass (turbo_core.memory.plan): from the free
+    memory of ComfyUI's device, less the weights still to load and the forward's activations, at
+    most the Turbo4D Memory node's bound."""
+    device = comfy.model_management.get_torch_device()
+    if getattr(device, "type", str(device)) != "cuda":
+        return None, None
+    dtype = net.out[2].weight.dtype
+    try:
+        to_load = max(int(model_patcher.model_size()) - int(model_patcher.loaded_size()), 0)
+    except Exception:  # a patcher without the size API: plan as if loaded
+        to_load = 0
+    elt = torch.empty((), dtype=model_patcher.model.get_dtype()).element_size()
+    return plan(device, net.activation_bytes(images, latent, latent, elt), cache_limit_bytes(model_patcher),
+                model_patcher.model.get_dtype(), weights_to_load=to_load)
 
 
 class SV4DSampler(io.ComfyNode):
@@ -310,6 +355,8 @@ class SV4DSampler(io.ComfyNode):
         passes = f"{len(plan)} pass" + ("es" if len(plan) != 1 else "")
         line = (stats.format_line(f"Turbo4D {variant.title}, {passes}") if stats is not None
                 else "Turbo4D: no stats (the sampling runs did not report)")
+        if stats is not None:
+            line += memory_line(stats.__dict__.get("memory"))
         images = image_matrix.permute(1, 0, 2, 3, 4).reshape(-1, size, size, 3)
         return io.NodeOutput(images, {"samples": latents.reshape(-1, *latents.shape[2:])}, line, stats,
                              ui={"text": [line], **events.ui_output(stats)})
@@ -337,15 +384,27 @@ class SV4DSampler(io.ComfyNode):
         sink = m.StatsSink()
         to = mp.model_options.setdefault("transformer_options", {})
         to[m.REPORTS_KEY] = sink
+        memory, budget = plan_memory(mp, g.get_sv4d_net(mp, NODE), 2 * T * V, hw)
+        if memory is not None:
+            to[g.MEMORY_KEY] = memory
         to[events.LISTENERS_KEY] = [events.RunEvents(total_steps=steps)]
         scales = guidance_scales(variant.guider, T, V, cfg, min_cfg)
         if not torch.allclose(scales, torch.ones_like(scales)):
             mp.set_model_sampler_cfg_function(_cfg_function(scales, V, p), disable_cfg1_optimization=True)
         x = torch.zeros(T * V, g.LATENT_CHANNELS, hw, hw)
         noise = comfy.sample.prepare_noise(x, seed)
-        samples = comfy.sample.sample(mp, noise, steps, max(cfg, min_cfg), sampler_name, scheduler, cond(False),
-                                      cond(True), x, denoise=1.0, callback=latent_preview.prepare_callback(mp, steps),
-                                      disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        with cache_budget(budget):
+            samples = comfy.sample.sample(mp, noise, steps, max(cfg, min_cfg), sampler_name, scheduler, cond(False),
+                                          cond(True), x, denoise=1.0,
+                                          callback=latent_preview.prepare_callback(mp, steps),
+                                          disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        if memory is not None:
+            mem = {"retries": memory.retries, **(budget.summary() if budget is not None else {})}
+            for st in sink.items:
+                st.__dict__["memory"] = mem
+            if memory.retries:
+                log.warning("Turbo4D %s: %d out-of-memory retries in smaller pieces (%s)", variant.title,
+                            memory.retries, memory.messages[-1])
         reports.extend(sink.items)
         log.info("Turbo4D %s: %s pass, frames %s done", variant.title, p.kind, list(p.frames))
         return samples.float().cpu()
