@@ -33,7 +33,8 @@ class Turbo4DMemory(io.ComfyNode):
             description="How much GPU memory the accelerators' caches may take; the rest of the cache is kept in CPU "
                         "memory (slower to reuse). MultiView Sampler (SV4D) reports where the cache was.",
             inputs=[
-                io.Model.Input("model"),
+                io.Model.Input("model", tooltip="The SV4D model (after the accelerator nodes or before them) that "
+                                                "MultiView Sampler (SV4D) samples."),
                 io.Float.Input("cache_gpu_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
                                tooltip="GB of GPU memory for the caches. 0 = whatever stays free beside the sampling "
                                        "(the default without this node)."),
