@@ -1,7 +1,8 @@
 """Short-axis attention kernels against SDPA and against the memory floor, at SV4D / SV4D 2.0 shapes.
 
     python -m bench.bench_kernels                 # per level and axis -> bench/results/kernels.json
-    python -m bench.bench_kernels --unet          # whole SV4D 2.0 UNet calls: sequence path, grid path,
+    python -m bench.bench_kernels --unet [--compile] [--fp32-ref]
+                                                  # whole SV4D 2.0 UNet calls: sequence path, grid path,
                                                   # kernel, CUDA graph, torch.compile -> kernels_unet.json
 
 Per (model, level, axis), batch 2 (CFG), bf16, q/k/v/o in the image-major layout (b, t, v, h*w, C):
@@ -73,7 +74,7 @@ def candidates(variant: str, length: int, d: int):
     return [dict(variant="dot", BLOCK_L=bl, BLOCK_R=r, num_warps=w) for r, w in ((2, 4), (4, 4), (8, 4), (16, 8))]
 
 
-def one_shape(model, side, channels, axis, dtype, compile_sdpa: bool):
+def one_shape(model, side, channels, axis, dtype, compile_sdpa: bool, sweep: bool = True):
     dev = DEVICE
     heads = channels // HEAD_DIM
     lay, view = axis_setup(model, side, axis)
@@ -123,7 +124,7 @@ def one_shape(model, side, channels, axis, dtype, compile_sdpa: bool):
     rec["sdpa_err_vs_fp32"] = float((view(o_ref).float() - ref32).abs().max())
 
     best = {}
-    for variant in sa.VARIANTS:
+    for variant in sa.VARIANTS if sweep else ():
         if variant == "dot" and dtype == torch.float32:
             continue
         for cfg in candidates(variant, length, HEAD_DIM):
@@ -164,7 +165,8 @@ def kernel_table(args):
             if side not in args.sides:
                 continue
             for axis in ("camera", "motion"):
-                rec = one_shape(model, side, channels, axis, dtype, compile_sdpa=args.compile and side == max(args.sides) and model == args.models[0])
+                rec = one_shape(model, side, channels, axis, dtype, compile_sdpa=args.compile and side == max(args.sides) and model == args.models[0],
+                               sweep=not args.no_sweep)
                 out["shapes"].append(rec)
                 print(f"{model:5s} {side:2d} {axis:6s} L={rec['length']:2d} S={rec['sequences']:6d} "
                       f"sdpa {rec.get('sdpa_ms', float('nan')):.3f} path {rec['sdpa_path_ms']:.3f} "
@@ -217,8 +219,18 @@ def unet_table(args):
                batch=args.batch, side=args.side, unet=[])
     torch.manual_seed(0)
     cfg = SV4DConfig.reduced() if args.reduced else SV4DConfig(version="sv4d2")
-    net = build_sv4d(cfg, dev).to(dtype).eval()
     m = MODELS["sv4d2"]
+    ref32 = None
+    if args.fp32_ref:  # the same weights in fp32 (no TF32), sequence path: what bf16 is held to
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        net32 = build_sv4d(cfg, dev).eval()
+        inp32 = unet_inputs(args.batch, m["frames"], m["views"], args.side, dev, torch.float32)
+        lay32 = net32.token_layout(inp32["x"].shape[0], m["views"], m["frames"], args.side, args.side)
+        with torch.no_grad():
+            ref32 = net32(**inp32, dispatch=FullCompute(lay32, grid=False)).float()
+        del net32, inp32
+        torch.manual_seed(0)
+    net = build_sv4d(cfg, dev).to(dtype).eval()
     inp = unet_inputs(args.batch, m["frames"], m["views"], args.side, dev, dtype)
     lay = net.token_layout(inp["x"].shape[0], m["views"], m["frames"], args.side, args.side)
     ref = None
@@ -234,9 +246,13 @@ def unet_table(args):
             ref = y.float().clone()
         rec["max_abs_diff_vs_first"] = float((y.float() - ref).abs().max())
         rec["rel_diff_vs_first"] = float((y.float() - ref).norm() / ref.norm())
+        if ref32 is not None:
+            rec["max_abs_err_vs_fp32"] = float((y.float() - ref32).abs().max())
+            rec["rel_err_vs_fp32"] = float((y.float() - ref32).norm() / ref32.norm())
         out["unet"].append(rec)
         print(f"unet {name:34s} {rec['ms_median']:8.1f} ms  max|diff| {rec['max_abs_diff_vs_first']:.4f} "
-              f"rel {rec['rel_diff_vs_first']:.2e} {extra}", flush=True)
+              f"rel {rec['rel_diff_vs_first']:.2e} vs fp32: rel {rec.get('rel_err_vs_fp32', float('nan')):.2e} "
+              f"max {rec.get('max_abs_err_vs_fp32', float('nan')):.4f} {extra}", flush=True)
         _dump(out, args.out)
 
     def call(grid, impl):
@@ -246,11 +262,12 @@ def unet_table(args):
         return fn
 
     record("sequence path, SDPA", call(False, "torch"))
-    record("grid path, SDPA", call(True, "torch"))
+    if not args.no_grid_sdpa:
+        record("grid path, SDPA", call(True, "torch"))
     record("grid path, kernel", call(True, "auto"))
     os.environ[sa.ENV] = "auto"
 
-    if dev != "cuda":
+    if dev != "cuda" or args.no_graph:
         return out
     # CUDA graph of the whole call (full compute; static inputs).
     try:
@@ -313,6 +330,10 @@ def main():
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--compile", action="store_true", help="also torch.compile (sdpa path / whole UNet)")
     ap.add_argument("--unet", action="store_true", help="whole SV4D 2.0 UNet calls instead of the kernel table")
+    ap.add_argument("--no-sweep", action="store_true", help="time only the default tile of each shape")
+    ap.add_argument("--fp32-ref", action="store_true", help="--unet: errors against the fp32 sequence path")
+    ap.add_argument("--no-graph", action="store_true", help="--unet: skip the CUDA graph")
+    ap.add_argument("--no-grid-sdpa", action="store_true", help="--unet: skip the grid path without the kernel")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--side", type=int, default=72)
     ap.add_argument("--calls", type=int, default=5)

@@ -109,9 +109,21 @@ def test_sv4d_grid_path_equals_sequence_path_without_copies(monkeypatch, version
         seq = net(**inp, dispatch=FullCompute(lay, grid=False))
         assert len(copies.calls) >= 2 * net.blocks  # camera + motion of every layer (at least)
         copies.calls.clear()
-        grid = net(**inp)
+        grid = net(**inp, dispatch=FullCompute(lay, grid=True))
     assert copies.calls == []
     torch.testing.assert_close(grid, seq, atol=1e-5, rtol=1e-4)
+
+
+def test_grid_path_by_default_only_where_the_kernel_runs(monkeypatch):
+    """Without the kernel the grid path would transpose q, k, v and o: the default keeps the
+    sequence path then, and TURBO4D_SHORT_AXIS=torch always restores it."""
+    lay = SCMLayout(1, 2, 2, 2, 2)
+    x = torch.randn(lay.images, lay.tokens, 4)
+    assert FullCompute(lay)._grid_applies(x) == sa.available(x.device)
+    assert FullCompute(lay, backend="naive")._grid_applies(x) is False
+    assert FullCompute(lay, grid=True)._grid_applies(x) is True
+    monkeypatch.setenv(sa.ENV, "torch")
+    assert FullCompute(lay)._grid_applies(x) is False
 
 
 def test_scm_net_grid_path_equals_sequence_path_and_counts_the_same(monkeypatch):
@@ -158,14 +170,18 @@ class _ChainOnly(Accelerator):
     name = "chain-only"
 
 
-def test_accelerators_that_look_at_sequences_get_them():
+def test_accelerators_that_look_at_sequences_get_them(monkeypatch):
     net = _sv4d("sv4d2")
     inp = _sv4d_inputs(batch=1, frames=2, views=4)
     lay = net.token_layout(8, 4, 2, 16, 16)
     seen = _Seen()
+    copies = _Copies(monkeypatch)
     with torch.no_grad():
-        ref = net(**inp, dispatch=SCMDispatch(lay, accelerators=[seen]))
-        chain_only = net(**inp, dispatch=SCMDispatch(lay, accelerators=[_ChainOnly()]))
+        ref = net(**inp, dispatch=SCMDispatch(lay, accelerators=[seen], grid=True))
+        assert len(copies.calls) == 2 * net.blocks
+        copies.calls.clear()
+        chain_only = net(**inp, dispatch=SCMDispatch(lay, accelerators=[_ChainOnly()], grid=True))
+    assert copies.calls == []  # an accelerator that only acts on chains leaves the grid path on
     assert [a for a, _ in seen.axes] == ["spatial", "camera", "motion"] * net.blocks
     assert seen.axes[1][1][:2] == (2 * 256, 4) and seen.axes[2][1][:2] == (4 * 256, 2)
     torch.testing.assert_close(chain_only, ref, atol=1e-5, rtol=1e-4)
@@ -242,7 +258,7 @@ def test_sv4d_grid_path_with_the_kernel_follows_the_sequence_path(monkeypatch):
     inp = _sv4d_inputs(batch=1, frames=3, views=4, size=8, device=KERNEL_DEVICE)
     lay = net.token_layout(12, 4, 3, 8, 8)
     with torch.no_grad():
-        grid = net(**inp)
+        grid = net(**inp)  # the default: the grid path, since the kernel runs here
         seq = net(**inp, dispatch=FullCompute(lay, grid=False))
     torch.testing.assert_close(grid, seq, atol=1e-4, rtol=1e-3)
     assert os.environ[sa.ENV] == "triton"
