@@ -43,9 +43,9 @@ BYPASS_PRESETS = {
     "quality": ChainBypassConfig(threshold=0.05, max_consecutive=2, start_percent=0.2,
                                  step_threshold=0.03, step_max_skips=3),
     "balanced": ChainBypassConfig(threshold=0.08, max_consecutive=2, start_percent=0.2,
-                                  step_threshold=0.1, step_max_skips=6),
+                                  step_threshold=0.3, step_max_skips=12),
     "fast": ChainBypassConfig(threshold=0.15, max_consecutive=3, start_percent=0.15,
-                              step_threshold=0.3, step_max_skips=12),
+                              step_threshold=1.0, step_max_skips=12),
 }
 
 PRESETS = {"cache": CACHE_PRESETS, "prune": PRUNE_PRESETS, "bypass": BYPASS_PRESETS}
@@ -57,9 +57,9 @@ TURBO4D_PRESETS = {
     "off": {},
     "quality": {"bypass": ChainBypassConfig(threshold=0.05, step_threshold=0.03, step_max_skips=3),
                 "cache": RollingCacheConfig(threshold=0.1)},
-    "balanced": {"bypass": ChainBypassConfig(threshold=0.08, step_threshold=0.1, step_max_skips=6),
+    "balanced": {"bypass": ChainBypassConfig(threshold=0.08, step_threshold=0.3, step_max_skips=12),
                  "cache": RollingCacheConfig(threshold=0.2)},
-    "fast": {"bypass": ChainBypassConfig(threshold=0.12, max_consecutive=3, step_threshold=0.3, step_max_skips=12),
+    "fast": {"bypass": ChainBypassConfig(threshold=0.12, max_consecutive=3, step_threshold=1.0, step_max_skips=12),
              "cache": RollingCacheConfig(threshold=0.3, max_age=5),
              "prune": TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1)},
 }
