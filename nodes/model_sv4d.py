@@ -27,6 +27,7 @@ import comfy.model_base
 import comfy.supported_models_base
 from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
 
+from turbo_core.diffusion import DenoisedSpace
 from turbo_core.layout import AXES
 from turbo_core.memory import MemoryConfig
 from turbo_core.models.sv4d import SV4DUNet
@@ -54,6 +55,24 @@ class SV4DModelConfig(comfy.supported_models_base.BASE):
 
     def __init__(self):
         super().__init__({"disable_unet_model_creation": True})
+
+
+def v_denoised_space(x: torch.Tensor, transformer_options: dict, sigma_data: float = 1.0):
+    """ComfyUI's V_PREDICTION_EDM map from this call's raw output to the denoised latents
+    (D = c_skip * x_noisy + c_out * F, with c_out negative), for accelerators that stand in for a
+    whole call; the network's first LATENT_CHANNELS input channels are c_in * x_noisy. None
+    without sigmas."""
+    sigmas = transformer_options.get("sigmas")
+    if sigmas is None:
+        return None
+    sigma = sigmas.flatten().to(device=x.device, dtype=torch.float32)
+    if sigma.numel() != x.shape[0]:
+        sigma = sigma[:1].expand(x.shape[0])  # one sigma per call (CFG halves batched)
+    sigma = sigma.view(-1, 1, 1, 1)
+    sd2 = sigma_data ** 2
+    norm = (sigma ** 2 + sd2).sqrt()
+    noisy = x[:, :LATENT_CHANNELS].float() * norm
+    return DenoisedSpace(noisy, sd2 / (sigma ** 2 + sd2), -sigma * sigma_data / norm)
 
 
 class SV4DDiffusionModel(m.ExecutorDiffusionModel):
@@ -104,8 +123,11 @@ class SV4DDiffusionModel(m.ExecutorDiffusionModel):
         memory = transformer_options.get(MEMORY_KEY)
         if memory is None and x.is_cuda:
             memory = MemoryConfig()
-        out = self.net(x, t, context, y, cv, views, frames, dispatch=d, memory=memory)
-        if run is not None:
+        if run is None:
+            out = self.net(x, t, context, y, cv, views, frames, dispatch=d, memory=memory)
+        else:
+            out = run.model_call(d, x, lambda: self.net(x, t, context, y, cv, views, frames, dispatch=d,
+                                                        memory=memory), v_denoised_space(x, transformer_options))
             run.end_call(d)
         if reverse:
             out = out[torch.argsort(perm)]

@@ -61,3 +61,32 @@ def test_sampler_merges_per_level_counts_and_memory(pack):
     line = sv.memory_line(m.__dict__["memory"])
     assert "cache on GPU 0.1 of 0.1 GB allowed, in CPU memory 0.0 GB" in line and "3 out-of-memory retries" in line
     assert sv.plan_memory(None, None, 12, 16) == (None, None)  # the host runs on the CPU: no plan
+
+
+@pytest.mark.parametrize("family", ["sv4d", "turbo4d"])
+def test_denoised_space_is_comfy_s_own_parameterisation(pack, family):
+    """The whole-step skip holds denoised images; the adapters' map from a call's raw output to the
+    denoised image must be ComfyUI's model_sampling (V_PREDICTION_EDM for SV4D, EDM for ours)."""
+    from turbo_core.models import CONFIGS, SCMNet
+
+    g = torch.Generator().manual_seed(0)
+    if family == "sv4d":
+        glue = pack("model_sv4d")
+        mp = glue.make_sv4d_model_patcher(SV4DUNet(SV4DConfig.reduced()))
+        channels, extra, space_of = 4, 4, glue.v_denoised_space
+    else:
+        glue = pack("model")
+        net = SCMNet(CONFIGS["tiny"])
+        mp = glue.make_model_patcher(net, torch.float32)
+        channels, extra = 3, 3
+        space_of = lambda x, to: glue.denoised_space(net, x, to)  # noqa: E731
+    ms = mp.model.model_sampling
+    sigma = torch.full((6,), 3.7)
+    noisy = torch.randn(6, channels, 8, 8, generator=g) * 3.7
+    x_in = torch.cat([ms.calculate_input(sigma, noisy), torch.randn(6, extra, 8, 8, generator=g)], dim=1)
+    f = torch.randn(6, channels, 8, 8, generator=g)
+    space = space_of(x_in, {"sigmas": sigma[:3]})  # a CFG-batched call carries the sampler's sigmas
+    want = ms.calculate_denoised(sigma, f, noisy)
+    torch.testing.assert_close(space.denoised(f), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(space.output(want), f, rtol=1e-4, atol=1e-4)
+    assert space_of(x_in, {}) is None
