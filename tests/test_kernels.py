@@ -114,16 +114,20 @@ def test_sv4d_grid_path_equals_sequence_path_without_copies(monkeypatch, version
     torch.testing.assert_close(grid, seq, atol=1e-5, rtol=1e-4)
 
 
-def test_grid_path_by_default_only_where_the_kernel_runs(monkeypatch):
-    """Without the kernel the grid path would transpose q, k, v and o: the default keeps the
-    sequence path then, and TURBO4D_SHORT_AXIS=torch always restores it."""
+def test_grid_path_off_with_gradients_or_when_asked(monkeypatch):
+    """Gradients (the kernel is forward-only), grid=False and TURBO4D_SHORT_AXIS=torch keep the
+    sequence path; a custom backend keeps the grid path (through its transposes)."""
     lay = SCMLayout(1, 2, 2, 2, 2)
     x = torch.randn(lay.images, lay.tokens, 4)
-    assert FullCompute(lay)._grid_applies(x) == sa.available(x.device)
-    assert FullCompute(lay, backend="naive")._grid_applies(x) is False
-    assert FullCompute(lay, grid=True)._grid_applies(x) is True
+    with torch.no_grad():
+        assert FullCompute(lay)._grid_applies(x) is True
+        assert FullCompute(lay, backend="naive")._grid_applies(x) is True
+        assert FullCompute(lay, grid=False)._grid_applies(x) is False
+    with torch.enable_grad():
+        assert FullCompute(lay)._grid_applies(x) is False
     monkeypatch.setenv(sa.ENV, "torch")
-    assert FullCompute(lay)._grid_applies(x) is False
+    with torch.no_grad():
+        assert FullCompute(lay)._grid_applies(x) is False
 
 
 def test_scm_net_grid_path_equals_sequence_path_and_counts_the_same(monkeypatch):

@@ -6,6 +6,10 @@ The network never calls attention directly. Each block hands the dispatch its su
 accelerator may answer from its cache, narrow the work to a subset of sequences, or let it run.
 `compute` must accept any subset: `seqs` are the selected sequences and `index` their positions
 among all sequences of the axis (None = all of them, in order).
+
+`attend_grid` is the camera/motion entry: the block also hands over the same sub-attention
+computed on the image-major tokens where they lie, which runs (through the short-axis kernel of
+`kernels/`) when no accelerator looks at that axis's sequences, sparing the sequence copies.
 """
 from __future__ import annotations
 
@@ -53,7 +57,7 @@ class SCMDispatch:
 
     def __init__(self, layout: SCMLayout, step: Optional[StepInfo] = None,
                  accelerators: Sequence = (), backend: str = "sdpa", stats=None,
-                 grid: Optional[bool] = None):
+                 grid: bool = True):
         # A backend is a name from BACKENDS or an attention function itself (q, k, v) -> o, e.g. a
         # counting wrapper in tests or a fused kernel a host provides.
         if callable(backend):
@@ -68,12 +72,13 @@ class SCMDispatch:
         self.accelerators = list(accelerators)
         self.attention = attention
         self.stats = stats
-        # Where the camera/motion sub-attentions run with no accelerator looking at their
-        # sequences: None = on the image-major tokens (attend_grid) when the short-axis kernel can
-        # run there, else as sequences; True / False force either. Without the kernel the grid
-        # path's attention transposes q, k, v and o (four copies) where the sequence path copies
-        # the input and the output once: on an H100 (SV4D 2.0, batch 2, 72 x 72 latents) a call
-        # took 969 ms that way against 957 ms as sequences, and 847 ms with the kernel.
+        # grid=True: camera/motion sub-attentions that no accelerator looks at run on the
+        # image-major tokens (attend_grid) when no gradients are wanted and TURBO4D_SHORT_AXIS is
+        # not "torch"; False keeps them as sequences. Where the kernel cannot run (no Triton, a
+        # custom backend) the grid path's attention transposes q, k, v and o (four copies) where
+        # the sequence path copies the input and the output once: on an H100 (SV4D 2.0, batch 2,
+        # 72 x 72 latents) a call took 969 ms that way against 957 ms as sequences, and 847 ms
+        # with the kernel.
         self.grid = grid
 
     def attend(self, block: int, axis: str, seqs: torch.Tensor, compute: Compute) -> torch.Tensor:
@@ -109,9 +114,9 @@ class SCMDispatch:
         return from_axis(out) if from_axis is not None else self.layout.from_axis(out, axis)
 
     def _grid_applies(self, x: torch.Tensor) -> bool:
-        if self.grid is not None:
-            return bool(self.grid)
-        return self.attention in _KERNEL_OK and short_axis.mode() != "torch" and short_axis.available(x.device)
+        # With gradients on (training) the forward-only kernel never runs and the grid path would
+        # only add its transposes; TURBO4D_SHORT_AXIS=torch asks for the plain SDPA path.
+        return bool(self.grid) and not torch.is_grad_enabled() and short_axis.mode() != "torch"
 
     def grid_attention(self, view: Callable[[torch.Tensor], torch.Tensor]):
         """(q, k, v, heads) -> o over image-major projections, the sequences laid out by `view`
@@ -144,5 +149,5 @@ class SCMDispatch:
 class FullCompute(SCMDispatch):
     """A dispatch with no accelerators and no counters: the plain full-compute forward."""
 
-    def __init__(self, layout: SCMLayout, backend: str = "sdpa", grid: Optional[bool] = None):
+    def __init__(self, layout: SCMLayout, backend: str = "sdpa", grid: bool = True):
         super().__init__(layout, None, (), backend=backend, stats=None, grid=grid)
