@@ -107,18 +107,26 @@ def call_dispatch(transformer_options: dict, layout, timesteps, x: torch.Tensor,
     return run, d
 
 
-def denoised_space(net: SCMNet, x: torch.Tensor, transformer_options: dict):
-    """The EDM map from this call's raw output to the denoised images (Turbo4DModel declares
-    ModelType.EDM with the network's sigma_data, and ComfyUI hands the network c_in * x_noisy in
-    the first channels), for accelerators that stand in for a whole call; None without sigmas."""
+def call_sigmas(x: torch.Tensor, transformer_options: dict) -> Optional[torch.Tensor]:
+    """This call's sigma per image of x (float32), or None when ComfyUI passed none."""
     sigmas = transformer_options.get("sigmas")
     if sigmas is None:
         return None
-    edm = EDM(sigma_data=net.cfg.sigma_data)
     sigma = sigmas.flatten().to(device=x.device, dtype=torch.float32)
     if sigma.numel() != x.shape[0]:
         # One sigma per call: ComfyUI batches cond and uncond (CFG) under the sampler's sigma.
         sigma = sigma[:1].expand(x.shape[0])
+    return sigma
+
+
+def denoised_space(net: SCMNet, x: torch.Tensor, transformer_options: dict):
+    """The EDM map from this call's raw output to the denoised images (Turbo4DModel declares
+    ModelType.EDM with the network's sigma_data, and ComfyUI hands the network c_in * x_noisy in
+    the first channels), for accelerators that stand in for a whole call; None without sigmas."""
+    sigma = call_sigmas(x, transformer_options)
+    if sigma is None:
+        return None
+    edm = EDM(sigma_data=net.cfg.sigma_data)
     _, _, c_in, _ = edm.coefficients(sigma)
     noisy = x[:, :net.cfg.out_channels].float() / c_in.view(-1, 1, 1, 1)
     return edm.output_space(noisy, sigma)

@@ -62,12 +62,9 @@ def v_denoised_space(x: torch.Tensor, transformer_options: dict, sigma_data: flo
     (D = c_skip * x_noisy + c_out * F, with c_out negative), for accelerators that stand in for a
     whole call; the network's first LATENT_CHANNELS input channels are c_in * x_noisy. None
     without sigmas."""
-    sigmas = transformer_options.get("sigmas")
-    if sigmas is None:
+    sigma = m.call_sigmas(x, transformer_options)
+    if sigma is None:
         return None
-    sigma = sigmas.flatten().to(device=x.device, dtype=torch.float32)
-    if sigma.numel() != x.shape[0]:
-        sigma = sigma[:1].expand(x.shape[0])  # one sigma per call (CFG halves batched)
     sigma = sigma.view(-1, 1, 1, 1)
     sd2 = sigma_data ** 2
     norm = (sigma ** 2 + sd2).sqrt()

@@ -18,7 +18,6 @@ class StepInfo:
     percent: float
     total: int  # model calls the schedule implies for a one-call-per-step sampler
     stream: str  # which forward this is (cond, uncond, both batched): caches are per stream
-    next_sigma: Optional[float] = None  # the schedule's next sigma after this one (None: unknown)
 
 
 def schedule_position(sigma: float, sample_sigmas: Optional[Sequence[float] | torch.Tensor]) -> tuple[float, int]:
@@ -45,11 +44,3 @@ def schedule_position(sigma: float, sample_sigmas: Optional[Sequence[float] | to
     frac = (hi - sig) / max(hi - lo, 1e-12)
     return (i + frac) / (len(s_eval) - 1), total
 
-
-def next_sigma(sigma: float, sample_sigmas: Optional[Sequence[float] | torch.Tensor]) -> Optional[float]:
-    """The first sigma of the schedule below `sigma` (0 at the last step), None without a schedule."""
-    if sample_sigmas is None or len(sample_sigmas) < 2:
-        return None
-    below = [float(v) for v in torch.as_tensor(sample_sigmas, dtype=torch.float64).flatten().cpu()
-             if float(v) < float(sigma) * (1 - 1e-6)]
-    return below[0] if below else 0.0

@@ -13,7 +13,7 @@ import torch
 
 from ..dispatch import SCMDispatch
 from ..layout import SCMLayout
-from ..run import StepInfo, next_sigma, schedule_position
+from ..run import StepInfo, schedule_position
 from .stats import RunStats
 
 
@@ -113,8 +113,7 @@ class Turbo4DRun:
         index = self._calls.get(stream, 0)
         self._calls[stream] = index + 1
         percent, total = schedule_position(sigma, sample_sigmas)
-        step = StepInfo(index=index, sigma=float(sigma), percent=percent, total=total, stream=stream,
-                        next_sigma=next_sigma(sigma, sample_sigmas))
+        step = StepInfo(index=index, sigma=float(sigma), percent=percent, total=total, stream=stream)
         d = SCMDispatch(layout, step, self.accelerators, backend=self.backend, stats=self.stats)
         self.stats.begin_call(step, layout, work)
         for a in self.accelerators:
