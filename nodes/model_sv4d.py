@@ -69,7 +69,7 @@ def v_denoised_space(x: torch.Tensor, transformer_options: dict, sigma_data: flo
     sd2 = sigma_data ** 2
     norm = (sigma ** 2 + sd2).sqrt()
     noisy = x[:, :LATENT_CHANNELS].float() * norm
-    return DenoisedSpace(noisy, sd2 / (sigma ** 2 + sd2), -sigma * sigma_data / norm)
+    return DenoisedSpace(noisy, sd2 / (sigma ** 2 + sd2), -sigma * sigma_data / norm, sigma_data)
 
 
 class SV4DDiffusionModel(m.ExecutorDiffusionModel):

@@ -90,3 +90,7 @@ def test_denoised_space_is_comfy_s_own_parameterisation(pack, family):
     torch.testing.assert_close(space.denoised(f), want, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(space.output(want), f, rtol=1e-4, atol=1e-4)
     assert space_of(x_in, {}) is None
+    # the phase the whole-step skip places calls at, without a host sync, is the one c_skip implies
+    import math
+    assert space.sigma_data == pytest.approx(float(ms.sigma_data))
+    assert math.atan(3.7 / space.sigma_data) == pytest.approx(math.acos(float(space.c_skip.flatten()[0]) ** 0.5))

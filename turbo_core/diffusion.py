@@ -45,7 +45,7 @@ class EDM:
         """How this call's raw network output maps to the denoised image (see DenoisedSpace)."""
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1)
         c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in self.coefficients(sigma))
-        return DenoisedSpace(x, c_skip, c_out)
+        return DenoisedSpace(x, c_skip, c_out, self.sigma_data)
 
     def sample_sigma(self, n: int, device=None, generator=None) -> torch.Tensor:
         z = torch.randn(n, device=device, generator=generator)
@@ -60,8 +60,9 @@ class DenoisedSpace:
     denoised image, and back. Accelerators that stand in for a whole call work on D: holding D
     over Euler steps is exactly a longer Euler step, holding F is not."""
 
-    def __init__(self, x: torch.Tensor, c_skip, c_out):
+    def __init__(self, x: torch.Tensor, c_skip, c_out, sigma_data: Optional[float] = None):
         self.x, self.c_skip, self.c_out = x, c_skip, c_out
+        self.sigma_data = sigma_data  # known to the adapter; lets accelerators place a call without a sync
 
     def denoised(self, f: torch.Tensor) -> torch.Tensor:
         return self.c_skip * self.x.float() + self.c_out * f.float()
