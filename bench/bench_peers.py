@@ -78,14 +78,14 @@ def main(argv=None):
         for preset in ("quality", "balanced", "fast"):
             mp = base
             for node in (accel.ChainBypass, accel.Turbo4DCache, accel.SemanticPrune):
-                args = {"ChainBypass": dict(threshold=0.08, max_consecutive=2, step_threshold=0.0, step_max_skips=3),
+                args = {"ChainBypass": dict(threshold=0.08, max_consecutive=2, step_threshold=0.0, step_max_skips=3, kappa_prior=0.0),
                         "Turbo4DCache": dict(threshold=0.15, max_age=3),
                         "SemanticPrune": dict(keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6)}[node.__name__]
                 mp = node.execute(mp, preset, start_percent=0.2, end_percent=0.95, storage="native", **args)[0]
             yield f"turbo4d-{preset}", mp, a.steps
         for preset in ("quality", "balanced", "fast"):
             mp = accel.ChainBypass.execute(base, preset, threshold=0.08, max_consecutive=2, step_threshold=0.0,
-                                           step_max_skips=3, start_percent=0.2, end_percent=0.95,
+                                           step_max_skips=3, kappa_prior=0.0, start_percent=0.2, end_percent=0.95,
                                            storage="native")[0]
             yield f"chain-bypass-{preset}", mp, a.steps
 

@@ -171,6 +171,10 @@ class ChainBypass(io.ComfyNode):
                                        "0 = never skip a whole step."),
                 io.Int.Input("step_max_skips", default=d.step_max_skips, min=0, max=50,
                              tooltip="custom only: the model runs again after this many whole steps skipped in a row."),
+                io.Float.Input("kappa_prior", default=d.kappa_prior, min=0.0, max=100.0, step=0.01,
+                               tooltip="custom only: the forecast-error rate to assume before the second model "
+                                       "call has run (the run's log reports the measured one as kappa_measured; "
+                                       "0.4 for the embedded model). 0 = always run the second call to measure it."),
                 *_percent_inputs(d.start_percent, d.end_percent),
                 io.Combo.Input("storage", options=STORAGE, default=d.storage, tooltip=STORAGE_TIP),
                 io.String.Input("calibration_file", default="", optional=True,
@@ -182,8 +186,8 @@ class ChainBypass(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, preset, threshold, max_consecutive, step_threshold, step_max_skips, start_percent,
-                end_percent, storage, calibration_file: str = "") -> io.NodeOutput:
+    def execute(cls, model, preset, threshold, max_consecutive, step_threshold, step_max_skips, kappa_prior,
+                start_percent, end_percent, storage, calibration_file: str = "") -> io.NodeOutput:
         node = "Chain Bypass"
         if calibration_file and calibration_file.strip():
             path = calibration_file.strip()
@@ -199,6 +203,7 @@ class ChainBypass(io.ComfyNode):
             return io.NodeOutput(*_apply(node, model, "bypass", CUSTOM, cal.config_object(), apply_chain_bypass))
         cfg = _custom(node, lambda: ChainBypassConfig(threshold=threshold, max_consecutive=max_consecutive,
                                                       step_threshold=step_threshold, step_max_skips=step_max_skips,
+                                                      kappa_prior=kappa_prior,
                                                       start_percent=start_percent, end_percent=end_percent,
                                                       storage=storage)) \
             if preset == CUSTOM else None

@@ -52,7 +52,7 @@ NODE_DEFS = {
                               "end_percent", "storage"],
                              [("MODEL", "MODEL"), ("settings", "STRING")]),
     "Turbo4DChainBypass": ("Chain Bypass", [("model", "MODEL")],
-                           ["preset", "threshold", "max_consecutive", "step_threshold", "step_max_skips",
+                           ["preset", "threshold", "max_consecutive", "step_threshold", "step_max_skips", "kappa_prior",
                             "start_percent", "end_percent", "storage", "calibration_file"],
                            [("MODEL", "MODEL"), ("settings", "STRING")]),
     "Turbo4DReport": ("Turbo4D Report", [("run_stats", "TURBO4D_STATS"), ("images", "IMAGE"),
@@ -244,7 +244,7 @@ def turbo4d_stock_ksampler() -> Graph:
 def _accelerators(g: Graph, model, preset: str, x: int = 40, y: int = 520):
     """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler."""
     byp = g.add("Turbo4DChainBypass", (x, y), (320, 300), model=model.out(0), preset=preset, threshold=0.08,
-                max_consecutive=2, step_threshold=0.0, step_max_skips=3, start_percent=0.2, end_percent=0.95,
+                max_consecutive=2, step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2, end_percent=0.95,
                 storage="native", calibration_file="")
     cache = g.add("Turbo4DCache", (x, y + 340), (320, 230), model=byp.out(0), preset=preset, threshold=0.15,
                   max_age=3, start_percent=0.15, end_percent=0.95, storage="native")

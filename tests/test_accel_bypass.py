@@ -161,6 +161,23 @@ def test_step_skip_forecast_within_bound_and_state_freed(net, full):
 
 
 def test_step_skip_config_errors():
-    for bad in ({"step_threshold": -1.0}, {"step_max_skips": -1}, {"forecast_order": 2}):
+    for bad in ({"step_threshold": -1.0}, {"step_max_skips": -1}, {"forecast_order": 2}, {"kappa_prior": -0.1}):
         with pytest.raises(ValueError, match="ChainBypassConfig"):
             ChainBypassConfig(**bad)
+
+
+def test_kappa_prior_lets_the_second_call_be_skipped(net, full):
+    """Without a prior the second call always runs (kappa is measured from it); with one, the
+    first jump can be long, and the measured rate the run reports is what a prior should be."""
+    def run(prior):
+        cfg = ChainBypassConfig(threshold=0.0, step_threshold=0.1, step_max_skips=6, start_percent=0.0,
+                                kappa_prior=prior)
+        x, st = sample(net, [("bypass", cfg)])
+        skipped = [t["step"] for t in st.timeline if t["cells"] and all(c == "bypassed" for c in t["cells"].values())]
+        return x, skipped, st.accelerators["bypass"]
+
+    _, skipped, summary = run(0.0)
+    assert 1 not in skipped and summary["kappa_measured"] > 0
+    x, skipped, _ = run(summary["kappa_measured"])
+    assert 1 in skipped
+    assert 0 < rel_err(x, full) < 5e-2

@@ -18,7 +18,7 @@ def loader(i="1"):
 
 def accel(node_id, class_type, model, preset="fast"):
     widgets = {
-        "Turbo4DChainBypass": dict(threshold=0.08, max_consecutive=2, step_threshold=0.0, step_max_skips=3,
+        "Turbo4DChainBypass": dict(threshold=0.08, max_consecutive=2, step_threshold=0.0, step_max_skips=3, kappa_prior=0.0,
                                    start_percent=0.2, end_percent=0.95,
                                    storage="native", calibration_file=""),
         "Turbo4DCache": dict(threshold=0.15, max_age=3, start_percent=0.15, end_percent=0.95, storage="native"),

@@ -35,13 +35,14 @@ the schedule are computed. The forecast error is modelled as
 from the points s_b (and s_a) it extrapolates from, and kappa is measured, not assumed: every
 call that runs first checks the forecast it would have made against its real output, so a run
 whose trajectory bends gets fewer skips, a straight one more. A skip is taken while the estimate
-is under step_threshold and fewer than step_max_skips calls were skipped in a row.
+is under step_threshold and fewer than step_max_skips calls were skipped in a row. Until a second
+call has run there is nothing to measure kappa from; `kappa_prior` (the median a run reports as
+`kappa_measured`, so a model's own) stands in for it, which lets the very first jump be long, as a
+short schedule's is, instead of spending the second call at almost the first call's noise level.
 
-Measured on the embedded model (BENCHMARKS.md): holding beats extrapolating at equal calls; the
-adaptive choice beats a plain shorter Karras schedule at 12 of 20 calls and falls about 1 dB
-behind it at 4-7 calls (it must run a second call at high noise to measure kappa), so on a model
-that cheap, fewer steps is the first thing to try; the skips pay where the step count is fixed by
-the model's reference settings.
+Measured on the embedded model (BENCHMARKS.md): holding beats extrapolating at equal calls;
+without a prior the adaptive choice beats a plain shorter Karras schedule at 12 of 20 calls and
+falls about 1 dB behind it at 4-7 calls; with kappa_prior it is 2-7 dB ahead at 4-12 calls.
 """
 from __future__ import annotations
 
@@ -71,6 +72,8 @@ class ChainBypassConfig:
                                  # whole model call is skipped (0 = never skip whole calls)
     step_max_skips: int = 3     # whole calls skipped in a row before one must run again
     forecast_order: int = 0     # 0: hold the last denoised image; 1: extrapolate linearly (see _position)
+    kappa_prior: float = 0.0    # forecast-error rate to assume until one is measured (0 = measure first;
+                                # from a calibration run: lets the second call be skipped too)
 
     def __post_init__(self):
         _check_common(self, "ChainBypassConfig")
@@ -83,6 +86,8 @@ class ChainBypassConfig:
                              f"got {self.step_threshold}")
         if int(self.step_max_skips) < 0:
             raise ValueError(f"ChainBypassConfig.step_max_skips must be >= 0, got {self.step_max_skips}")
+        if self.kappa_prior < 0:
+            raise ValueError(f"ChainBypassConfig.kappa_prior must be >= 0 (0 = measure it first), got {self.kappa_prior}")
         if self.forecast_order not in (0, 1):
             raise ValueError(f"ChainBypassConfig.forecast_order must be 0 (hold) or 1 (linear), got {self.forecast_order}")
 
@@ -174,11 +179,13 @@ class ChainBypass(Accelerator):
         self.store = TensorStore(self.config.storage)
         self.bypassed = self.ran = 0
         self.steps_skipped = self.steps_ran = 0
+        self.kappas: list = []  # forecast-error rates measured this run (for kappa_prior)
 
     def reset(self) -> None:
         super().reset()
         self.bypassed = self.ran = 0
         self.steps_skipped = self.steps_ran = 0
+        self.kappas = []
 
     def call(self, dispatch, x, nxt, space=None):
         """The whole model call: skip it with a forecast output, or run it and learn from it.
@@ -192,9 +199,10 @@ class ChainBypass(Accelerator):
         if o.points and o.points[-1][1].shape != x.shape[:1] + o.points[-1][1].shape[1:]:
             o = st.outputs = _Outputs()
         s = _position(step.sigma, space)
+        kappa = o.kappa if o.kappa is not None else (cfg.kappa_prior or None)
         if (cfg.start_percent <= step.percent <= cfg.end_percent and o.ready(cfg.forecast_order)
-                and o.kappa is not None and o.skips < cfg.step_max_skips):
-            estimate = o.kappa * o.span(s, cfg.forecast_order)
+                and kappa is not None and o.skips < cfg.step_max_skips):
+            estimate = kappa * o.span(s, cfg.forecast_order)
             if dispatch.stats is not None:
                 dispatch.stats.signal("bypass.step", estimate, cfg.step_threshold)
             if estimate < cfg.step_threshold:
@@ -218,6 +226,7 @@ class ChainBypass(Accelerator):
             err = (o.forecast(s, cfg.forecast_order).float() - kept.float()).abs().mean() / \
                 kept.float().abs().mean().clamp_min(1e-12)
             o.kappa = float(err) / max(o.span(s, cfg.forecast_order), 1e-12)  # one host sync per call that runs
+            self.kappas.append(o.kappa)
         o.points = (o.points + [(s, self.store.keep(kept.clone()))])[-2:]
         return out
 
@@ -271,7 +280,8 @@ class ChainBypass(Accelerator):
 
     def summary(self) -> dict:
         return {"config": self.config.to_dict(), "bypassed": self.bypassed, "ran": self.ran,
-                "steps_skipped": self.steps_skipped, "steps_ran": self.steps_ran}
+                "steps_skipped": self.steps_skipped, "steps_ran": self.steps_ran,
+                "kappa_measured": sorted(self.kappas)[len(self.kappas) // 2] if self.kappas else None}
 
 
 def apply_chain_bypass(specs, config: Optional[ChainBypassConfig] = None) -> list:
