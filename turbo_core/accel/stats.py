@@ -199,8 +199,13 @@ class RunStats:
     def format_line(self, label: str = "Turbo4D") -> str:
         s = self.summary()
         sp = s["compute_speedup"]
-        return (f"{label}: {s['chains_bypassed']}/{s['chains_total']} block chains bypassed, "
+        line = (f"{label}: {s['chains_bypassed']}/{s['chains_total']} block chains bypassed "
+                f"({s['steps_fully_bypassed']} whole steps), "
                 f"{s['tokens_pruned_camera_motion']}/{s['tokens_total_camera_motion']} camera+motion sequences pruned, "
                 f"{s['cache_hits']} cache hits, cache {s['cache_memory_peak_mb']:.1f} MB, "
                 f"compute {s['compute_fraction'] * 100:.1f}% of full ({sp if sp is None else f'{sp:.2f}'}x), "
                 f"{s['seconds']:.2f}s")
+        kappa = (getattr(self, "accelerators", None) or {}).get("bypass", {}).get("kappa_measured")
+        if kappa is not None:  # what a Chain Bypass kappa_prior for this model should be
+            line += f", kappa_measured {kappa:.3g}"
+        return line
