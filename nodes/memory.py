@@ -29,7 +29,7 @@ class Turbo4DMemory(io.ComfyNode):
         return io.Schema(
             node_id="Turbo4DMemory",
             display_name=NODE,
-            category="Turbo4D/accelerators",
+            category="Turbo4D/accelerate",
             description="How much GPU memory the accelerators' caches may take; the rest of the cache is kept in CPU "
                         "memory (slower to reuse). MultiView Sampler (SV4D) reports where the cache was.",
             inputs=[
