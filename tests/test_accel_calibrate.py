@@ -40,6 +40,26 @@ def test_calibration_picks_last_passing_candidate_and_round_trips(net, tmp_path)
     assert specs[1][1].max_consecutive == 4
 
 
+def test_step_calibration_measures_its_kappa_prior(net):
+    """Calibrating whole steps first measures the model's forecast-error rate on the samples and
+    runs every candidate with it as kappa_prior; the chosen config keeps it."""
+    from turbo_core.accel.script import sample_accelerated
+    from turbo_core.accel.bypass import ChainBypassConfig
+
+    noise, cond, cam = grid_inputs(net)
+    samples = [{"noise": noise, "cond": cond, "camera": cam}]
+    sigmas = karras_sigmas(12)
+    cal = calibrate(net, EDM_, samples, sigmas, V, F, mechanism="bypass", field_name="step_threshold",
+                    candidates=[0.01, 0.05, 0.2], target_psnr=30.0,
+                    base_config={"threshold": 0.0, "start_percent": 0.0, "step_max_skips": 6})
+    probe = ChainBypassConfig(threshold=0.0, start_percent=0.0, step_max_skips=6, step_threshold=1e-12)
+    _, st = sample_accelerated(net, EDM_, [("bypass", probe)], noise, sigmas, cond, cam, V, F)
+    measured = st.accelerators["bypass"]["kappa_measured"]
+    assert measured > 0 and cal.value is not None
+    assert cal.config["kappa_prior"] == pytest.approx(measured)
+    assert cal.points[-1]["compute_fraction"] < cal.points[0]["compute_fraction"]
+
+
 def test_calibration_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="calibrate"):
         load_calibration(str(tmp_path / "missing.json"))

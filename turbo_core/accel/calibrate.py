@@ -99,6 +99,19 @@ def calibrate(net, edm: EDM, samples: Sequence[dict], sigmas: torch.Tensor, view
         return outs, sum(fractions) / len(fractions), time.perf_counter() - t0
 
     others = [(n, c) for n, c in other_specs if n != mechanism]
+    if mechanism == "bypass" and fname == "step_threshold" and not base_dict.get("kappa_prior"):
+        # Whole steps: the model's own forecast-error rate is the prior the candidates run with.
+        probe = cls.from_dict({**base_dict, "step_threshold": 1e-12})
+        kappas = []
+        for s in samples:
+            _, st = sample_accelerated(net, edm, apply(others, probe), s["noise"], sigmas, s["cond"], s["camera"],
+                                       views, frames, backend=backend)
+            k = st.accelerators["bypass"].get("kappa_measured")
+            if k is not None:
+                kappas.append(k)
+        if kappas:
+            base_dict["kappa_prior"] = sorted(kappas)[len(kappas) // 2]
+            log(f"kappa_prior = {base_dict['kappa_prior']:.4g} (measured on the reference samples)")
     refs, ref_fraction, ref_seconds = run(others)
     log(f"reference: compute {ref_fraction:.3f}, {ref_seconds:.2f}s")
     points, chosen = [], None
@@ -169,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--base", default=None,
+                    help='JSON of the other settings, e.g. \'{"threshold": 0, "start_percent": 0}\' with --field step_threshold')
     ap.add_argument("--out", default="calibrated.json")
     args = ap.parse_args(argv)
 
@@ -181,7 +196,8 @@ def main(argv=None) -> int:
     sigmas = karras_sigmas(args.steps, edm.sigma_min, edm.sigma_max, device=args.device)
     cands = [float(c) for c in args.candidates.split(",")]
     cal = calibrate(net, edm, samples, sigmas, args.views, args.frames, mechanism=args.mechanism,
-                    candidates=cands, target_psnr=args.target_psnr, field_name=args.field, log=print)
+                    candidates=cands, target_psnr=args.target_psnr, field_name=args.field,
+                    base_config=json.loads(args.base) if args.base else None, log=print)
     cal.meta.update({"model": os.path.basename(args.model), "seeds": seeds})
     save_calibration(cal, args.out)
     print(f"{args.mechanism}.{cal.field} = {cal.value} (target PSNR {args.target_psnr} dB) -> {args.out}")
