@@ -60,9 +60,9 @@ class DenoisedSpace:
     denoised image, and back. Accelerators that stand in for a whole call work on D: holding D
     over Euler steps is exactly a longer Euler step, holding F is not."""
 
-    def __init__(self, x: torch.Tensor, c_skip, c_out, sigma_data: Optional[float] = None):
+    def __init__(self, x: torch.Tensor, c_skip, c_out, sigma_data: float):
         self.x, self.c_skip, self.c_out = x, c_skip, c_out
-        self.sigma_data = sigma_data  # known to the adapter; lets accelerators place a call without a sync
+        self.sigma_data = sigma_data  # lets accelerators place a call by sigma alone, without a host sync
 
     def denoised(self, f: torch.Tensor) -> torch.Tensor:
         return self.c_skip * self.x.float() + self.c_out * f.float()
