@@ -165,12 +165,14 @@ class ChainBypass(io.ComfyNode):
                 io.Int.Input("max_consecutive", default=d.max_consecutive, min=0, max=50,
                              tooltip="custom only: a block runs again after this many bypasses in a row."),
                 io.Float.Input("step_threshold", default=d.step_threshold, min=0.0, max=2.0, step=0.005,
-                               tooltip="custom only: whole steps. Estimated relative error of a forecast denoised "
-                                       "image (extrapolated from the last two steps that ran, its error measured "
-                                       "at every step that runs) under which the whole model call is skipped. "
+                               tooltip="custom only: whole steps. Estimated relative error of holding the last "
+                                       "denoised image (the error rate is measured at every step that runs) under "
+                                       "which the whole model call is skipped. The number of model calls follows "
+                                       "this budget, not the step count (presets: 0.03 / 0.1 / 0.2). "
                                        "0 = never skip a whole step."),
-                io.Int.Input("step_max_skips", default=d.step_max_skips, min=0, max=50,
-                             tooltip="custom only: the model runs again after this many whole steps skipped in a row."),
+                io.Int.Input("step_max_skips", default=d.step_max_skips, min=0, max=10_000,
+                             tooltip="custom only: the model runs again after this many whole steps skipped in a "
+                                     "row (the presets leave the error estimate alone in charge: 10000)."),
                 io.Float.Input("kappa_prior", default=d.kappa_prior, min=0.0, max=100.0, step=0.01,
                                tooltip="custom only: the forecast-error rate to assume before the second model "
                                        "call has run (the run's log reports the measured one as kappa_measured; "

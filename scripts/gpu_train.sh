@@ -2,7 +2,8 @@
 # Trains the embedded default model (models/turbo4d_default.safetensors) on one GPU, in chunks
 # that each fit a 10-minute command limit, and puts what must come back under $OUT (at most 8
 # files, each under 16 MiB): the fp16 weights, the resumable state (3 shards of < 15 MiB), the log,
-# and with EVAL=1 the GPU evaluation and sampler sweep as JSON.
+# SHA256SUMS of the weights and state (check with `sha256sum -c` where they land), and with EVAL=1
+# the GPU evaluation and sampler sweep as JSON.
 #
 #   OUT=/somewhere bash scripts/gpu_train.sh                    # chunk 1: a fresh run
 #   OUT=/somewhere RESUME=1 EVAL=1 bash scripts/gpu_train.sh    # chunk 2: resumes runs/$RUN
@@ -59,7 +60,11 @@ if [ "${EVAL_ONLY:-0}" = 1 ]; then  # no training: score the committed model
 fi
 
 # whatever happens, bring the log and the latest saved state back
-bring_back(){ cp -f runs/"$RUN"/log.jsonl runs/"$RUN"/state*.safetensors "$OUT/" 2>/dev/null || true; }
+# with their sha256 sums (SHA256SUMS), so a file that comes back truncated is caught before a resume
+bring_back(){
+  cp -f runs/"$RUN"/log.jsonl runs/"$RUN"/state*.safetensors "$OUT/" 2>/dev/null || true
+  (cd "$OUT" && sha256sum state*.safetensors turbo4d_default.safetensors > SHA256SUMS 2>/dev/null) || true
+}
 trap bring_back EXIT
 
 ARGS=(--out "runs/$RUN" --device cuda --minutes "$MINUTES" --steps "$STEPS" $EXTRA)

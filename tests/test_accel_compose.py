@@ -163,3 +163,39 @@ def test_runs_and_streams_share_nothing(net):
     # Configs are frozen: a node's stored spec cannot be changed through a run.
     with pytest.raises(Exception):
         run.accelerators[0].config.threshold = 1.0
+
+
+def test_cache_and_pruner_stand_aside_after_long_whole_step_skips(net, monkeypatch):
+    """Calls that whole-step skips leave more than max_age steps apart have nothing reusable: the
+    cache and the pruner must then pass them through untouched (the result equals the bypass
+    alone), counted as calls stood aside, computing every sequence through the grid path (the
+    counting backend sees no camera or motion sequence), and holding no cache memory after the
+    first call. With calls close together they work as before."""
+    skip = ("bypass", ChainBypassConfig(threshold=0.0, start_percent=0.0, end_percent=1.0, step_threshold=0.5,
+                                        step_max_skips=100, kappa_prior=0.4))
+    reuse = [("cache", RollingCacheConfig(threshold=10.0, max_age=1, start_percent=0.0)),
+             ("prune", TokenPrunerConfig(keep_start=0.3, keep_end=0.3, max_age=1, start_percent=0.0))]
+    alone, st_alone = sample(net, [skip])
+    ran = st_alone.accelerators["bypass"]["steps_ran"]
+    assert 2 <= ran <= STEPS // 2  # long gaps between the calls that run
+    from turbo_core.dispatch import SCMDispatch
+
+    as_sequences = []
+    original = SCMDispatch.attend
+    monkeypatch.setattr(SCMDispatch, "attend", lambda self, block, axis, seqs, compute: (
+        as_sequences.append((self.step.index, axis)), original(self, block, axis, seqs, compute))[1])
+    run = build_run([skip] + reuse)
+    memory = []
+    run.listeners.append(lambda stats, entry: memory.append(sum(a.cache_bytes() for a in run.accelerators[1:]))
+                         if entry else None)
+    x, st = sample(net, None, run=run)
+    assert torch.equal(x, alone)
+    assert st.accelerators["cache"]["calls_aside"] == ran - 1 == st.accelerators["prune"]["calls_aside"]
+    assert st.cache_hits == 0 and not st.reused_by.get("prune")
+    # Only the first call (no gap yet) sent camera/motion attention through the sequence path.
+    assert {i for i, axis in as_sequences if axis != "spatial"} == {0}
+    assert memory[0] > 0 and memory[-1] == 0
+
+    # Without whole-step skips the calls are one step apart: the cache reuses, nothing stands aside.
+    x2, st2 = sample(net, reuse)
+    assert st2.accelerators["cache"]["calls_aside"] == 0 and st2.cache_hits > 0

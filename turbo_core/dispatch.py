@@ -44,12 +44,13 @@ BACKENDS = {"sdpa": sdpa, "naive": naive_attention, "short-axis": short_axis_sdp
 _KERNEL_OK = (sdpa, short_axis_sdpa)  # backends the grid path may replace by the kernel
 
 
-def _sees_sequences(acc) -> bool:
-    """Whether an accelerator acts on sub-attentions (overrides `attend`); one that only acts on
-    chains (the bypass) leaves them to the grid path."""
-    from .accel.base import Accelerator  # the accelerators import this module
-
-    return getattr(type(acc), "attend", None) is not Accelerator.attend
+def _sees_sequences(acc, dispatch) -> bool:
+    """Whether an accelerator acts on this call's sub-attentions; one that only acts on chains (the
+    bypass), or stands aside for the call, leaves them to the grid path."""
+    sees = getattr(acc, "sees_sequences", None)
+    if sees is not None:
+        return bool(sees(dispatch))
+    return callable(getattr(acc, "attend", None))  # a duck-typed accelerator: assume it does
 
 
 class SCMDispatch:
@@ -102,7 +103,7 @@ class SCMDispatch:
         token, attention through `grid_attention`); it runs when no accelerator looks at this
         axis's sequences, so no sequence copy of x is made. Otherwise the sequences
         (`to_axis`, default the layout's) go through `attend` and come back through `from_axis`."""
-        if grid is not None and self._grid_applies(x) and not any(_sees_sequences(a) for a in self.accelerators):
+        if grid is not None and self._grid_applies(x) and not any(_sees_sequences(a, self) for a in self.accelerators):
             if axis not in AXES:
                 raise ValueError(f"unknown SCM axis {axis!r}")
             if self.stats is not None:

@@ -51,6 +51,11 @@ class Accelerator:
         return sum(getattr(st, "nbytes", lambda: 0)() for st in self.streams.values())
 
     # --- behaviour ------------------------------------------------------------------------
+    def sees_sequences(self, dispatch: SCMDispatch) -> bool:
+        """Whether this call's camera/motion sub-attentions must reach `attend` as sequences; when
+        no accelerator needs them the dispatch runs them where they lie (the short-axis kernel)."""
+        return type(self).attend is not Accelerator.attend
+
     def attend(self, dispatch: SCMDispatch, block: int, axis: str, seqs: torch.Tensor,
                index: Optional[torch.Tensor], nxt) -> torch.Tensor:
         return nxt(seqs, index)
@@ -67,6 +72,21 @@ class Accelerator:
 
     def summary(self) -> dict:
         return {}
+
+
+def outside_reuse_horizon(st, call_index: int, max_age: int) -> bool:
+    """For accelerators that reuse activations across calls at most `max_age` calls old (the cache,
+    the pruner): notes in their state `st` (fields last_ran, aside) that the network runs at this
+    call, and whether it runs more than max_age calls after the previous call that ran. Then every
+    cached part is past its age bound and must be recomputed, so the accelerator stands aside for
+    the call: no change signals, no stores, the grid path's kernel instead of sequence copies.
+    Whole-step skips (Chain Bypass) make such gaps; measured on the embedded model, the cache found
+    nothing to reuse between calls 3 or more steps apart and only added its bookkeeping. The price:
+    a call after a gap stores nothing, so reuse resumes one call later when calls close up again."""
+    gap = None if st.last_ran is None else call_index - st.last_ran
+    st.last_ran = call_index
+    st.aside = gap is not None and gap > max_age
+    return st.aside
 
 
 class Turbo4DRun:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..layout import AXES
-from .base import Accelerator
+from .base import Accelerator, outside_reuse_horizon
 from .registry import merge_spec, register
 from .signals import relative_l1, subsample_tokens
 from .storage import TensorStore, check_storage, nbytes
@@ -112,9 +112,12 @@ class _Entry:
 class RollingCacheState:
     def __init__(self):
         self.entries: dict = {}
+        self.last_ran = None  # index of the last call the network ran (see outside_reuse_horizon)
+        self.aside = False    # this call is past every entry's age bound: stand aside
 
     def reset(self) -> None:
         self.entries.clear()
+        self.last_ran, self.aside = None, False
 
     def nbytes(self) -> int:
         return sum(nbytes(e.out) + nbytes(e.ref) for e in self.entries.values())
@@ -129,12 +132,23 @@ class RollingCache(Accelerator):
         self.config = RollingCacheConfig.from_dict(config)
         self.store = TensorStore(self.config.storage)
         self._groups: dict = {}  # (layout, axis, device) -> group tables; shapes only, no activations
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.calls_aside = 0
 
     def reset(self) -> None:
         super().reset()
         self._groups.clear()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.calls_aside = 0
+
+    def call(self, dispatch, x, nxt, space=None):
+        if dispatch.step is not None:
+            st = self.state(dispatch)
+            if outside_reuse_horizon(st, dispatch.step.index, self.config.max_age):
+                st.entries.clear()  # all past max_age: free them now
+                self.calls_aside += 1
+        return nxt()
+
+    def sees_sequences(self, dispatch) -> bool:
+        return dispatch.step is None or not self.state(dispatch).aside
 
     # --- group tables ---------------------------------------------------------------------
     def _tables(self, layout, axis: str, device) -> dict:
@@ -168,6 +182,8 @@ class RollingCache(Accelerator):
         if axis not in cfg.axes or index is not None or step is None or cfg.threshold <= 0:
             return nxt(seqs, index)
         st = self.state(dispatch)
+        if st.aside:
+            return nxt(seqs, index)
         key = (block, axis)
         entry = st.entries.get(key)
         if entry is not None and entry.out.shape != seqs.shape:
@@ -219,7 +235,8 @@ class RollingCache(Accelerator):
         return out
 
     def summary(self) -> dict:
-        return {"config": self.config.to_dict(), "hits": self.hits, "misses": self.misses}
+        return {"config": self.config.to_dict(), "hits": self.hits, "misses": self.misses,
+                "calls_aside": self.calls_aside}
 
 
 def apply_rolling_cache(specs, config: Optional[RollingCacheConfig] = None) -> list:

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from .base import Accelerator
+from .base import Accelerator, outside_reuse_horizon
 from .cache import _check_common, _from_dict
 from .registry import merge_spec, register
 from .storage import TensorStore, nbytes
@@ -113,10 +113,13 @@ class TokenPrunerState:
         self.trend: dict = {}     # (block, axis) -> running mean of the change (host float)
         self.ratio: dict = {}     # (block, axis) -> last change / trend, applied at the next call
         self.age_hist: dict = {}  # (block, axis) -> (call index, rows per age 0..max_age+1) on the host
+        self.last_ran = None      # index of the last call the network ran (see outside_reuse_horizon)
+        self.aside = False        # this call is past every entry's age bound: stand aside
 
     def reset(self) -> None:
         for d in (self.entries, self.pending, self.ages, self.trend, self.ratio, self.age_hist):
             d.clear()
+        self.last_ran, self.aside = None, False
 
     def nbytes(self) -> int:
         return sum(nbytes(e.out) + nbytes(e.ref) + nbytes(e.computed_at) for e in self.entries.values())
@@ -130,11 +133,23 @@ class TokenPruner(Accelerator):
         super().__init__()
         self.config = TokenPrunerConfig.from_dict(config)
         self.store = TensorStore(self.config.storage)
-        self.computed = self.offered = 0
+        self.computed = self.offered = self.calls_aside = 0
 
     def reset(self) -> None:
         super().reset()
-        self.computed = self.offered = 0
+        self.computed = self.offered = self.calls_aside = 0
+
+    def call(self, dispatch, x, nxt, space=None):
+        if dispatch.step is not None:
+            st = self.state(dispatch)
+            if outside_reuse_horizon(st, dispatch.step.index, self.config.max_age):
+                for d in (st.entries, st.age_hist):  # all past max_age: free them now
+                    d.clear()
+                self.calls_aside += 1
+        return nxt()
+
+    def sees_sequences(self, dispatch) -> bool:
+        return dispatch.step is None or not self.state(dispatch).aside
 
     def keep_share(self, st: TokenPrunerState, key, percent: float) -> float:
         cfg = self.config
@@ -151,6 +166,8 @@ class TokenPruner(Accelerator):
         if axis not in cfg.axes or step is None:
             return nxt(seqs, index)
         st = self.state(dispatch)
+        if st.aside:
+            return nxt(seqs, index)
         key = (block, axis)
         entry = st.entries.get(key)
         total = dispatch.layout.axis_shape(axis)[0]
@@ -257,7 +274,7 @@ class TokenPruner(Accelerator):
 
     def summary(self) -> dict:
         return {"config": self.config.to_dict(), "sequences_offered": self.offered,
-                "sequences_computed": self.computed}
+                "sequences_computed": self.computed, "calls_aside": self.calls_aside}
 
 
 def _bucket(k: int, s: int, buckets: int) -> int:
