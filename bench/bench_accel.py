@@ -431,10 +431,13 @@ def main(argv=None) -> int:
 
     if args.large:
         rows = [{"name": "full", "family": "full", "specs": []}]
-        for mech in ("cache", "prune", "bypass"):
+        for mech in ("cache", "prune"):
             rows.append({"name": f"{mech}-balanced", "family": mech, "specs": apply_preset([], mech, "balanced")})
-        rows.append({"name": "turbo4d-balanced", "family": "turbo4d", "specs": turbo4d_specs("balanced")})
-        rows.append({"name": "turbo4d-fast", "family": "turbo4d", "specs": turbo4d_specs("fast")})
+        for lv in ("quality", "balanced", "fast"):  # presets set on the embedded model, as they ship
+            rows.append({"name": f"bypass-{lv}", "family": "bypass", "specs": apply_preset([], "bypass", lv)})
+            rows.append({"name": f"turbo4d-{lv}", "family": "turbo4d", "specs": turbo4d_specs(lv)})
+        for n in (25, 10, 5, 3):
+            rows.append({"name": f"fewer-steps-{n}", "family": "fewer-steps", "steps": n, "specs": []})
         if calibration is not None:
             rows.append({"name": "turbo4d-calibrated", "family": "turbo4d",
                          "specs": calibration.specs(turbo4d_specs("balanced"))})

@@ -10,7 +10,8 @@ Here the network becomes a pixel-space EDM model:
 - `Turbo4DDiffusionModel`: the `diffusion_model` whose `forward` goes through the DIFFUSION_MODEL
   wrapper executor like `UNetModel.forward`, so wrappers such as ComfyUI's EasyCache apply unchanged;
 - `turbo4d_sample_wrapper`: the OUTER_SAMPLE wrapper that builds a fresh `Turbo4DRun` from the
-  accelerator specs for every sampling run and reports its stats at the end.
+  accelerator specs for every sampling run and reports its stats at the end;
+- `turbo4d_step_wrapper`: the PREDICT_NOISE wrapper that lets the run stand in for whole steps.
 
 Accelerator contract: accelerator nodes clone the MODEL and store their specs with
 `turbo_core.accel.registry.merge_spec` as a list of `(name, config)` at
@@ -232,6 +233,21 @@ def turbo4d_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = orig_model_options
 
 
+def turbo4d_step_wrapper(executor, x, timestep, model_options={}, seed=None):
+    """PREDICT_NOISE: one sampler evaluation (all its model calls, CFG combined) through
+    `Turbo4DRun.step`, so a whole step Chain Bypass skips costs none of ComfyUI's per-step
+    conditioning and batching work. Outside a Turbo4D run it only calls through."""
+    to = (model_options or {}).get("transformer_options", {})
+    run = to.get(RUN_KEY)
+    if run is None:
+        return executor(x, timestep, model_options, seed)
+    sampling = getattr(getattr(executor.class_obj, "model_patcher", None), "model", None)
+    sigma_data = getattr(getattr(sampling, "model_sampling", None), "sigma_data", None)
+    return run.step(x, float(timestep.flatten()[0]), to.get("sample_sigmas"),
+                    lambda: executor(x, timestep, model_options, seed),
+                    None if sigma_data is None else float(sigma_data))
+
+
 def wrap_model(net: torch.nn.Module, dtype: Optional[torch.dtype], supported_dtypes: list,
                build) -> comfy.model_patcher.ModelPatcher:
     """A MODEL around a loaded network: `build(net, device)` makes the BaseModel; the patcher gets
@@ -245,6 +261,7 @@ def wrap_model(net: torch.nn.Module, dtype: Optional[torch.dtype], supported_dty
     model = build(net, offload_device)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, turbo4d_sample_wrapper)
+    patcher.add_wrapper_with_key(WrappersMP.PREDICT_NOISE, WRAPPER_KEY, turbo4d_step_wrapper)
     return patcher
 
 

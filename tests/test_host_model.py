@@ -106,8 +106,10 @@ def test_forward_goes_through_diffusion_model_wrappers(glue):
     assert (full - skipped).abs().max() > 1e-3
 
 
-def _sample(glue, patcher, views, frames, steps=4, cfg=1.0, seed=0):
+def _sample(glue, patcher, views, frames, steps=4, cfg=1.0, seed=0, sigmas=None):
+    """ComfyUI's own sampling (euler, karras) of a V x F grid; `sigmas`: a custom schedule instead."""
     import comfy.sample
+    import comfy.samplers
 
     net = glue.get_scm_net(patcher)
     s = net.cfg.image_size
@@ -123,8 +125,47 @@ def _sample(glue, patcher, views, frames, steps=4, cfg=1.0, seed=0):
 
     latent = torch.zeros(views * frames, 3, s, s)
     noise = comfy.sample.prepare_noise(latent, seed)
+    if sigmas is not None:
+        return comfy.sample.sample_custom(patcher, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas,
+                                          cond(ref), cond(torch.zeros_like(ref)), latent, disable_pbar=True, seed=seed)
     return comfy.sample.sample(patcher, noise, steps, cfg, "euler", "karras", cond(ref), cond(torch.zeros_like(ref)),
                                latent, disable_pbar=True, seed=seed)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_skipped_whole_steps_skip_comfys_per_step_work(glue, cfg):
+    """Chain Bypass's whole steps are decided in the PREDICT_NOISE wrapper: a skipped step never
+    reaches ComfyUI's cond batching (counted by a CALC_COND_BATCH wrapper), still appears in the
+    stats as a call with every block bypassed, and the result equals ComfyUI's own Euler sampling
+    over just the sigmas whose steps ran (holding the denoised image is a longer Euler step)."""
+    from comfy.patcher_extension import WrappersMP
+    from turbo_core.accel.bypass import ChainBypassConfig
+    from turbo_core.accel.registry import merge_spec
+
+    steps = 10
+    base = glue.make_model_patcher(_net(), torch.float32)
+    m = base.clone()
+    glue.set_accelerator_specs(m, merge_spec([], "bypass", ChainBypassConfig(
+        threshold=0.0, start_percent=0.0, end_percent=1.0, step_threshold=0.3, step_max_skips=100, kappa_prior=0.4)))
+    batches = []
+    m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, "test-count",
+                           lambda executor, *a, **k: (batches.append(1), executor(*a, **k))[1])
+    sink = glue.StatsSink()
+    m.model_options["transformer_options"][glue.REPORTS_KEY] = sink
+    out = _sample(glue, m, views=2, frames=3, steps=steps, cfg=cfg)
+    st = sink.items[0]
+    summary = st.accelerators["bypass"]
+    assert 2 <= summary["steps_ran"] < steps and summary["steps_skipped"] == steps - summary["steps_ran"]
+    assert len(batches) == summary["steps_ran"], "a skipped step must not reach ComfyUI's cond batching"
+    assert st.calls == steps and len(st.timeline) == steps
+    ran = [t for t in st.timeline if any(c != "bypassed" for c in t["cells"].values())]
+    assert len(ran) == summary["steps_ran"]
+    assert st.chains_bypassed == summary["steps_skipped"] * st.blocks
+    assert all("bypass.step" in t["signal"] for t in st.timeline[1:])
+
+    plain = _sample(glue, base.clone(), views=2, frames=3, cfg=cfg,
+                    sigmas=torch.tensor([t["sigma"] for t in ran] + [0.0]))
+    torch.testing.assert_close(out, plain, rtol=1e-4, atol=1e-5)
 
 
 def test_outer_sample_wrapper_runs_accelerators_and_reports(glue):

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from accel_fixtures import random_net, sample
-from turbo_core.accel.presets import turbo4d_specs
+from turbo_core.accel.bypass import ChainBypassConfig
+from turbo_core.accel.cache import RollingCacheConfig
+from turbo_core.accel.prune import TokenPrunerConfig
 from turbo_core.accel.registry import build_run
 from turbo_core.report import (STATE_CODES, STATE_COLOURS, draw_map, report_image, row_code, run_payload,
                                state_counts)
@@ -18,7 +20,11 @@ from turbo_core.report import (STATE_CODES, STATE_COLOURS, draw_map, report_imag
 def fast_run():
     net = random_net("tiny")
     calls = []
-    run = build_run(turbo4d_specs("fast"))
+    # All three at work (the shipped presets mostly skip whole steps, and then the cache and the
+    # pruner stand aside): every state of the map appears.
+    run = build_run([("cache", RollingCacheConfig(threshold=0.3, start_percent=0.1)),
+                     ("prune", TokenPrunerConfig(keep_start=0.5, keep_end=0.3)),
+                     ("bypass", ChainBypassConfig(threshold=0.2, start_percent=0.1, max_consecutive=2))])
     run.listeners.append(lambda stats, entry: calls.append(
         (len(stats.timeline), None if entry is None else row_code(entry, stats.blocks))))
     _, stats = sample(net, None, run=run)

@@ -177,18 +177,26 @@ class ChainBypass(Accelerator):
         self.bypassed = self.ran = 0
         self.steps_skipped = self.steps_ran = 0
         self.kappas: list = []  # forecast-error rates measured this run (for kappa_prior)
+        self.last_step_estimate = None  # (estimate, threshold) of the latest whole-step decision
 
     def reset(self) -> None:
         super().reset()
         self.bypassed = self.ran = 0
         self.steps_skipped = self.steps_ran = 0
         self.kappas = []
+        self.last_step_estimate = None
+
+    def gates_steps(self) -> bool:
+        return self.config.step_threshold > 0
 
     def call(self, dispatch, x, nxt, space=None):
         """The whole model call: skip it with a forecast output, or run it and learn from it.
         Outputs are kept and forecast as denoised images when the adapter gives their `space`."""
         cfg = self.config
         step = dispatch.step
+        if not getattr(dispatch, "whole_steps", True):  # decided ahead, in Turbo4DRun.step
+            return nxt()
+        self.last_step_estimate = None
         if step is None or cfg.step_threshold <= 0 or step.sigma <= 0:
             return nxt()
         st = self.state(dispatch)
@@ -198,6 +206,7 @@ class ChainBypass(Accelerator):
         if (cfg.start_percent <= step.percent <= cfg.end_percent and o.ready(cfg.forecast_order)
                 and kappa is not None and o.skips < cfg.step_max_skips):
             estimate = kappa * o.span(s, cfg.forecast_order)
+            self.last_step_estimate = (estimate, cfg.step_threshold)
             if dispatch.stats is not None:
                 dispatch.stats.signal("bypass.step", estimate, cfg.step_threshold)
             if estimate < cfg.step_threshold:

@@ -29,7 +29,7 @@ def sample_accelerated(net, edm: EDM, specs: Sequence, noise: torch.Tensor, sigm
     device = noise.device
     schedule = [float(s) for s in sigmas]
 
-    def denoise(x, sigma, i):
+    def call(x, sigma):
         d = run.dispatch(layout, sigma, schedule, stream, dtype, device, net.depth, cost)
         space = edm.output_space(x, sigma)
 
@@ -39,6 +39,10 @@ def sample_accelerated(net, edm: EDM, specs: Sequence, noise: torch.Tensor, sigm
         out = edm.denoise(network, x, sigma, cond, camera, views, frames, dispatch=d, frame_index=frame_index)
         run.end_call(d)
         return out
+
+    def denoise(x, sigma, i):
+        # Whole steps are decided here, ahead of the preconditioning, as the ComfyUI adapter does.
+        return run.step(x, sigma, schedule, lambda: call(x, sigma), edm.sigma_data)
 
     run.begin()
     peak = None
