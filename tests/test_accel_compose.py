@@ -192,6 +192,9 @@ def test_cache_and_pruner_stand_aside_after_long_whole_step_skips(net, monkeypat
     assert torch.equal(x, alone)
     assert st.accelerators["cache"]["calls_aside"] == ran - 1 == st.accelerators["prune"]["calls_aside"]
     assert st.cache_hits == 0 and not st.reused_by.get("prune")
+    # Work the bypass skipped is not reported as pruned.
+    s = st.summary()
+    assert s["tokens_pruned_camera_motion"] == 0 < s["sequences_skipped_camera_motion"]
     # Only the first call (no gap yet) sent camera/motion attention through the sequence path.
     assert {i for i, axis in as_sequences if axis != "spatial"} == {0}
     assert memory[0] > 0 and memory[-1] == 0

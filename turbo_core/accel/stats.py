@@ -172,7 +172,10 @@ class RunStats:
             "steps_fully_bypassed": sum(
                 1 for t in self.timeline if self.blocks and len(t["cells"]) == self.blocks
                 and all(c == BYPASSED for c in t["cells"].values())),
-            "tokens_pruned_camera_motion": skipped,
+            # pruned: answered by the token pruner; skipped: not computed for any reason (also
+            # cached and bypassed)
+            "tokens_pruned_camera_motion": sum(self.reused_by["prune"][a] for a in ("camera", "motion")),
+            "sequences_skipped_camera_motion": skipped,
             "tokens_total_camera_motion": tot,
             "sequences_computed": dict(self.sequences_computed),
             "sequences_total": dict(self.sequences_total),
@@ -201,7 +204,8 @@ class RunStats:
         sp = s["compute_speedup"]
         line = (f"{label}: {s['chains_bypassed']}/{s['chains_total']} block chains bypassed "
                 f"({s['steps_fully_bypassed']} whole steps), "
-                f"{s['tokens_pruned_camera_motion']}/{s['tokens_total_camera_motion']} camera+motion sequences pruned, "
+                f"{s['tokens_pruned_camera_motion']}/{s['tokens_total_camera_motion']} camera+motion sequences pruned "
+                f"({s['sequences_skipped_camera_motion']} skipped in all), "
                 f"{s['cache_hits']} cache hits, cache {s['cache_memory_peak_mb']:.1f} MB, "
                 f"compute {s['compute_fraction'] * 100:.1f}% of full ({sp if sp is None else f'{sp:.2f}'}x), "
                 f"{s['seconds']:.2f}s")
