@@ -67,3 +67,19 @@ def test_registry_levels_and_errors():
         build_run([("teacache", None)])
     specs = merge_spec([("cache", 1), ("prune", 2)], "cache", 3)
     assert specs == [("prune", 2), ("cache", 3)]
+
+
+def test_schedule_position_on_lists_and_tensors():
+    """Percent through the schedule: 0 at the first sigma, 1 at the last evaluated one (the final
+    0 is never evaluated), interpolated between entries; a tensor schedule gives the same."""
+    import torch
+
+    from turbo_core.run import schedule_position
+
+    sched = [10.0, 5.0, 2.0, 1.0, 0.0]
+    assert schedule_position(10.0, sched) == (0.0, 4)
+    assert schedule_position(1.0, sched) == (1.0, 4)
+    assert schedule_position(5.0, sched) == (pytest.approx(1 / 3), 4)
+    assert schedule_position(3.5, sched) == (pytest.approx(1.5 / 3), 4)  # Heun's midpoint
+    assert schedule_position(3.5, torch.tensor(sched)) == schedule_position(3.5, sched)
+    assert schedule_position(3.0, None) == (0.0, 1)

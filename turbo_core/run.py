@@ -22,25 +22,25 @@ class StepInfo:
 
 def schedule_position(sigma: float, sample_sigmas: Optional[Sequence[float] | torch.Tensor]) -> tuple[float, int]:
     """(percent, total steps) of `sigma` within a sampling schedule. Sigmas between two schedule
-    entries (second-order samplers) get an interpolated percent."""
+    entries (second-order samplers) get an interpolated percent. Plain Python on a list of floats
+    (called at every model call and every skipped step; a tensor is read to the host first)."""
     if sample_sigmas is None or len(sample_sigmas) < 2:
         return 0.0, 1
-    s = torch.as_tensor(sample_sigmas, dtype=torch.float64).flatten().cpu()
-    total = len(s) - 1
-    if s[-1] <= 0:  # the final 0 is never evaluated
-        s_eval = s[:-1]
+    if isinstance(sample_sigmas, torch.Tensor):
+        s = sample_sigmas.detach().flatten().double().cpu().tolist()
     else:
-        s_eval = s
+        s = [float(v) for v in sample_sigmas]
+    total = len(s) - 1
+    s_eval = s[:-1] if s[-1] <= 0 else s  # the final 0 is never evaluated
     if len(s_eval) < 2:
         return 0.0, total
     # Schedules are decreasing; find the segment holding sigma.
     sig = float(sigma)
-    if sig >= float(s_eval[0]):
+    if sig >= s_eval[0]:
         return 0.0, total
-    if sig <= float(s_eval[-1]):
+    if sig <= s_eval[-1]:
         return 1.0, total
-    i = int((s_eval > sig).sum().item()) - 1
-    hi, lo = float(s_eval[i]), float(s_eval[i + 1])
+    i = sum(1 for v in s_eval if v > sig) - 1
+    hi, lo = s_eval[i], s_eval[i + 1]
     frac = (hi - sig) / max(hi - lo, 1e-12)
     return (i + frac) / (len(s_eval) - 1), total
-
