@@ -212,15 +212,21 @@ def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2
                 c_in, c_skip, c_out = (s * s + 1) ** -0.5, 1 / (s * s + 1), -s * (s * s + 1) ** -0.5
                 start = timer.now() if timer else None
                 t0 = time.perf_counter()
-                d = run.dispatch(lay, s, sigmas, blocks=net.blocks, dtype=dtype, device=device, work=work)
-                xin = torch.cat([(x * c_in).to(dtype)] * 2)
-                f = net(torch.cat([xin, cond["concat"]], 1), torch.full((2 * n,), 0.25 * math.log(s), device=device),
-                        cond["context"], cond["y"], cond["cond_view"], views, frames,
-                        dispatch=timed_dispatch(d, timer) if timer else d, memory=memory)
-                run.end_call(d)
-                den = c_skip * torch.cat([x, x]) + c_out * f.float()
-                u, c = den.chunk(2)
-                den = u + scale * (c - u)
+
+                def denoise():  # one sampler step: the CFG-batched call, combined
+                    d = run.dispatch(lay, s, sigmas, blocks=net.blocks, dtype=dtype, device=device, work=work)
+                    xin = torch.cat([(x * c_in).to(dtype)] * 2)
+                    f = net(torch.cat([xin, cond["concat"]], 1),
+                            torch.full((2 * n,), 0.25 * math.log(s), device=device),
+                            cond["context"], cond["y"], cond["cond_view"], views, frames,
+                            dispatch=timed_dispatch(d, timer) if timer else d, memory=memory)
+                    run.end_call(d)
+                    u, c = (c_skip * torch.cat([x, x]) + c_out * f.float()).chunk(2)
+                    return u + scale * (c - u)
+
+                # Whole steps (Chain Bypass) are decided per step, as the ComfyUI adapter does;
+                # SV4D's V-prediction EDM has sigma_data 1.
+                den = run.step(x, s, sigmas, denoise, 1.0)
                 x = x + (x - den) / s * (s_next - s)
                 if timer:
                     parts.append(timer.collect(start, timer.now()))
