@@ -85,11 +85,15 @@ def outside_reuse_horizon(st, call_index: int, max_age: int) -> bool:
     cached part is past its age bound and must be recomputed, so the accelerator stands aside for
     the call: no change signals, no stores, the grid path's kernel instead of sequence copies.
     Whole-step skips (Chain Bypass) make such gaps; measured on the embedded model, the cache found
-    nothing to reuse between calls 3 or more steps apart and only added its bookkeeping. The price:
-    a call after a gap stores nothing, so reuse resumes one call later when calls close up again."""
+    nothing to reuse between calls 3 or more steps apart and only added its bookkeeping, and on SV4D
+    its first-call stores held 7-16 GB that were never read. The price: a call after a gap stores
+    nothing, so reuse resumes one call later when calls close up again."""
     gap = None if st.last_ran is None else call_index - st.last_ran
     st.last_ran = call_index
-    st.aside = gap is not None and gap > max_age
+    # The first call stands aside too: nothing is cached yet, and whether the next call comes
+    # within max_age is unknown; entries start at the first call that follows one closely
+    # (every accelerator's start_percent leaves the first calls in full compute anyway).
+    st.aside = gap is None or gap > max_age
     return st.aside
 
 
