@@ -192,9 +192,10 @@ def test_cache_and_pruner_stand_aside_after_long_whole_step_skips(net, monkeypat
     assert torch.equal(x, alone)
     assert st.accelerators["cache"]["calls_aside"] == ran == st.accelerators["prune"]["calls_aside"]
     assert st.cache_hits == 0 and not st.reused_by.get("prune")
-    # Work the bypass skipped is not reported as pruned.
+    # Work the bypass skipped is not reported as pruned, and skipped calls are not counted as run.
     s = st.summary()
     assert s["tokens_pruned_camera_motion"] == 0 < s["sequences_skipped_camera_motion"]
+    assert s["model_calls"] == STEPS and s["model_calls_run"] == ran
     # No call sent camera/motion attention through the sequence path, and nothing was stored.
     assert not [i for i, axis in as_sequences if axis != "spatial"]
     assert memory and max(memory) == 0

@@ -160,7 +160,8 @@ def headline(summary: dict) -> str:
     frac = s.get("compute_fraction")
     return (f"compute {fmt_speedup(s.get('compute_speedup'))} faster"
             + ("" if frac is None else f" ({frac * 100:.1f}% of full)")
-            + f", {s.get('seconds', 0):.2f} s, {s.get('model_calls', 0)} model calls")
+            + f", {s.get('seconds', 0):.2f} s, {s.get('model_calls_run', s.get('model_calls', 0))} of "
+            f"{s.get('model_calls', 0)} model calls run")
 
 
 def draw_map(rows: Sequence[str], blocks: int, width: int = 720, height: int = 230) -> np.ndarray:

@@ -49,7 +49,8 @@ export function figuresOf(summary, quality) {
   const sp = s.compute_speedup;
   f["speedup"] = sp == null ? "-" : `${sp.toFixed(2)}x compute` +
     (s.compute_fraction != null ? ` (${(s.compute_fraction * 100).toFixed(1)}% of full)` : "");
-  f["time"] = s.seconds != null ? `${s.seconds.toFixed(2)} s, ${s.model_calls ?? 0} model calls` : "-";
+  f["time"] = s.seconds != null
+    ? `${s.seconds.toFixed(2)} s, ${s.model_calls_run ?? s.model_calls ?? 0} of ${s.model_calls ?? 0} model calls run` : "-";
   f["peak memory"] = s.peak_memory_mb == null ? "n/a (not a CUDA run)" : `${s.peak_memory_mb.toFixed(0)} MB`;
   f["chains bypassed"] = `${s.chains_bypassed ?? 0}/${s.chains_total ?? 0}` + pct(s.chains_bypassed, s.chains_total) +
     `, ${s.steps_fully_bypassed ?? 0} whole steps`;

@@ -35,7 +35,10 @@ the schedule are computed. The forecast error is modelled as
 from the points s_b (and s_a) it extrapolates from, and kappa is measured, not assumed: every
 call that runs first checks the forecast it would have made against its real output, so a run
 whose trajectory bends gets fewer skips, a straight one more. A skip is taken while the estimate
-is under step_threshold and fewer than step_max_skips calls were skipped in a row. Until a second
+is under step_threshold and fewer than step_max_skips calls were skipped in a row. Adapters that
+can (the ComfyUI PREDICT_NOISE wrapper, the script and SV4D samplers) make this decision once per
+sampler step through `Turbo4DRun.step`, on the CFG-combined denoised image, ahead of their per-call
+work; holding that is the same as holding each stream's, since CFG is linear in them. Until a second
 call has run there is nothing to measure kappa from; `kappa_prior` (the median a run reports as
 `kappa_measured`, so a model's own) stands in for it, which lets the very first jump be long, as a
 short schedule's is, instead of spending the second call at almost the first call's noise level.

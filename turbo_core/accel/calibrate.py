@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--base", default=None,
-                    help='JSON of the other settings, e.g. \'{"threshold": 0, "start_percent": 0}\' with --field step_threshold')
+                    help="JSON of the other settings; default: the config's defaults, or with --mechanism bypass "
+                         "--field step_threshold the Chain Bypass presets' whole-step settings (kappa_prior measured)")
     ap.add_argument("--out", default="calibrated.json")
     args = ap.parse_args(argv)
 
@@ -195,9 +196,16 @@ def main(argv=None) -> int:
     samples = scene_samples(seeds, args.views, args.frames, net.cfg.image_size, args.device)
     sigmas = karras_sigmas(args.steps, edm.sigma_min, edm.sigma_max, device=args.device)
     cands = [float(c) for c in args.candidates.split(",")]
+    base = json.loads(args.base) if args.base else None
+    if base is None and args.mechanism == "bypass" and args.field == "step_threshold":
+        # Calibrate in the regime the presets use (no count limit, tail skippable), with this
+        # model's own forecast-error rate measured first instead of the embedded model's.
+        from .presets import BYPASS_PRESETS
+
+        base = {**BYPASS_PRESETS["balanced"].to_dict(), "kappa_prior": 0.0}
     cal = calibrate(net, edm, samples, sigmas, args.views, args.frames, mechanism=args.mechanism,
                     candidates=cands, target_psnr=args.target_psnr, field_name=args.field,
-                    base_config=json.loads(args.base) if args.base else None, log=print)
+                    base_config=base, log=print)
     cal.meta.update({"model": os.path.basename(args.model), "seeds": seeds})
     save_calibration(cal, args.out)
     print(f"{args.mechanism}.{cal.field} = {cal.value} (target PSNR {args.target_psnr} dB) -> {args.out}")

@@ -164,14 +164,15 @@ class RunStats:
         tot = sum(self.sequences_total[a] for a in ("camera", "motion"))
         skipped = tot - sum(self.sequences_computed[a] for a in ("camera", "motion"))
         chains = self.chains_ran + self.chains_bypassed
+        whole = sum(1 for t in self.timeline if self.blocks and len(t["cells"]) == self.blocks
+                    and all(c == BYPASSED for c in t["cells"].values()))
         return {
-            "model_calls": self.calls,
+            "model_calls": self.calls,           # calls the sampler asked for (rows of the map)
+            "model_calls_run": self.calls - whole,  # ... of which the network ran (not skipped whole)
             "blocks": self.blocks,
             "chains_bypassed": self.chains_bypassed,
             "chains_total": chains,
-            "steps_fully_bypassed": sum(
-                1 for t in self.timeline if self.blocks and len(t["cells"]) == self.blocks
-                and all(c == BYPASSED for c in t["cells"].values())),
+            "steps_fully_bypassed": whole,
             # pruned: answered by the token pruner; skipped: not computed for any reason (also
             # cached and bypassed)
             "tokens_pruned_camera_motion": sum(self.reused_by["prune"][a] for a in ("camera", "motion")),
