@@ -78,7 +78,9 @@ class Turbo4DCache(io.ComfyNode):
         return io.Schema(
             node_id="Turbo4DCache", display_name="Turbo4D Cache", category="Turbo4D/accelerate",
             description="Rolling spatiotemporal cache: keeps each SCM sub-attention's output per block and reuses it "
-                        "while its input barely changes, refreshing a rotating share of views/frames every step.",
+                        "while its input barely changes, refreshing a rotating share of views/frames every step. "
+                        "It stands aside on calls more than max_age steps after the previous one (after Chain "
+                        "Bypass skipped whole steps), where nothing cached is still valid.",
             inputs=[
                 io.Model.Input("model", tooltip="A Turbo4D model (from Turbo4D Model Loader or another Turbo4D node)."),
                 io.Combo.Input("preset", options=PRESETS, default="balanced", tooltip=PRESET_TIP),
@@ -113,7 +115,8 @@ class SemanticPrune(io.ComfyNode):
             node_id="Turbo4DSemanticPrune", display_name="Semantic Prune", category="Turbo4D/accelerate",
             description="Dynamic semantic-aware token pruning: each step scores the camera and motion attention "
                         "sequences (change since last computed + saliency) and computes only the top share, reusing "
-                        "the rest; the share adapts over the steps.",
+                        "the rest; the share adapts over the steps. Like the cache, it stands aside on calls more "
+                        "than max_age steps after the previous one.",
             inputs=[
                 io.Model.Input("model", tooltip="A Turbo4D model (from Turbo4D Model Loader or another Turbo4D node)."),
                 io.Combo.Input("preset", options=PRESETS, default="balanced", tooltip=PRESET_TIP),

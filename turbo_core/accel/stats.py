@@ -210,7 +210,11 @@ class RunStats:
                 f"{s['cache_hits']} cache hits, cache {s['cache_memory_peak_mb']:.1f} MB, "
                 f"compute {s['compute_fraction'] * 100:.1f}% of full ({sp if sp is None else f'{sp:.2f}'}x), "
                 f"{s['seconds']:.2f}s")
-        kappa = (getattr(self, "accelerators", None) or {}).get("bypass", {}).get("kappa_measured")
+        accs = getattr(self, "accelerators", None) or {}
+        aside = {n: accs[n].get("calls_aside", 0) for n in ("cache", "prune") if n in accs}
+        if any(aside.values()):  # where they had nothing valid to reuse (see outside_reuse_horizon)
+            line += ", stood aside on " + ", ".join(f"{v} calls ({n})" for n, v in aside.items())
+        kappa = accs.get("bypass", {}).get("kappa_measured")
         if kappa is not None:  # what a Chain Bypass kappa_prior for this model should be
             line += f", kappa_measured {kappa:.3g}"
         return line
