@@ -93,9 +93,10 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
 def sample_euler(denoise: Callable[[torch.Tensor, float, int], torch.Tensor], noise: torch.Tensor,
                  sigmas: torch.Tensor, callback: Optional[Callable] = None) -> torch.Tensor:
     """Euler ODE sampler (ComfyUI's "euler"): denoise(x, sigma, step) -> D(x)."""
-    x = noise * sigmas[0]
-    for i in range(len(sigmas) - 1):
-        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    sig = [float(v) for v in sigmas.detach().cpu().tolist()]  # one host read, not two per step
+    x = noise * sig[0]
+    for i in range(len(sig) - 1):
+        s, s_next = sig[i], sig[i + 1]
         den = denoise(x, s, i)
         d = (x - den) / s
         x = x + d * (s_next - s)
