@@ -176,9 +176,9 @@ class Turbo4DRun:
         uncond, CFG combined) and returns the denoised image. An adapter calls this around its
         host's per-step work (ComfyUI: the PREDICT_NOISE wrapper), so that a step an accelerator
         stands in for (Chain Bypass's whole steps) skips the host's conditioning, batching and
-        CFG bookkeeping too, not only the network: measured through ComfyUI on an H100 GPU, that
-        per-step work cost about 1.8 ms per skipped step, as much as 40% of a 20-step run at 2
-        model calls. The skipped step still appears in the stats as a call of every stream the
+        CFG bookkeeping too, not only the network: measured through ComfyUI on an H100 GPU with the
+        skip inside the model call, that per-step work cost 1.8-2.6 ms per skipped step, more than
+        half of a 20-step run at 2 model calls. The skipped step still appears in the stats as a call of every stream the
         last step ran, with every block bypassed. `sigma_data` (the model's) places steps by
         phase; None falls back to log(sigma)."""
         from ..diffusion import DenoisedSpace  # diffusion imports nothing from here; keeps base light
