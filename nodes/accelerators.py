@@ -179,7 +179,7 @@ class ChainBypass(io.ComfyNode):
                 io.Float.Input("kappa_prior", default=d.kappa_prior, min=0.0, max=100.0, step=0.01,
                                tooltip="custom only: the forecast-error rate to assume before the second model "
                                        "call has run (the run's log reports the measured one as kappa_measured; "
-                                       "0.4 for the embedded model). 0 = always run the second call to measure it."),
+                                       "the presets use 0.4). 0 = always run the second call to measure it."),
                 *_percent_inputs(d.start_percent, d.end_percent),
                 io.Combo.Input("storage", options=STORAGE, default=d.storage, tooltip=STORAGE_TIP),
                 io.String.Input("calibration_file", default="", optional=True,
