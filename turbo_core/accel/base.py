@@ -11,6 +11,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..diffusion import DenoisedSpace
 from ..dispatch import SCMDispatch
 from ..layout import SCMLayout
 from ..run import StepInfo, schedule_position
@@ -97,6 +98,31 @@ def outside_reuse_horizon(st, call_index: int, max_age: int) -> bool:
     return st.aside
 
 
+class CrossCallReuse(Accelerator):
+    """Base of the accelerators that reuse activations at most `config.max_age` calls old (the
+    cache, the pruner): they stand aside on the calls `outside_reuse_horizon` names, freeing what
+    they hold (their state's `drop_cached()`) and counting the call in `calls_aside`."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls_aside = 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.calls_aside = 0
+
+    def call(self, dispatch, x, nxt, space=None):
+        if dispatch.step is not None:
+            st = self.state(dispatch)
+            if outside_reuse_horizon(st, dispatch.step.index, self.config.max_age):
+                st.drop_cached()  # all past max_age: free it now
+                self.calls_aside += 1
+        return nxt()
+
+    def sees_sequences(self, dispatch) -> bool:
+        return dispatch.step is None or not self.state(dispatch).aside
+
+
 class Turbo4DRun:
     """One sampling run: the accelerators in order, their counters, and the per-call dispatch.
 
@@ -181,8 +207,6 @@ class Turbo4DRun:
         half of a 20-step run at 2 model calls. The skipped step still appears in the stats as a call of every stream the
         last step ran, with every block bypassed. `sigma_data` (the model's) places steps by
         phase; None falls back to log(sigma)."""
-        from ..diffusion import DenoisedSpace  # diffusion imports nothing from here; keeps base light
-
         gates = [a for a in self.accelerators if a.gates_steps()]
         if not gates:
             return denoise()

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from ..layout import AXES
-from .base import Accelerator, outside_reuse_horizon
+from .base import CrossCallReuse
 from .registry import merge_spec, register
 from .signals import relative_l1, subsample_tokens
 from .storage import TensorStore, check_storage, nbytes
@@ -119,11 +119,14 @@ class RollingCacheState:
         self.entries.clear()
         self.last_ran, self.aside = None, False
 
+    def drop_cached(self) -> None:
+        self.entries.clear()
+
     def nbytes(self) -> int:
         return sum(nbytes(e.out) + nbytes(e.ref) for e in self.entries.values())
 
 
-class RollingCache(Accelerator):
+class RollingCache(CrossCallReuse):
     name = NAME
     state_class = RollingCacheState
 
@@ -132,23 +135,12 @@ class RollingCache(Accelerator):
         self.config = RollingCacheConfig.from_dict(config)
         self.store = TensorStore(self.config.storage)
         self._groups: dict = {}  # (layout, axis, device) -> group tables; shapes only, no activations
-        self.hits = self.misses = self.calls_aside = 0
+        self.hits = self.misses = 0
 
     def reset(self) -> None:
         super().reset()
         self._groups.clear()
-        self.hits = self.misses = self.calls_aside = 0
-
-    def call(self, dispatch, x, nxt, space=None):
-        if dispatch.step is not None:
-            st = self.state(dispatch)
-            if outside_reuse_horizon(st, dispatch.step.index, self.config.max_age):
-                st.entries.clear()  # all past max_age: free them now
-                self.calls_aside += 1
-        return nxt()
-
-    def sees_sequences(self, dispatch) -> bool:
-        return dispatch.step is None or not self.state(dispatch).aside
+        self.hits = self.misses = 0
 
     # --- group tables ---------------------------------------------------------------------
     def _tables(self, layout, axis: str, device) -> dict:

@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from .base import Accelerator, outside_reuse_horizon
+from .base import CrossCallReuse
 from .cache import _check_common, _from_dict
 from .registry import merge_spec, register
 from .storage import TensorStore, nbytes
@@ -121,11 +121,15 @@ class TokenPrunerState:
             d.clear()
         self.last_ran, self.aside = None, False
 
+    def drop_cached(self) -> None:
+        self.entries.clear()
+        self.age_hist.clear()
+
     def nbytes(self) -> int:
         return sum(nbytes(e.out) + nbytes(e.ref) + nbytes(e.computed_at) for e in self.entries.values())
 
 
-class TokenPruner(Accelerator):
+class TokenPruner(CrossCallReuse):
     name = NAME
     state_class = TokenPrunerState
 
@@ -133,23 +137,11 @@ class TokenPruner(Accelerator):
         super().__init__()
         self.config = TokenPrunerConfig.from_dict(config)
         self.store = TensorStore(self.config.storage)
-        self.computed = self.offered = self.calls_aside = 0
+        self.computed = self.offered = 0
 
     def reset(self) -> None:
         super().reset()
-        self.computed = self.offered = self.calls_aside = 0
-
-    def call(self, dispatch, x, nxt, space=None):
-        if dispatch.step is not None:
-            st = self.state(dispatch)
-            if outside_reuse_horizon(st, dispatch.step.index, self.config.max_age):
-                for d in (st.entries, st.age_hist):  # all past max_age: free them now
-                    d.clear()
-                self.calls_aside += 1
-        return nxt()
-
-    def sees_sequences(self, dispatch) -> bool:
-        return dispatch.step is None or not self.state(dispatch).aside
+        self.computed = self.offered = 0
 
     def keep_share(self, st: TokenPrunerState, key, percent: float) -> float:
         cfg = self.config
