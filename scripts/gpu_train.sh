@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Trains the embedded default model (models/turbo4d_default.safetensors) on one GPU, in chunks
 # that each fit a 10-minute command limit, and puts what must come back under $OUT (at most 8
-# files, each under 16 MiB): the fp16 weights, the resumable state (3 shards of < 15 MiB), the log,
+# files, each under 16 MiB): the fp16 weights, the resumable state in 16 bits (`train --compact`: at
+# most 4 shards of < 15 MiB, small enough to carry to the next machine), the log,
 # SHA256SUMS of the weights and state (check with `sha256sum -c` where they land), and with EVAL=1
 # the GPU evaluation and sampler sweep as JSON.
 #
@@ -10,8 +11,10 @@
 #   BENCH=512,1024,2048 OUT=/somewhere bash scripts/gpu_train.sh   # throughput probe only
 #   EVAL_ONLY=1 OUT=/somewhere bash scripts/gpu_train.sh        # GPU eval + sampler sweep of models/turbo4d_default
 #
-# For chunk 2, copy chunk 1's state*.safetensors into runs/$RUN/ first (they are what came back).
-# Environment: RUN (run name), MINUTES (wall time of the training process; it saves before),
+# For chunk 2 on a new machine, copy chunk 1's state*.safetensors into runs/$RUN/ first and carry
+# runs/$RUN (they are what came back); on the same machine still warm, carry nothing: the full
+# state of the last chunk is still in runs/$RUN there.
+# Environment: RUN (run name), CONFIG (model config of a fresh run), MINUTES (wall time of the training process; it saves before),
 # BATCH (images per step), STEPS (length of the cosine schedule), LR, EXTRA, EVAL_SCENES, SWEEP_SCENES,
 # EVAL_SECONDS, SWEEP_SECONDS (time limits of the two evaluations), PYTHON.
 # Time: MINUTES*60 + ~25 s (start, export) + EVAL_SECONDS + SWEEP_SECONDS must stay under the command limit.
@@ -19,6 +22,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder whose files come back}"
 RUN=${RUN:-turbo4d_default}
+CONFIG=${CONFIG:-default}
 MINUTES=${MINUTES:-8.3}
 BATCH=${BATCH:-1024}
 STEPS=${STEPS:-12000}
@@ -38,7 +42,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch, safetensors, numpy, cv2; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
 
 if [ -n "${BENCH:-}" ]; then
-  $PY -m turbo_core.train --bench "$BENCH" --device cuda | tee "$OUT/bench.jsonl"
+  $PY -m turbo_core.train --bench "$BENCH" --config "$CONFIG" --device cuda | tee "$OUT/bench.jsonl"
   exit 0
 fi
 
@@ -62,7 +66,8 @@ fi
 # whatever happens, bring the log and the latest saved state back
 # with their sha256 sums (SHA256SUMS), so a file that comes back truncated is caught before a resume
 bring_back(){
-  cp -f runs/"$RUN"/log.jsonl runs/"$RUN"/state*.safetensors "$OUT/" 2>/dev/null || true
+  cp -f runs/"$RUN"/log.jsonl "$OUT/" 2>/dev/null || true
+  $PY -m turbo_core.train --compact runs/"$RUN" --to "$OUT" >/dev/null || true
   (cd "$OUT" && sha256sum state*.safetensors turbo4d_default.safetensors > SHA256SUMS 2>/dev/null) || true
 }
 trap bring_back EXIT
@@ -73,7 +78,7 @@ if [ "${RESUME:-0}" = 1 ]; then
   ARGS+=(--resume)
 else
   rm -rf "runs/$RUN"
-  ARGS+=(--batch "$BATCH" --lr "$LR")
+  ARGS+=(--config "$CONFIG" --batch "$BATCH" --lr "$LR")
 fi
 say "train ${ARGS[*]}"
 $PY -m turbo_core.train "${ARGS[@]}"

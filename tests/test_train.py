@@ -77,6 +77,32 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert [r["step"] for r in log if r.get("event") == "saved"] == [3, 5]
 
 
+def test_compact_state_halves_the_bytes_and_resumes_close_to_the_full_one(tmp_path):
+    tcfg = TrainConfig(**TOY, total_steps=6)
+    run, small = str(tmp_path / "run"), str(tmp_path / "small")
+    train(run, tcfg, "cpu", validate=False, log_every=2, steps=3)
+    main(["--compact", run, "--to", small])
+    full, meta = _state(run)
+    half, hmeta = _state(small)
+    assert set(full) == set(half) and hmeta["step"] == meta["step"] == "3" and "compact" in hmeta["precision"]
+    for k, v in full.items():
+        if v.dim() == 0:  # counters stay exact
+            assert torch.equal(half[k], v), k
+        else:
+            assert half[k].dtype == (torch.bfloat16 if k.startswith("optim.") else torch.float16), k
+            assert torch.allclose(half[k].float(), v, rtol=1e-2, atol=1e-6), k
+    size = lambda d: sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
+    assert size(small) < 0.6 * size(run)
+    # both resume to the end of the schedule; the one rounding leaves the weights close
+    train(run, None, "cpu", validate=False, resume=True, log_every=2)
+    train(small, None, "cpu", validate=False, resume=True, log_every=2)
+    a, b = _state(run)[0], _state(small)[0]
+    assert b["model.out.weight"].dtype == torch.float32  # resumed in full precision
+    for k in a:
+        if k.startswith("ema.") and a[k].dim() > 0:
+            assert torch.allclose(a[k], b[k], rtol=2e-2, atol=2e-3), k
+
+
 def test_sharded_state_round_trips_and_rejects_mixed_saves(tmp_path):
     t = {f"w{i}": torch.full((1000,), float(i)) for i in range(5)}  # 4 kB each
     files = save_sharded(t, str(tmp_path), {"step": "1"}, shard_bytes=9000)

@@ -605,6 +605,22 @@ def export(run_dir: str, path: str) -> dict:
     return info
 
 
+def compact(run_dir: str, out_dir: str) -> list[str]:
+    """The run's state in 16 bits: weights and EMA in fp16, AdamW's moments in bf16 (for their
+    range), counters as they are. Half the bytes, so a run moves between machines inside one
+    transfer; `--resume` from it casts back to fp32 (torch's loaders do), and that one rounding is
+    far below a single step's update. The full state stays the one to resume from where it lies."""
+    tensors, meta = load_sharded(run_dir)
+    small = {}
+    for k, v in tensors.items():
+        if v.is_floating_point() and v.dim() > 0:
+            v = v.to(torch.bfloat16 if k.startswith("optim.") else torch.float16)
+        small[k] = v
+    meta = {k: v for k, v in meta.items() if k not in ("save_id", "shards", "part")}
+    meta["precision"] = "16-bit (compact: weights fp16, moments bf16)"
+    return save_sharded(small, out_dir, meta)
+
+
 def bench(batches, device, model: str = "default", steps: int = 12, warmup: int = 4) -> list[dict]:
     """Seconds per training step (data rendering included) and peak memory at each images-per-step;
     also the rendering alone, to see whether data or the network bounds a step."""
@@ -652,13 +668,19 @@ def main(argv=None):
     ap.add_argument("--no-val", action="store_true")
     ap.add_argument("--bench", metavar="B1,B2", help="time training steps at these images-per-step, then exit")
     ap.add_argument("--export", metavar="RUN", help="export RUN's EMA weights (fp16) instead of training")
-    ap.add_argument("--to", help="with --export: the .safetensors to write")
+    ap.add_argument("--to", help="with --export: the .safetensors to write; with --compact: the folder")
+    ap.add_argument("--compact", metavar="RUN", help="write RUN's state in 16 bits to the folder --to, then exit")
     a = ap.parse_args(argv)
     if a.export:
         if not a.to:
             ap.error("--export needs --to PATH.safetensors")
         info = export(a.export, a.to)
         print(json.dumps({"exported": a.to, **{k: v for k, v in info.items() if k != "train_config"}}, indent=1))
+        return 0
+    if a.compact:
+        if not a.to:
+            ap.error("--compact needs --to FOLDER")
+        print(json.dumps({"compact": compact(a.compact, a.to)}))
         return 0
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible; use --device cpu")

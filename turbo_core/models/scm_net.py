@@ -66,6 +66,9 @@ class SCMNetConfig:
 CONFIGS = {
     # The embedded default: small enough for a CPU workflow in seconds.
     "default": SCMNetConfig(),
+    # Three times the default's parameters (6.4 M, 12.8 MB in fp16): under the 16 MB limit for
+    # embedded weights, and its state in 16 bits (`train --compact`) fits one transfer.
+    "wide": SCMNetConfig(width=192, depth=8, heads=6),
     # A toy for tests.
     "tiny": SCMNetConfig(image_size=16, patch_size=2, width=32, depth=2, heads=2),
     # Production scale for benchmarks: 72 x 72 tokens per image at width 320 (SV4D 2.0's top level).
