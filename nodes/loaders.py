@@ -1,7 +1,6 @@
 """Turbo4D Model Loader: a safetensors SCM network (or an SV4D / SV4D 2.0 UNet) -> a ComfyUI MODEL."""
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
@@ -10,12 +9,10 @@ import folder_paths
 from comfy_api.latest import io
 
 from turbo_core.models.io import CheckpointError, load_model
-from turbo_core.models.scm_net import CONFIGS, SCMNet
 
 from .model import PACK_DIR, make_model_patcher
 from . import sv4d
 
-log = logging.getLogger("turbo4d")
 
 FOLDER = "turbo4d"
 EMBEDDED = "embedded default"
@@ -36,16 +33,6 @@ def register_model_folder() -> str:
 
 
 register_model_folder()
-
-
-# --- TEMPORARY: remove this function and its one caller once models/turbo4d_default.safetensors ships.
-def _untrained_default_net() -> SCMNet:
-    log.warning("Turbo4D: %s is missing; using an UNTRAINED default network (its outputs are meaningless). "
-                "Put the trained weights there.", DEFAULT_WEIGHTS)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return SCMNet(CONFIGS["default"]).eval()
-# --- end TEMPORARY
 
 
 def model_files() -> list[str]:
@@ -106,8 +93,10 @@ class Turbo4DModelLoader(io.ComfyNode):
         try:
             path = weights_path(model_name)
             if model_name == EMBEDDED and not os.path.isfile(path):
-                net = _untrained_default_net()
-            elif sv4d.sv4d_version_of(path):  # recognised by its keys, wherever it lies
+                raise ValueError(
+                    f"Turbo4D Model Loader: the embedded weights {path} are missing. They ship with the pack: "
+                    f"restore the file (git checkout -- models/turbo4d_default.safetensors) or reinstall the pack.")
+            if sv4d.sv4d_version_of(path):  # recognised by its keys, wherever it lies
                 return io.NodeOutput(sv4d.load_sv4d_model(path, DTYPES[weight_dtype]))
             else:
                 net = load_model(path)

@@ -13,6 +13,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from turbo_core.data.synth4d import SceneConfig, camera_angles
+from turbo_core.diffusion import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_STEPS
 from turbo_core.models.scm_net import SCMNet
 from turbo_core.train import relative_cameras
 from turbo_core.multiview import check_grid, frame_major_to_view_major, grid_condition, square_resize, to_unit
@@ -101,13 +102,13 @@ class MultiViewSampler(io.ComfyNode):
             inputs=grid_inputs() + [
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The noise seed."),
-                io.Int.Input("steps", default=12, min=1, max=200, tooltip="Denoising steps."),
-                io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
+                io.Int.Input("steps", default=DEFAULT_STEPS, min=1, max=200, tooltip="Denoising steps."),
+                io.Float.Input("cfg", default=DEFAULT_CFG, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Classifier-free guidance against the same cameras without the "
                                        "reference video; 1.0 turns it off and halves the work."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default=DEFAULT_SAMPLER,
                                tooltip="ComfyUI sampler."),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default=DEFAULT_SCHEDULER,
                                tooltip="ComfyUI noise schedule; karras suits this EDM model."),
             ],
             outputs=[

@@ -28,7 +28,6 @@ ARTIFACTS = os.path.join(ROOT, "test-artifacts")
 CHROMIUM = os.environ.get("TURBO4D_CHROMIUM", "/usr/bin/chromium")
 SAMPLER = "Turbo4DMultiViewSampler"
 PREVIEW = "Turbo4DMultiViewPreview"
-WEIGHTS = "browser_test_random.safetensors"
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -58,32 +57,7 @@ def accelerated_workflow() -> str:
 
 
 @pytest.fixture(scope="module")
-def random_weights(comfy):
-    """Weights with non-zero output layers in the server's models/turbo4d/: the embedded fallback
-    network outputs exactly 0, on which no change signal ever moves. Written before the page loads
-    so the loader's list holds it."""
-    import torch
-
-    from turbo_core.models.io import save_model
-    from turbo_core.models.scm_net import CONFIGS, SCMNet
-
-    path = os.path.join(comfy.models_directory, "turbo4d", WEIGHTS)
-    if os.path.exists(os.path.join(ROOT, "models", "turbo4d_default.safetensors")):
-        return None  # the shipped trained weights are used
-    if not os.path.exists(path):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            net = SCMNet(CONFIGS["default"])
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.normal_(0, 0.05)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_model(net.eval(), path)
-    return WEIGHTS
-
-
-@pytest.fixture(scope="module")
-def page(comfy, random_weights):
+def page(comfy):
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's chromium (apt-get install -y chromium); "
                     f"the tests never download a browser")
@@ -326,15 +300,6 @@ def add_preview(page, sampler_id) -> int:
     }""", [sampler_id, PREVIEW])
 
 
-def use_random_weights(page) -> None:
-    page.evaluate("""(name) => {
-      for (const n of window.app.graph._nodes) {
-        const w = (n.widgets || []).find(w => w.name === 'model_name');
-        if (w && n.type === 'Turbo4DModelLoader') { w.value = name; w.callback && w.callback(name); }
-      }
-    }""", WEIGHTS)
-
-
 ACCELERATORS = ("Turbo4DCache", "Turbo4DSemanticPrune", "Turbo4DChainBypass")
 
 
@@ -422,8 +387,6 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
       const s = window.app.graph._nodes.filter(n => n.type === '{SAMPLER}');
       return (s.find(n => window.turbo4d.upstreamAccelerators(n).length) || s[0]).id;
     }}""")
-    if not os.path.exists(os.path.join(ROOT, "models", "turbo4d_default.safetensors")):
-        use_random_weights(page)  # the untrained fallback outputs exactly 0: nothing to accelerate
     acc_ids = ensure_accelerators(page, sampler_id)
     preview_id = add_preview(page, sampler_id)
     fit_view(page)

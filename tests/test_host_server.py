@@ -41,8 +41,8 @@ def small_grid_prompt(views=2, frames=2, steps=3, cfg=1.0, prefix="test/small", 
 
 @pytest.fixture(scope="module")
 def random_tiny(comfy):
-    """A real weights file with non-zero output layers (the untrained fallback network outputs exactly
-    0, on which EasyCache's relative-change estimate is 0/0 and never skips)."""
+    """A real weights file with non-zero output layers (a fresh network's zero-initialised output
+    layer gives exactly 0, on which EasyCache's relative-change estimate is 0/0 and never skips)."""
     from turbo_core.models.io import save_model
     from turbo_core.models.scm_net import CONFIGS, SCMNet
 

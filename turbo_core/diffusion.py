@@ -13,6 +13,14 @@ from typing import Callable, Optional
 import torch
 
 
+# The embedded model's sampling defaults, chosen from measured quality against steps (BENCHMARKS.md,
+# "Default sampling settings"): MultiView Sampler and `python -m turbo_core.evaluate` start here.
+DEFAULT_SAMPLER = "euler"
+DEFAULT_SCHEDULER = "karras"
+DEFAULT_STEPS = 12
+DEFAULT_CFG = 1.0
+
+
 @dataclass(frozen=True)
 class EDM:
     sigma_data: float = 0.5

@@ -1,12 +1,13 @@
 """Scores a Turbo4D model on held-out procedural scenes against two baselines.
 
     python -m turbo_core.evaluate --model models/turbo4d_default.safetensors --scenes 16 \
-        --views 4 --frames 8 --also 3x6 [--steps 20 --sampler euler|heun --cfg 1.0] --out eval/
+        --views 4 --frames 8 --also 3x6 [--steps 12 --sampler euler|heun --cfg 1.0] --out eval/
     python -m turbo_core.evaluate --model ... --sweep-steps 4,8,12,20,30 --sweep-cfg 1.0,1.5,2.0 --out eval/
 
 For each V x F grid, scenes with seeds 1_000_000, 1_000_001, ... (never drawn in training) are
 rendered on the default orbit (elevation 20 deg, view v at azimuth 360 * v / V; view 0 is the
-input). The model sees view 0's video and generates all V views with the plain core sampler:
+input). The model sees view 0's video and generates all V views with the plain core sampler, by
+default at MultiView Sampler's settings (diffusion.DEFAULT_*: 12 Euler steps, cfg 1.0):
 EDM preconditioning, Karras sigmas (0.002..80, rho 7), Euler or Heun, optional classifier-free
 guidance whose negative is the zeroed reference video. Each generated image is scored against
 its ground truth with PSNR and SSIM (metrics.py, data range 2 on [-1, 1]); a number is the mean of
@@ -35,7 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from .data.synth4d import SceneConfig, render_batch
-from .diffusion import EDM, karras_sigmas, sample_euler
+from .diffusion import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, EDM, karras_sigmas, sample_euler
 from .metrics import psnr, ssim, synchronize
 from .train import EVAL_SEED_START, MEAN_SEED_START, relative_cameras, training_dispatch
 
@@ -327,9 +328,9 @@ def main(argv=None):
     ap.add_argument("--views", type=int, default=4)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--also", type=parse_grid, action="append", metavar="VxF", help="another grid, e.g. 3x6")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--sampler", choices=SAMPLERS, default="euler")
-    ap.add_argument("--cfg", type=float, default=1.0, help="guidance scale; 1.0 = no guidance")
+    ap.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"default {DEFAULT_STEPS}, MultiView Sampler's")
+    ap.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
+    ap.add_argument("--cfg", type=float, default=DEFAULT_CFG, help="guidance scale; 1.0 = no guidance")
     ap.add_argument("--mean-scenes", type=int, default=256, help="scenes averaged into the mean-image baseline")
     ap.add_argument("--png-scenes", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=8, help="scenes generated at once")
