@@ -37,13 +37,16 @@ PRUNE_PRESETS = {
 
 # Whole steps carry the saving: measured on the embedded model, a block-level threshold on top
 # cost up to 5 dB for about 10% less compute, so the presets leave it at 0 (custom can set it).
-# kappa_prior 0.4 is the forecast-error rate the embedded model measured at step 9,503
-# (`kappa_measured` in a run's summary); the shipped step-16,140 weights measure 0.24 (4 x 4,
-# calibrate's probe), so 0.4 is on the careful side: it only shortens the first jump. The presets bound the skips by the error estimate alone (no count limit, and the
-# end of the schedule may be skipped too): a count limit or an always-run tail spends calls at the
-# lowest noise levels, where the denoised image no longer moves. The number of calls then follows
-# the error budget, not the step count. 2-core CPU, 2 held-out scenes, 4 x 8, PSNR vs full
-# compute (fewer Karras steps at the same calls in brackets):
+# kappa_prior 0.4 is the forecast-error rate the width-128 embedded model measured at step 9,503
+# (`kappa_measured` in a run's summary); its step-16,140 weights measured 0.24 (4 x 4, calibrate's
+# probe), so 0.4 is on the careful side: it only shortens the first jump. The presets bound the
+# skips by the error estimate alone (no count limit, and the end of the schedule may be skipped
+# too): a count limit or an always-run tail spends calls at the lowest noise levels, where the
+# denoised image no longer moves. The number of calls then follows the error budget, not the step
+# count. 2-core CPU, 2 held-out scenes, 4 x 8, PSNR vs full compute (fewer Karras steps at the
+# same calls in brackets); width-192 default (bench/results/bench_accel_cpu_default.json):
+#   20 steps: quality 7 calls 45.4 dB, balanced 3 calls 37.2 dB (33.6), fast 2 calls 34.5 dB (30.7)
+# width-128 default:
 #   20 steps: quality 8 calls 45.8 dB (41.5), balanced 3 calls 35.5 dB (32.5), fast 2 calls 33.2 dB (29.2)
 #   50 steps: quality 9 calls 41.8 dB, balanced 4 calls 35.9 dB (33.0), fast 2 calls 32.0 dB (28.4)
 _STEPS = dict(threshold=0.0, start_percent=0.0, end_percent=1.0, kappa_prior=0.4, step_max_skips=10_000)
