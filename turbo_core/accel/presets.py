@@ -38,8 +38,10 @@ PRUNE_PRESETS = {
 # Whole steps carry the saving: measured on the embedded model, a block-level threshold on top
 # cost up to 5 dB for about 10% less compute, so the presets leave it at 0 (custom can set it).
 # kappa_prior 0.4 is the forecast-error rate the width-128 embedded model measured at step 9,503
-# (`kappa_measured` in a run's summary); its step-16,140 weights measured 0.24 (4 x 4, calibrate's
-# probe), so 0.4 is on the careful side: it only shortens the first jump. The presets bound the
+# (`kappa_measured` in a run's summary); its step-16,140 weights measured 0.24 and the width-192
+# default 0.19 (4 x 4, calibrate's probe: `python -m turbo_core.accel.calibrate --field
+# step_threshold --views 4 --frames 4 --seeds 1000000`), so 0.4 is on the careful side: it only
+# shortens the first jump. The presets bound the
 # skips by the error estimate alone (no count limit, and the end of the schedule may be skipped
 # too): a count limit or an always-run tail spends calls at the lowest noise levels, where the
 # denoised image no longer moves. The number of calls then follows the error budget, not the step
