@@ -71,18 +71,22 @@ class DenoisedSpace:
     def __init__(self, x: torch.Tensor, c_skip, c_out, sigma_data: float):
         self.x, self.c_skip, self.c_out = x, c_skip, c_out
         self.sigma_data = sigma_data  # lets accelerators place a call by sigma alone, without a host sync
+        self.is_identity = False
 
-    def _identity(self) -> bool:
-        # A call whose output already is the denoised image (Turbo4DRun.step): no kernels at all.
-        return isinstance(self.c_skip, float) and self.c_skip == 0.0 and self.c_out == 1.0
+    @classmethod
+    def identity(cls, x: torch.Tensor, sigma_data: float) -> "DenoisedSpace":
+        """For a call whose output already is the denoised image (Turbo4DRun.step): no kernels at all."""
+        space = cls(x, 0.0, 1.0, sigma_data)
+        space.is_identity = True
+        return space
 
     def denoised(self, f: torch.Tensor) -> torch.Tensor:
-        if self._identity():
+        if self.is_identity:
             return f.float()
         return self.c_skip * self.x.float() + self.c_out * f.float()
 
     def output(self, d: torch.Tensor) -> torch.Tensor:
-        if self._identity():  # a copy all the same: d may be a held forecast the caller must not alias
+        if self.is_identity:  # a copy all the same: d may be a held forecast the caller must not alias
             out = d.float()
             return out.clone() if out is d else out
         return (d.float() - self.c_skip * self.x.float()) / self.c_out

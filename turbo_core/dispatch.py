@@ -81,6 +81,9 @@ class SCMDispatch:
         # 72 x 72 latents) a call took 969 ms that way against 957 ms as sequences, and 847 ms
         # with the kernel.
         self.grid = grid
+        # False when the adapter decides whole steps ahead of the model calls (Turbo4DRun.step),
+        # so an accelerator's per-call whole-step decision (ChainBypass.call) stands down.
+        self.whole_steps = True
 
     def attend(self, block: int, axis: str, seqs: torch.Tensor, compute: Compute) -> torch.Tensor:
         if axis not in AXES:

@@ -216,7 +216,7 @@ class Turbo4DRun:
         info = self._step_info(index, sigma, sample_sigmas, "step")
         d = SCMDispatch(None, info, (), backend=self.backend, stats=None)
         # The output already is the denoised image: the identity map, when the phase is known.
-        space = None if sigma_data is None else DenoisedSpace(x, 0.0, 1.0, float(sigma_data))
+        space = None if sigma_data is None else DenoisedSpace.identity(x, float(sigma_data))
         ran = []
         streams, self._step_streams = self._step_streams, []
 

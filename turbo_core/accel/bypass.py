@@ -50,6 +50,7 @@ falls about 1 dB behind it at 4-7 calls; with kappa_prior it is 2-7 dB ahead at 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -197,7 +198,7 @@ class ChainBypass(Accelerator):
         Outputs are kept and forecast as denoised images when the adapter gives their `space`."""
         cfg = self.config
         step = dispatch.step
-        if not getattr(dispatch, "whole_steps", True):  # decided ahead, in Turbo4DRun.step
+        if not dispatch.whole_steps:  # decided ahead, in Turbo4DRun.step
             return nxt()
         self.last_step_estimate = None
         if step is None or cfg.step_threshold <= 0 or step.sigma <= 0:
@@ -288,7 +289,7 @@ class ChainBypass(Accelerator):
     def summary(self) -> dict:
         return {"config": self.config.to_dict(), "bypassed": self.bypassed, "ran": self.ran,
                 "steps_skipped": self.steps_skipped, "steps_ran": self.steps_ran,
-                "kappa_measured": sorted(self.kappas)[len(self.kappas) // 2] if self.kappas else None}
+                "kappa_measured": statistics.median_high(self.kappas) if self.kappas else None}
 
 
 def apply_chain_bypass(specs, config: Optional[ChainBypassConfig] = None) -> list:

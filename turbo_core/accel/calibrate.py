@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -110,7 +111,7 @@ def calibrate(net, edm: EDM, samples: Sequence[dict], sigmas: torch.Tensor, view
             if k is not None:
                 kappas.append(k)
         if kappas:
-            base_dict["kappa_prior"] = sorted(kappas)[len(kappas) // 2]
+            base_dict["kappa_prior"] = statistics.median_high(kappas)
             log(f"kappa_prior = {base_dict['kappa_prior']:.4g} (measured on the reference samples)")
     refs, ref_fraction, ref_seconds = run(others)
     log(f"reference: compute {ref_fraction:.3f}, {ref_seconds:.2f}s")

@@ -41,10 +41,9 @@ PRUNE_PRESETS = {
 # (`kappa_measured` in a run's summary); its step-16,140 weights measured 0.24 and the width-192
 # default 0.19 (4 x 4, calibrate's probe: `python -m turbo_core.accel.calibrate --field
 # step_threshold --views 4 --frames 4 --seeds 1000000`), so 0.4 is on the careful side: it only
-# shortens the first jump. The presets bound the
-# skips by the error estimate alone (no count limit, and the end of the schedule may be skipped
-# too): a count limit or an always-run tail spends calls at the lowest noise levels, where the
-# denoised image no longer moves. The number of calls then follows the error budget, not the step
+# shortens the first jump. The presets bound the skips by the error estimate alone (no count
+# limit, and the end of the schedule may be skipped too): a count limit or an always-run tail
+# spends calls at the lowest noise levels, where the denoised image no longer moves. The number of calls then follows the error budget, not the step
 # count. 2-core CPU, 2 held-out scenes, 4 x 8, PSNR vs full compute (fewer Karras steps at the
 # same calls in brackets); width-192 default (bench/results/bench_accel_cpu_default.json):
 #   20 steps: quality 7 calls 45.4 dB, balanced 3 calls 37.2 dB (33.6), fast 2 calls 34.5 dB (30.7)
