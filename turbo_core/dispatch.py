@@ -86,8 +86,9 @@ class SCMDispatch:
         self.whole_steps = True
 
     def attend(self, block: int, axis: str, seqs: torch.Tensor, compute: Compute) -> torch.Tensor:
-        if axis not in AXES:
-            raise ValueError(f"unknown SCM axis {axis!r}")
+        if axis not in self.layout.axes:  # SCMLayout: spatial/camera/motion; JointLayout: joint/perceiver
+            raise ValueError(f"unknown axis {axis!r} for {type(self.layout).__name__}; expected one of "
+                             f"{self.layout.axes}")
         counted = self._counted(block, axis, compute)
 
         def run_from(i: int, s: torch.Tensor, index):

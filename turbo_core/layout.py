@@ -15,10 +15,13 @@ any subset of them (gather, attend, scatter).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 AXES = ("spatial", "camera", "motion")
+# The sub-attentions of a joint-attention video DiT (TrajectoryCrafter's CogVideoX): see JointLayout.
+JOINT_AXES = ("joint", "perceiver")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,8 @@ class SCMLayout:
     frames: int
     height: int  # token grid, not pixels
     width: int
+
+    axes: ClassVar[tuple] = AXES  # the sub-attentions a dispatch over this layout routes
 
     def __post_init__(self):
         for name in ("batch", "views", "frames", "height", "width"):
@@ -145,3 +150,52 @@ class SCMLayout:
     def view_index(self, device=None) -> torch.Tensor:
         """View of each stacked image."""
         return torch.arange(self.views, device=device).repeat(self.batch * self.frames)
+
+
+@dataclass(frozen=True)
+class JointLayout:
+    """The tokens of one call of a joint-attention video DiT (TrajectoryCrafter's CogVideoX): per
+    batch item, `text` text tokens followed by the video tokens in (frame, row, column) order, and
+    `ref_tokens` reference tokens the perceiver attends to. There is no view axis and no per-image
+    attention: spatial and motion are one attention over all tokens. Axes:
+
+    - joint: one sequence per batch item over its text + video tokens (the DiT self-attention);
+    - perceiver: one sequence per batch item over its video tokens, the queries of the
+      cross-attention to the reference tokens (keys/values constant over the run).
+
+    A sequence is a whole batch item, so an accelerator narrowing an axis to a subset of its
+    sequences narrows it to batch items (e.g. one CFG half)."""
+
+    batch: int
+    text: int
+    frames: int   # latent frames
+    height: int   # token grid, not pixels
+    width: int
+    ref_tokens: int = 0
+
+    axes: ClassVar[tuple] = JOINT_AXES
+
+    def __post_init__(self):
+        for name in ("batch", "frames", "height", "width"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"JointLayout.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("text", "ref_tokens"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"JointLayout.{name} must be >= 0, got {getattr(self, name)}")
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def images(self) -> int:
+        """Latent frames over the batch (what a bypassed block leaves untouched, for the stats)."""
+        return self.batch * self.frames
+
+    def axis_shape(self, axis: str) -> tuple[int, int]:
+        """(number of sequences, sequence length) of an axis; the perceiver's length is its queries'."""
+        if axis == "joint":
+            return self.batch, self.text + self.video_tokens
+        if axis == "perceiver":
+            return self.batch, self.video_tokens
+        raise ValueError(f"unknown joint-DiT axis {axis!r}; expected one of {JOINT_AXES}")
