@@ -256,3 +256,54 @@ def test_cross_transformer_equals_transcription_of_the_original():
     print("relative error", rel_err(out, want))
     assert rel_err(out, want) < RTOL
     assert rel_err(without, want) > 1e-3  # the reference reaches the output
+
+
+# --- the CogVideoX VAE: diffusers' AutoencoderKLCogVideoX, loaded by the pack -------------------
+VAE_SMALL = dict(block_out_channels=(16, 16, 32, 32), layers_per_block=1, norm_num_groups=8, scaling_factor=0.7)
+
+
+def test_vae_from_safetensors_encodes_and_decodes_as_the_reference_pipeline(tmp_path):
+    """A reduced-width VAE saved as diffusers saves it (a folder with config.json and
+    diffusion_pytorch_model.safetensors) loads through the pack's loader and encodes (posterior mode
+    x scaling factor, in 4-frame chunks as TrajectoryCrafter's VAE) and decodes as diffusers' model
+    does when driven as pipeline_trajectorycrafter.py drives it."""
+    from turbo_core.models import cogvideox_vae
+
+    torch.manual_seed(0)
+    theirs = AutoencoderKLCogVideoX(**VAE_SMALL).eval()
+    theirs.save_pretrained(str(tmp_path / "vae"), safe_serialization=True)
+    theirs.num_sample_frames_batch_size = 4  # TrajectoryCrafter's autoencoder_magvit.py encodes 4 at a time
+    ours = cogvideox_vae.load(str(tmp_path / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert not any(t.is_meta for t in list(ours.parameters()) + list(ours.buffers()))
+    video = torch.rand(1, 3, 9, 16, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        z = cogvideox_vae.encode(ours, video)
+        z_ref = theirs.encode(video)[0].mode() * theirs.config.scaling_factor
+        assert z.shape == (1, 16, 3, 2, 3)
+        assert rel_err(z, z_ref) < RTOL
+        out = cogvideox_vae.decode(ours, z)
+        out_ref = theirs.decode(z_ref / theirs.config.scaling_factor).sample
+        assert out.shape == video.shape and rel_err(out, out_ref) < RTOL
+        # diffusers' own default chunk (8 frames) gives other latents: the setting is what matches.
+        theirs.num_sample_frames_batch_size = 8
+        assert rel_err(theirs.encode(video)[0].mode() * 0.7, z_ref) > 1e-3
+
+
+def test_vae_single_file_under_vae_prefix_without_config(tmp_path):
+    """One file of a whole pipeline (keys under `vae.`), no config.json: the widths, depth and
+    channels come from the shapes, the rest from CogVideoX 5B's config."""
+    from safetensors.torch import save_file
+
+    from turbo_core.models import cogvideox_vae
+
+    theirs = AutoencoderKLCogVideoX(block_out_channels=(32, 32, 64), layers_per_block=2,
+                                    down_block_types=("CogVideoXDownBlock3D",) * 3,
+                                    up_block_types=("CogVideoXUpBlock3D",) * 3)
+    sd = theirs.state_dict()
+    save_file({"vae." + k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()} | {"transformer.x": torch.ones(1)},
+              str(tmp_path / "pipeline.safetensors"))
+    ours = cogvideox_vae.load(str(tmp_path / "pipeline.safetensors"))
+    assert ours.config.scaling_factor == 0.7 and list(ours.config.block_out_channels) == [32, 32, 64]
+    assert ours.config.layers_per_block == 2 and ours.num_sample_frames_batch_size == 4
+    for k, v in ours.state_dict().items():
+        assert v.dtype == torch.float32 and torch.equal(v, sd[k].to(torch.bfloat16).float()), k
