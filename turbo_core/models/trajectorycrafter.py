@@ -32,6 +32,7 @@ attention's output before the gate (joint) or the perceiver's update (perceiver)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -41,6 +42,8 @@ import torch.nn.functional as F
 
 from ..dispatch import FullCompute, SCMDispatch
 from ..layout import JointLayout
+from .diffusers_files import load_tensors, read_config, read_shapes, strip_prefix, weight_files
+from .io import CheckpointError
 
 # How the RoPE positions of a token grid that is not the base grid are placed inside it.
 # "diffusers": diffusers >= 0.32 (torch.linspace(start, stop * (n - 1) / n, n)), what the
@@ -541,3 +544,76 @@ def build_trajectorycrafter(cfg: TrajectoryCrafterConfig, device=None) -> Trajec
 
 def parameter_count(cfg: TrajectoryCrafterConfig) -> int:
     return sum(t.numel() for t in build_trajectorycrafter(cfg, "meta").parameters())
+
+
+# --- checkpoints in diffusers' layout -----------------------------------------------------------
+PREFIX = "transformer."
+MARKER = "patch_embed.proj.weight"
+
+
+def config_from_shapes(shapes: dict, config_json: Optional[dict] = None, name: str = "the checkpoint"
+                       ) -> TrajectoryCrafterConfig:
+    """The config a state dict's shapes imply, over the checkpoint's config.json when there is one.
+    The shapes decide the structure (a config.json may describe the 16-channel base model while the
+    weights are the 33-channel InP); what they cannot tell comes from config.json, else from
+    TrajectoryCrafter's: the perceiver's head count (its width is heads x head_dim; the original's
+    head is 128 channels, else the DiT's head width), its interval (after every 2nd block) and the
+    RoPE grid."""
+    try:
+        base = TrajectoryCrafterConfig.from_diffusers(config_json).to_dict() if config_json else {}
+        inner, in_ch, p, _ = shapes["patch_embed.proj.weight"]
+        head_dim = shapes["transformer_blocks.0.attn1.norm_q.weight"][0]
+        layers = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("transformer_blocks."))
+        ff = shapes["transformer_blocks.0.ff.net.0.proj.weight"][0]
+        d = dict(base, num_attention_heads=inner // head_dim, attention_head_dim=head_dim, in_channels=in_ch,
+                 patch_size=p, num_layers=layers, time_embed_dim=shapes["time_embedding.linear_1.weight"][0],
+                 text_embed_dim=shapes["patch_embed.text_proj.weight"][1],
+                 out_channels=shapes["proj_out.weight"][0] // (p * p),
+                 ff_inner_dim=None if ff == 4 * inner else ff,
+                 attention_bias="transformer_blocks.0.attn1.to_q.bias" in shapes)
+        perceivers = {int(k.split(".")[1]) for k in shapes if k.startswith("perceiver_cross_attention.")}
+        d["is_train_cross"] = bool(perceivers)
+        if perceivers:
+            cross_inner = shapes["perceiver_cross_attention.0.to_q.weight"][0]
+            told = bool(base.get("is_train_cross"))  # config.json describes the perceiver
+            dim_head = base["cross_attn_dim_head"] if told else (128 if cross_inner % 128 == 0 else head_dim)
+            # Not from the count of perceivers: a file missing one would pass as another interval.
+            interval = base["cross_attn_interval"] if told else TrajectoryCrafterConfig.cross_attn_interval
+            d.update(cross_attn_interval=interval, cross_attn_dim_head=dim_head,
+                     cross_attn_num_heads=cross_inner // dim_head,
+                     cross_attn_in_channels=shapes["ref_patch_embed.proj.weight"][1])
+        return TrajectoryCrafterConfig.from_dict(d)
+    except (KeyError, IndexError, ValueError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{name} is not a TrajectoryCrafter / CogVideoX transformer in diffusers' "
+                              f"layout ({type(e).__name__}: {e})") from e
+
+
+def load_trajectorycrafter(path: str, dtype: Optional[torch.dtype] = None, device="cpu"
+                           ) -> TrajectoryCrafterTransformer:
+    """The transformer from safetensors in diffusers' layout: one file, or shards with their
+    `diffusion_pytorch_model.safetensors.index.json` (pass the index, any shard, or the folder),
+    keys under `transformer.` or none, fp32 / bf16 / fp16; the config.json beside the weights is
+    read when present. dtype None keeps the stored dtype."""
+    files = weight_files(path)
+    name = os.path.basename(path.rstrip("/"))
+    shapes = read_shapes(files)
+    prefix = strip_prefix(shapes, PREFIX, MARKER)
+    own = {k[len(prefix):]: s for k, s in shapes.items() if k.startswith(prefix)}
+    cfg = config_from_shapes(own, read_config(files), name)
+    net = build_trajectorycrafter(cfg, "meta")
+    expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    missing = [k for k in expected if k not in own]
+    unexpected = [k for k in own if k not in expected]
+    wrong = [k for k in expected if k in own and own[k] != expected[k]]
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{name} is not a complete TrajectoryCrafter transformer: {len(missing)} tensors missing (first: "
+            f"{[prefix + k for k in missing[:1]]}), {len(unexpected)} unexpected (first: "
+            f"{[prefix + k for k in unexpected[:1]]}), {len(wrong)} of another shape (first: "
+            f"{[prefix + k for k in wrong[:1]]}). Pick the transformer's own files (all shards); a model "
+            f"with another perceiver interval needs its config.json beside the weights.")
+    sd = load_tensors(files, expected, prefix, dtype, device)
+    if dtype is None:  # as stored; one dtype for all, the patch embedding's
+        sd = {k: v.to(sd[MARKER].dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    net.load_state_dict(sd, assign=True)
+    return net.eval()
