@@ -192,3 +192,20 @@ def test_wrong_inputs_name_the_input_and_the_fix():
         net(**{k: (v[..., :5] if k in ("latents", "inpaint") else v) for k, v in kw.items()},
             reference=ref_latents())
     assert isinstance(net.reference(ref_latents()), PerceiverReference)
+
+
+def test_the_network_needs_no_diffusers_and_the_vae_says_how_to_get_it(monkeypatch):
+    """turbo_core's TrajectoryCrafter network is plain PyTorch; only the VAE comes from diffusers,
+    imported when a VAE is built, with the fix in the message when it is missing."""
+    import subprocess
+    import sys
+
+    from turbo_core.models import cogvideox_vae
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import sys; sys.modules['diffusers'] = None; import turbo_core.models.trajectorycrafter, "
+            "turbo_core.models.cogvideox_vae")
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True)
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `from diffusers import ...` now fails
+    with pytest.raises(ImportError, match=r"pip install 'diffusers>=0.32'"):
+        cogvideox_vae.build()
