@@ -15,11 +15,13 @@ from turbo_core.data.synth4d import SceneConfig, make_scene
 from turbo_core.multiview import from_unit, square_resize, to_unit
 from turbo_core.video_io import VIDEO_EXTENSIONS, VideoReadError, read_video
 
+from . import files
 from .model import PACK_DIR
 from .types import Turbo4DInput, Turbo4DScene
 
 log = logging.getLogger("turbo4d")
 
+NODE = "Load 4D Input"
 EXAMPLE_VIDEO = "turbo4d_example.mp4"
 EXAMPLE_SOURCE = os.path.join(PACK_DIR, "workflows", "assets", EXAMPLE_VIDEO)
 
@@ -49,6 +51,11 @@ def input_videos() -> list[str]:
     except OSError:
         names = []
     return sorted(f for f in names if f.lower().endswith(VIDEO_EXTENSIONS))
+
+
+def video_path(video: str) -> str:
+    """The video's path inside ComfyUI's input folder (nodes/files.py refuses a way out)."""
+    return files.input_file(NODE, "video", video)
 
 
 def _select(frames: torch.Tensor, frame_count: int, frame_stride: int, start_frame: int) -> torch.Tensor:
@@ -94,7 +101,10 @@ class Load4DInput(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, video, size, frame_count, frame_stride, start_frame, images=None):
-        path = folder_paths.get_annotated_filepath(video) if video else ""
+        try:
+            path = video_path(video) if video else ""
+        except files.FileRefused:  # execute says why; nothing outside the folder is looked at
+            return f"{video}:refused"
         mtime = os.path.getmtime(path) if path and os.path.exists(path) else None
         return f"{video}:{mtime}"
 
@@ -111,7 +121,7 @@ class Load4DInput(io.ComfyNode):
             if not video:
                 raise ValueError("Load 4D Input: no video selected and no images connected. Upload a video "
                                  "or connect an IMAGE batch to images.")
-            path = folder_paths.get_annotated_filepath(video)
+            path = video_path(video)
             try:
                 frames, fps = read_video(path, frame_count, frame_stride, start_frame)
             except VideoReadError as e:
