@@ -241,3 +241,40 @@ def test_load_4d_input_fingerprint_does_not_stat_files_outside(pack):
     assert inside != "sub/clip.mp4:None"
     outside = str(base / "outside" / "clip.mp4")
     assert node.fingerprint_inputs(outside, 32, 2, 1, 0) == f"{outside}:refused"
+
+
+# --- files in the right folder that are the wrong kind ----------------------------------------------
+def test_binary_calibration_file_names_the_file_and_the_fix(comfy, secret):
+    folder = os.path.join(comfy.models_directory, "turbo4d_calibration")
+    with open(os.path.join(folder, "binary.json"), "wb") as f:
+        f.write(bytes(range(256)) * 8)
+    msg = refused(comfy, grid_prompt(calibration_file="binary.json"), "Turbo4DChainBypass")
+    assert "calibration_file='binary.json'" in msg and "binary, not JSON text" in msg, msg
+    assert "calibrate again" in msg and "codec can't decode" not in msg, msg
+
+
+def test_other_files_in_the_sv4d_folders_are_named_for_what_they_are(comfy):
+    """A file the loader finds in diffusion_models/ or checkpoints/ that is not an SV4D UNet: the
+    message says where it is and what it is, not that it is missing."""
+    from safetensors.torch import save_file
+    import torch
+    from turbo_core.models.io import save_model
+    from turbo_core.models.scm_net import CONFIGS, SCMNet
+
+    ck = os.path.join(comfy.models_directory, "checkpoints")
+    os.makedirs(ck, exist_ok=True)
+    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)},
+              os.path.join(ck, "sd_like_test.safetensors"))
+    save_model(SCMNet(CONFIGS["tiny"]), os.path.join(ck, "turbo4d_in_checkpoints_test.safetensors"))
+    with open(os.path.join(ck, "pickled_test.ckpt"), "wb") as f:
+        f.write(b"\x80\x04not to be unpickled")
+    with open(os.path.join(ck, "broken_test.safetensors"), "wb") as f:
+        f.write(b"garbage" * 20)
+    cases = {"sd_like_test.safetensors": "a UNet without SV4D's motion blocks",
+             "turbo4d_in_checkpoints_test.safetensors": "a Turbo4D network, which loads from models/turbo4d/",
+             "pickled_test.ckpt": "a pickled checkpoint, which Turbo4D never opens",
+             "broken_test.safetensors": "not a readable .safetensors file"}
+    for name, what in cases.items():
+        msg = refused(comfy, grid_prompt(model_name=name), "Turbo4DModelLoader")
+        assert f"model_name={name!r}" in msg and "is in models/checkpoints/ but is not an SV4D" in msg, msg
+        assert what in msg and "is not in models/" not in msg, msg
