@@ -14,8 +14,9 @@ from comfy_api.latest import io
 from turbo_core.data.synth4d import SceneConfig, make_scene
 from turbo_core.multiview import from_unit, square_resize, to_unit
 from turbo_core.video_io import VIDEO_EXTENSIONS, VideoReadError, read_video
+from turbo_core.words import count
 
-from . import files
+from . import files, loaders
 from .model import PACK_DIR
 from .types import Turbo4DInput, Turbo4DScene
 
@@ -114,9 +115,9 @@ class Load4DInput(io.ComfyNode):
         if images is not None:
             frames = _select(from_unit(images), frame_count, frame_stride, start_frame)
             if frames.shape[0] == 0:
-                raise ValueError(f"Load 4D Input: the images input has {images.shape[0]} images, so "
+                raise ValueError(f"Load 4D Input: the images input has {count(int(images.shape[0]), 'image')}, so "
                                  f"start_frame={start_frame} is past its end. Lower start_frame.")
-            fps, source = 8.0, f"{images.shape[0]} images"
+            fps, source = 8.0, count(int(images.shape[0]), "image")
         else:
             if not video:
                 raise ValueError("Load 4D Input: no video selected and no images connected. Upload a video "
@@ -132,9 +133,18 @@ class Load4DInput(io.ComfyNode):
         return io.NodeOutput(data, to_unit(frames))
 
 
+def embedded_limits() -> tuple:
+    """The embedded model's limits for the scene's tooltips, from its config."""
+    cfg = loaders.scm_configs().get(loaders.EMBEDDED)
+    if cfg is None:
+        return "see the model's config", "see the model's config"
+    return f"{cfg.max_views} for the embedded model", f"{cfg.max_frames} for the embedded model"
+
+
 class Synthetic4DScene(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        lim = embedded_limits()
         return io.Schema(
             node_id="Turbo4DSyntheticScene",
             display_name="Synthetic 4D Scene",
@@ -145,8 +155,11 @@ class Synthetic4DScene(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Which scene; the same seed gives the same scene on every machine."),
                 io.Int.Input("views", default=4, min=1, max=64,
-                             tooltip="Number of cameras on the ring (V); view 0 is the reference view."),
-                io.Int.Input("frames", default=8, min=1, max=256, tooltip="Number of frames (F)."),
+                             tooltip="Number of cameras on the ring (V); view 0 is the reference view. The "
+                                     f"ground truth may have more views than a model samples ({lim[0]})."),
+                io.Int.Input("frames", default=8, min=1, max=256,
+                             tooltip="Number of frames (F). The sampler takes at most the model's max_frames "
+                                     f"from the start ({lim[1]})."),
                 io.Int.Input("size", default=32, min=8, max=512,
                              tooltip="Image side in pixels; use the model's resolution (32 for the embedded model)."),
                 io.Float.Input("elevation", default=20.0, min=-89.0, max=89.0, step=0.5,

@@ -8,7 +8,7 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
-from turbo_core.models.io import CheckpointError, load_model
+from turbo_core.models.io import CheckpointError, load_model, read_config
 
 from .model import PACK_DIR, make_model_patcher
 from . import files, sv4d
@@ -63,6 +63,35 @@ def weights_path(model_name: str) -> str:
     raise CheckpointError(f"{model_name} is not in models/{FOLDER}/ (nor an SV4D file in models/diffusion_models/ "
                           f"or models/checkpoints/). Put the .safetensors file there and refresh, or pick "
                           f"'{EMBEDDED}'.")
+
+
+_config_cache: dict = {}
+
+
+def scm_configs() -> dict:
+    """{name: SCMNetConfig} of the embedded model and every Turbo4D network in models/turbo4d/,
+    read from the files' headers (cached by size and mtime: the grid nodes' schema and prompt
+    validation ask for their limits)."""
+    out = {}
+    try:
+        names = list(folder_paths.get_filename_list(FOLDER))
+    except OSError:  # the folder was removed while ComfyUI runs
+        names = []
+    for name in [EMBEDDED] + names:
+        try:
+            path = weights_path(name)
+            st = os.stat(path)
+        except (ValueError, OSError):  # refused, missing: the loader says why when it is picked
+            continue
+        key = (path, st.st_size, st.st_mtime)
+        if key not in _config_cache:
+            try:
+                _config_cache[key] = read_config(path)
+            except (CheckpointError, OSError):
+                _config_cache[key] = None
+        if _config_cache[key] is not None:
+            out[name] = _config_cache[key]
+    return out
 
 
 class Turbo4DModelLoader(io.ComfyNode):

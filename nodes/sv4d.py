@@ -38,6 +38,7 @@ from turbo_core.models.sv4d import detect_sv4d, load_sv4d, parameter_count, read
 from turbo_core.sampling_plans import (Pass, VARIANTS, camera_radians, check_plan, frame_permutation,
                                        guidance_scales, plan_for, step_index, sv3d_reference_views,
                                        sv4d_frame_counts, variant_for)
+from turbo_core.words import count
 
 from . import events
 from . import files
@@ -220,6 +221,7 @@ def merge_stats(items: list) -> Optional[RunStats]:
         out.cache_bytes_peak = max(out.cache_bytes_peak, s.cache_bytes_peak)
         out.timeline.extend(s.timeline)
         out.seconds += s.seconds
+        out.notes += [n for n in s.notes if n not in out.notes]
         if s.peak_memory_bytes is not None:
             out.peak_memory_bytes = max(out.peak_memory_bytes or 0, s.peak_memory_bytes)
         accs = s.__dict__.get("accelerators")
@@ -334,7 +336,7 @@ class SV4DSampler(io.ComfyNode):
             raise ValueError(f"{NODE}: 'video' must be an IMAGE batch of the input frames")
         frames = frames or int(video.shape[0])
         if video.shape[0] < frames:
-            raise ValueError(f"{NODE}: the video has {video.shape[0]} frames, fewer than frames={frames}. Lower frames "
+            raise ValueError(f"{NODE}: the video has {count(int(video.shape[0]), 'frame')}, fewer than frames={frames}. Lower frames "
                              f"(0 takes all) or load more frames.")
         try:
             plan = plan_for(variant, frames)
