@@ -81,7 +81,8 @@ class Load4DInput(io.ComfyNode):
                                        "Ignored when the images input is connected."),
                 io.Int.Input("size", default=32, min=8, max=1024, step=1,
                              tooltip="Frames are centre-cropped to a square and resized to size x size "
-                                     "pixels; use the model's resolution (32 for the embedded model)."),
+                                     f"pixels; use the model's resolution ({embedded_size()}). The MultiView "
+                                     "nodes resize any other size to the model's, and their stats say so."),
                 io.Int.Input("frame_count", default=8, min=0, max=4096,
                              tooltip="How many frames to take; 0 takes all of them."),
                 io.Int.Input("frame_stride", default=1, min=1, max=64,
@@ -131,6 +132,11 @@ class Load4DInput(io.ComfyNode):
         frames = square_resize(frames, size)
         data = {"video": frames, "fps": float(fps), "source": source}
         return io.NodeOutput(data, to_unit(frames))
+
+
+def embedded_size() -> str:
+    cfg = loaders.scm_configs().get(loaders.EMBEDDED)
+    return f"{cfg.image_size} for the embedded model" if cfg is not None else "see the model's config"
 
 
 def embedded_limits() -> tuple:
