@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 
+import folder_paths
 from comfy_api.latest import io
 
 from turbo_core.accel.bypass import ChainBypassConfig, apply_chain_bypass
@@ -20,15 +21,46 @@ from turbo_core.accel.calibrate import load_calibration
 from turbo_core.accel.presets import PRESET_NAMES, preset_config
 from turbo_core.accel.prune import TokenPrunerConfig, apply_token_pruning
 
+from . import files
 from . import model as m
 
 CUSTOM = "custom"
+CALIBRATION_FOLDER = "turbo4d_calibration"
 PRESETS = list(PRESET_NAMES) + [CUSTOM]
 STORAGE = ["native", "fp16", "cpu"]
 PRESET_TIP = ("off: full compute. quality / balanced / fast: settings measured on the embedded model "
               "(see BENCHMARKS.md). custom: use the advanced inputs below.")
 STORAGE_TIP = ("Where cached activations live (applies to every preset): native (same device and dtype as the model), fp16 (half the "
                "memory), cpu (frees GPU memory, costs transfers).")
+
+
+def register_calibration_folder() -> str:
+    """models/turbo4d_calibration/ in ComfyUI's models directory (and the pack's calibration/
+    folder): where Chain Bypass finds calibration files, by name."""
+    path = os.path.join(folder_paths.models_dir, CALIBRATION_FOLDER)
+    if CALIBRATION_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[CALIBRATION_FOLDER] = (
+            [path, os.path.join(m.PACK_DIR, "calibration")], {".json"})
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        pass  # a read-only models dir only means no calibration files there
+    return path
+
+
+register_calibration_folder()
+
+
+def calibration_path(node: str, name: str) -> str:
+    """The calibration file's path in its folder; a clear error when it is not there (and
+    files.FileRefused for a name or a link leading out of it)."""
+    path = files.model_file(node, "calibration_file", CALIBRATION_FOLDER, name, files.FIX_CALIBRATION)
+    if path is None:
+        raise ValueError(
+            f"{node}: calibration_file={name!r} is not in ComfyUI's models/{CALIBRATION_FOLDER}/ folder. Write it "
+            f"there with `python -m turbo_core.accel.calibrate --out <ComfyUI>/models/{CALIBRATION_FOLDER}/{name}`, "
+            f"or copy the JSON there, and give its name.")
+    return path
 
 
 def _percent_inputs(default_start: float, default_end: float) -> list:
@@ -183,9 +215,11 @@ class ChainBypass(io.ComfyNode):
                 *_percent_inputs(d.start_percent, d.end_percent),
                 io.Combo.Input("storage", options=STORAGE, default=d.storage, tooltip=STORAGE_TIP),
                 io.String.Input("calibration_file", default="", optional=True,
-                                tooltip="Optional: a JSON file written by `python -m turbo_core.accel.calibrate` "
-                                        "(a path, or a name in the pack's calibration/ folder). When set it "
-                                        "overrides the preset and the custom values."),
+                                tooltip="Optional: the name of a JSON file written by `python -m "
+                                        "turbo_core.accel.calibrate`, in ComfyUI's models/turbo4d_calibration/ "
+                                        "folder (or the pack's calibration/ folder); names leading out of the "
+                                        "folder are refused. When set it overrides the preset and the custom "
+                                        "values."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="settings")],
         )
@@ -195,13 +229,11 @@ class ChainBypass(io.ComfyNode):
                 start_percent, end_percent, storage, calibration_file: str = "") -> io.NodeOutput:
         node = "Chain Bypass"
         if calibration_file and calibration_file.strip():
-            path = calibration_file.strip()
-            if not os.path.isabs(path) and not os.path.isfile(path):
-                path = os.path.join(m.PACK_DIR, "calibration", path)
+            path = calibration_path(node, calibration_file.strip())
             try:
                 cal = load_calibration(path)
             except (OSError, ValueError) as e:
-                raise ValueError(f"{node}: calibration_file: {e}") from e
+                raise ValueError(f"{node}: calibration_file={calibration_file.strip()!r}: {e}") from e
             if cal.mechanism != "bypass":
                 raise ValueError(f"{node}: calibration_file {path} calibrates '{cal.mechanism}', not the chain "
                                  f"bypass. Use it on the matching node, or calibrate with --mechanism bypass.")

@@ -14,12 +14,15 @@ from comfy_api.latest import io
 from turbo_core.data.synth4d import SceneConfig, make_scene
 from turbo_core.multiview import from_unit, square_resize, to_unit
 from turbo_core.video_io import VIDEO_EXTENSIONS, VideoReadError, read_video
+from turbo_core.words import count
 
+from . import files, loaders
 from .model import PACK_DIR
 from .types import Turbo4DInput, Turbo4DScene
 
 log = logging.getLogger("turbo4d")
 
+NODE = "Load 4D Input"
 EXAMPLE_VIDEO = "turbo4d_example.mp4"
 EXAMPLE_SOURCE = os.path.join(PACK_DIR, "workflows", "assets", EXAMPLE_VIDEO)
 
@@ -51,6 +54,11 @@ def input_videos() -> list[str]:
     return sorted(f for f in names if f.lower().endswith(VIDEO_EXTENSIONS))
 
 
+def video_path(video: str) -> str:
+    """The video's path inside ComfyUI's input folder (nodes/files.py refuses a way out)."""
+    return files.input_file(NODE, "video", video)
+
+
 def _select(frames: torch.Tensor, frame_count: int, frame_stride: int, start_frame: int) -> torch.Tensor:
     sel = frames[start_frame::frame_stride]
     return sel[:frame_count] if frame_count > 0 else sel
@@ -73,7 +81,8 @@ class Load4DInput(io.ComfyNode):
                                        "Ignored when the images input is connected."),
                 io.Int.Input("size", default=32, min=8, max=1024, step=1,
                              tooltip="Frames are centre-cropped to a square and resized to size x size "
-                                     "pixels; use the model's resolution (32 for the embedded model)."),
+                                     f"pixels; use the model's resolution ({embedded_size()}). The MultiView "
+                                     "nodes resize any other size to the model's, and their stats say so."),
                 io.Int.Input("frame_count", default=8, min=0, max=4096,
                              tooltip="How many frames to take; 0 takes all of them."),
                 io.Int.Input("frame_stride", default=1, min=1, max=64,
@@ -94,7 +103,10 @@ class Load4DInput(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, video, size, frame_count, frame_stride, start_frame, images=None):
-        path = folder_paths.get_annotated_filepath(video) if video else ""
+        try:
+            path = video_path(video) if video else ""
+        except files.FileRefused:  # execute says why; nothing outside the folder is looked at
+            return f"{video}:refused"
         mtime = os.path.getmtime(path) if path and os.path.exists(path) else None
         return f"{video}:{mtime}"
 
@@ -104,14 +116,14 @@ class Load4DInput(io.ComfyNode):
         if images is not None:
             frames = _select(from_unit(images), frame_count, frame_stride, start_frame)
             if frames.shape[0] == 0:
-                raise ValueError(f"Load 4D Input: the images input has {images.shape[0]} images, so "
+                raise ValueError(f"Load 4D Input: the images input has {count(int(images.shape[0]), 'image')}, so "
                                  f"start_frame={start_frame} is past its end. Lower start_frame.")
-            fps, source = 8.0, f"{images.shape[0]} images"
+            fps, source = 8.0, count(int(images.shape[0]), "image")
         else:
             if not video:
                 raise ValueError("Load 4D Input: no video selected and no images connected. Upload a video "
                                  "or connect an IMAGE batch to images.")
-            path = folder_paths.get_annotated_filepath(video)
+            path = video_path(video)
             try:
                 frames, fps = read_video(path, frame_count, frame_stride, start_frame)
             except VideoReadError as e:
@@ -122,9 +134,23 @@ class Load4DInput(io.ComfyNode):
         return io.NodeOutput(data, to_unit(frames))
 
 
+def embedded_size() -> str:
+    cfg = loaders.scm_configs().get(loaders.EMBEDDED)
+    return f"{cfg.image_size} for the embedded model" if cfg is not None else "see the model's config"
+
+
+def embedded_limits() -> tuple:
+    """The embedded model's limits for the scene's tooltips, from its config."""
+    cfg = loaders.scm_configs().get(loaders.EMBEDDED)
+    if cfg is None:
+        return "see the model's config", "see the model's config"
+    return f"{cfg.max_views} for the embedded model", f"{cfg.max_frames} for the embedded model"
+
+
 class Synthetic4DScene(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
+        lim = embedded_limits()
         return io.Schema(
             node_id="Turbo4DSyntheticScene",
             display_name="Synthetic 4D Scene",
@@ -135,8 +161,11 @@ class Synthetic4DScene(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
                              tooltip="Which scene; the same seed gives the same scene on every machine."),
                 io.Int.Input("views", default=4, min=1, max=64,
-                             tooltip="Number of cameras on the ring (V); view 0 is the reference view."),
-                io.Int.Input("frames", default=8, min=1, max=256, tooltip="Number of frames (F)."),
+                             tooltip="Number of cameras on the ring (V); view 0 is the reference view. The "
+                                     f"ground truth may have more views than a model samples ({lim[0]})."),
+                io.Int.Input("frames", default=8, min=1, max=256,
+                             tooltip="Number of frames (F). The sampler takes at most the model's max_frames "
+                                     f"from the start ({lim[1]})."),
                 io.Int.Input("size", default=32, min=8, max=512,
                              tooltip="Image side in pixels; use the model's resolution (32 for the embedded model)."),
                 io.Float.Input("elevation", default=20.0, min=-89.0, max=89.0, step=0.5,

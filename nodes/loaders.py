@@ -8,12 +8,13 @@ import torch
 import folder_paths
 from comfy_api.latest import io
 
-from turbo_core.models.io import CheckpointError, load_model
+from turbo_core.models.io import CheckpointError, load_model, read_config
 
 from .model import PACK_DIR, make_model_patcher
-from . import sv4d
+from . import files, sv4d
 
 
+NODE = "Turbo4D Model Loader"
 FOLDER = "turbo4d"
 EMBEDDED = "embedded default"
 DEFAULT_WEIGHTS = os.path.join(PACK_DIR, "models", "turbo4d_default.safetensors")
@@ -45,14 +46,52 @@ def model_files() -> list[str]:
 
 
 def weights_path(model_name: str) -> str:
+    """The file's path in models/turbo4d/, or an SV4D file's in diffusion_models / checkpoints
+    (nodes/files.py refuses a name or a link leading out of those folders)."""
     if model_name == EMBEDDED:
         return DEFAULT_WEIGHTS
-    path = folder_paths.get_full_path(FOLDER, model_name) or sv4d.sv4d_path(model_name)
-    if path is None:
-        raise CheckpointError(f"{model_name} is not in models/{FOLDER}/ (nor an SV4D file in models/diffusion_models/ "
-                              f"or models/checkpoints/). Put the .safetensors file there and refresh, or pick "
-                              f"'{EMBEDDED}'.")
-    return path
+    path = files.model_file(NODE, "model_name", FOLDER, model_name) or sv4d.sv4d_path(model_name, NODE)
+    if path is not None:
+        return path
+    for folder in sv4d.FOLDERS:  # there, but not an SV4D file: say what it is
+        other = files.model_file(NODE, "model_name", folder, model_name)
+        if other is not None:
+            raise CheckpointError(
+                f"{model_name} is in models/{folder}/ but is not an SV4D or SV4D 2.0 file: it is "
+                f"{sv4d.describe_other(other)}. This loader takes Turbo4D networks (models/{FOLDER}/) and SV4D / "
+                f"SV4D 2.0 UNets; load other models with ComfyUI's own loaders.")
+    raise CheckpointError(f"{model_name} is not in models/{FOLDER}/ (nor an SV4D file in models/diffusion_models/ "
+                          f"or models/checkpoints/). Put the .safetensors file there and refresh, or pick "
+                          f"'{EMBEDDED}'.")
+
+
+_config_cache: dict = {}
+
+
+def scm_configs() -> dict:
+    """{name: SCMNetConfig} of the embedded model and every Turbo4D network in models/turbo4d/,
+    read from the files' headers (cached by size and mtime: the grid nodes' schema and prompt
+    validation ask for their limits)."""
+    out = {}
+    try:
+        names = list(folder_paths.get_filename_list(FOLDER))
+    except OSError:  # the folder was removed while ComfyUI runs
+        names = []
+    for name in [EMBEDDED] + names:
+        try:
+            path = weights_path(name)
+            st = os.stat(path)
+        except (ValueError, OSError):  # refused, missing: the loader says why when it is picked
+            continue
+        key = (path, st.st_size, st.st_mtime)
+        if key not in _config_cache:
+            try:
+                _config_cache[key] = read_config(path)
+            except (CheckpointError, OSError):
+                _config_cache[key] = None
+        if _config_cache[key] is not None:
+            out[name] = _config_cache[key]
+    return out
 
 
 class Turbo4DModelLoader(io.ComfyNode):
@@ -83,7 +122,7 @@ class Turbo4DModelLoader(io.ComfyNode):
         try:
             path = weights_path(model_name)
             return f"{path}:{os.path.getmtime(path) if os.path.exists(path) else 'missing'}:{weight_dtype}"
-        except CheckpointError:
+        except ValueError:  # CheckpointError, files.FileRefused: execute says why
             return f"{model_name}:{weight_dtype}"
 
     @classmethod

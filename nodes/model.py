@@ -49,6 +49,8 @@ REPORTS_KEY = "turbo4d_reports"  # a StatsSink a node puts there to read the run
 # Names of the conditioning entries the MultiView nodes write and `extra_conds` reads.
 COND_REFERENCE, COND_CAMERA, COND_FRAME_INDEX = "turbo4d_reference", "turbo4d_camera", "turbo4d_frame_index"
 COND_VIEWS, COND_FRAMES = "turbo4d_views", "turbo4d_frames"
+# Notes for the run's stats line (RunStats.notes), in transformer_options or a conditioning entry.
+NOTES_KEY = "turbo4d_notes"
 
 
 class PixelRGB(comfy.latent_formats.LatentFormat):
@@ -208,6 +210,15 @@ class StatsSink:
         self.items.append(stats)
 
 
+def run_notes(guider, transformer_options: dict) -> list:
+    """The notes a node left for this run: in the model's transformer_options, or in the positive
+    conditioning (MultiView Conditioning's, which the stock KSampler passes on)."""
+    notes = list(transformer_options.get(NOTES_KEY) or [])
+    for c in (getattr(guider, "original_conds", None) or {}).get("positive", []):
+        notes += [n for n in (c.get(NOTES_KEY) or []) if n not in notes]
+    return notes
+
+
 def turbo4d_sample_wrapper(executor, *args, **kwargs):
     """OUTER_SAMPLE: one fresh Turbo4DRun per sampling run (cf. easycache_sample_wrapper)."""
     guider = executor.class_obj
@@ -226,6 +237,7 @@ def turbo4d_sample_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     finally:
         stats = run.end(torch.cuda.max_memory_allocated(device) if on_cuda else None)
+        stats.notes.extend(n for n in run_notes(guider, to) if n not in stats.notes)
         log.info(stats.format_line())
         sink = to.get(REPORTS_KEY)
         if sink is not None:

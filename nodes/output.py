@@ -14,6 +14,8 @@ from comfy_api.latest import io
 
 from turbo_core.video_io import grid, to_uint8, upscale_nearest, write_mp4
 
+from . import files
+
 
 class SaveMultiView(io.ComfyNode):
     @classmethod
@@ -50,6 +52,7 @@ class SaveMultiView(io.ComfyNode):
         frames = n // views
         pix = upscale_nearest(to_uint8(images[..., :3]), scale)
         h, w = pix.shape[1:3]
+        files.output_prefix("Save MultiView", "filename_prefix", filename_prefix)  # no way out of output/
         out_dir = folder_paths.get_output_directory()
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, out_dir, w, h)
         stem = f"{name}_{counter:05}_"

@@ -14,11 +14,12 @@ from comfy_api.latest import io
 
 from turbo_core.data.synth4d import SceneConfig, camera_angles
 from turbo_core.diffusion import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_STEPS
-from turbo_core.models.scm_net import SCMNet
+from turbo_core.models.scm_net import SCMNet, SCMNetConfig
+from turbo_core.words import count
 from turbo_core.train import relative_cameras
 from turbo_core.multiview import check_grid, frame_major_to_view_major, grid_condition, square_resize, to_unit
 
-from . import events
+from . import events, loaders
 from . import model as m
 from .types import Turbo4DInput, Turbo4DStats
 
@@ -28,16 +29,65 @@ VIEW_MAJOR = "view-major: image v*F + f is view v at frame f"
 GRID_KEY = "turbo4d_grid"  # (views, frames) carried in the LATENT dict; KSampler keeps extra keys
 
 
+def grid_limits() -> tuple:
+    """(embedded model's config or None, largest max_views, largest max_frames, largest image_size)
+    over the Turbo4D networks this server has (the embedded one and models/turbo4d/), from
+    their configs."""
+    configs = loaders.scm_configs()
+    emb = configs.get(loaders.EMBEDDED)
+    cfgs = list(configs.values()) or [SCMNetConfig()]
+    return (emb, max(c.max_views for c in cfgs), max(c.max_frames for c in cfgs),
+            max(c.image_size for c in cfgs))
+
+
+def _embedded(emb, field: str, unit: str) -> str:
+    return f"{getattr(emb, field)} {unit} for the embedded model" if emb is not None else "see the model's config"
+
+
+def _limit_text(emb, field: str, unit: str, largest: int) -> str:
+    """Which models take how many views / frames, read from their configs."""
+    if emb is None:
+        return f"the Turbo4D networks here take at most {largest} {unit} ({field} in their configs)"
+    own = f"the embedded model takes at most {getattr(emb, field)} {unit} ({field} in its config)"
+    if getattr(emb, field) == largest:
+        return own + ", and no network in models/turbo4d/ takes more"
+    return own + f", the largest network in models/turbo4d/ {largest}"
+
+
+def validate_grid(node: str, views, frames):
+    """True, or why views / frames fit no Turbo4D model on this server: ComfyUI then refuses the
+    prompt when it is queued, before any node runs. The connected model's own limits are checked
+    again before sampling (for a model whose limits are below the largest). None: the widget is
+    linked, checked when the node runs."""
+    emb, mv, mf, _ = grid_limits()
+    if views is not None:
+        if views < 1:
+            return f"{node}: views={views} is smaller than min of 1: a grid needs at least 1 view. Set views to 1..{mv}."
+        if views > mv:
+            return f"{node}: views={views} is too many: {_limit_text(emb, 'max_views', 'views', mv)}. Set views to 1..{mv}."
+    if frames is not None:
+        if frames < 0:
+            return (f"{node}: frames={frames} is smaller than min of 0 (0 = all of the input's frames). "
+                    f"Set frames to 0..{mf}.")
+        if frames > mf:
+            return (f"{node}: frames={frames} is too many: {_limit_text(emb, 'max_frames', 'frames', mf)}. "
+                    f"Set frames to 1..{mf} (or 0 for all of the input's frames).")
+    return True
+
+
 def grid_inputs() -> list:
+    emb, mv, mf, _ = grid_limits()
     return [
         io.Model.Input("model", tooltip="A Turbo4D model (Turbo4D Model Loader, optionally through accelerator nodes)."),
         Turbo4DInput.Input("input", tooltip="The reference-view video (Load 4D Input or Synthetic 4D Scene)."),
-        io.Int.Input("views", default=4, min=1, max=64,
-                     tooltip="Number of views V on the camera ring, view 0 = the reference view. "
-                             "At most the model's max_views (8 for the embedded model)."),
-        io.Int.Input("frames", default=8, min=0, max=256,
-                     tooltip="Number of frames F taken from the start of the input; 0 = all of its frames. "
-                             "At most the model's max_frames (16 for the embedded model)."),
+        io.Int.Input("views", default=4, min=1, max=mv,
+                     tooltip=f"Number of views V on the camera ring, view 0 = the reference view. At most the "
+                             f"model's max_views ({_embedded(emb, 'max_views', 'views')}); more is refused when "
+                             f"the prompt is queued."),
+        io.Int.Input("frames", default=8, min=0, max=mf,
+                     tooltip=f"Number of frames F taken from the start of the input; 0 = all of its frames. At "
+                             f"most the model's max_frames ({_embedded(emb, 'max_frames', 'frames')}); more is "
+                             f"refused when the prompt is queued."),
         io.Float.Input("elevation", default=20.0, min=-89.0, max=89.0, step=0.5,
                        tooltip="Elevation of the generated cameras, degrees."),
         io.Float.Input("azimuth_span", default=360.0, min=0.0, max=360.0, step=1.0,
@@ -63,13 +113,14 @@ def build_conditioning(node: str, model, data: dict, views: int, frames: int, el
         raise ValueError(f"{node}: {e}") from e
     if video.shape[0] < frames:
         raise ValueError(
-            f"{node}: the input has only {video.shape[0]} frames ({data.get('source', 'input')}), fewer than "
+            f"{node}: the input has only {count(int(video.shape[0]), 'frame')} ({data.get('source', 'input')}), fewer than "
             f"frames={frames}. Lower frames (0 takes all), or load more frames on Load 4D Input "
             f"(frame_count, frame_stride, start_frame).")
     size = net.cfg.image_size
+    notes = []
     if video.shape[-1] != size or video.shape[-2] != size:
-        log.info("%s: resizing the input from %dx%d to the model's %dx%d", node, video.shape[-1], video.shape[-2],
-                 size, size)
+        notes.append(resize_note(video, size))
+        log.info("%s: %s", node, notes[-1])
         video = square_resize(video, size)
     # The network was trained on azimuths relative to the reference view, so only the span matters.
     cams = relative_cameras(camera_angles(SceneConfig(views=views, frames=frames, elevation_deg=elevation,
@@ -79,12 +130,19 @@ def build_conditioning(node: str, model, data: dict, views: int, frames: int, el
     def cond(reference):
         return [[torch.zeros(1, 1, 1), {m.COND_REFERENCE: reference, m.COND_CAMERA: c["camera"],
                                         m.COND_FRAME_INDEX: c["frame_index"],
-                                        m.COND_VIEWS: views, m.COND_FRAMES: frames}]]
+                                        m.COND_VIEWS: views, m.COND_FRAMES: frames, m.NOTES_KEY: notes}]]
 
     # CFG's negative: the same cameras without the reference video.
     positive, negative = cond(c["reference"]), cond(torch.zeros_like(c["reference"]))
     latent = {"samples": torch.zeros(views * frames, 3, size, size), GRID_KEY: (views, frames)}
     return positive, negative, latent, net
+
+
+def resize_note(video: torch.Tensor, size: int) -> str:
+    """The run's note when the input is not at the model's size (the model was trained at it)."""
+    h, w = int(video.shape[-2]), int(video.shape[-1])
+    how = "downscaled" if max(h, w) > size else "upscaled" if max(h, w) < size else "cropped"
+    return f"input {w}x{h} {how} to {size}x{size}, the size the model was trained at"
 
 
 def latent_to_view_major(samples: torch.Tensor, views: int, frames: int) -> torch.Tensor:
@@ -121,6 +179,10 @@ class MultiViewSampler(io.ComfyNode):
                                     tooltip="The run's full counters, for the Turbo4D report nodes."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, views=None, frames=None):
+        return validate_grid("MultiView Sampler", views, frames)
 
     @classmethod
     def execute(cls, model, input, views, frames, elevation, azimuth_span, seed, steps, cfg, sampler_name,
@@ -166,6 +228,10 @@ class MultiViewConditioning(io.ComfyNode):
                                  tooltip="An empty V x F latent (frame-major) to sample into."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, views=None, frames=None):
+        return validate_grid("MultiView Conditioning", views, frames)
 
     @classmethod
     def execute(cls, model, input, views, frames, elevation, azimuth_span) -> io.NodeOutput:

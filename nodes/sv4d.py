@@ -38,8 +38,10 @@ from turbo_core.models.sv4d import detect_sv4d, load_sv4d, parameter_count, read
 from turbo_core.sampling_plans import (Pass, VARIANTS, camera_radians, check_plan, frame_permutation,
                                        guidance_scales, plan_for, step_index, sv3d_reference_views,
                                        sv4d_frame_counts, variant_for)
+from turbo_core.words import count
 
 from . import events
+from . import files
 from . import model as m
 from . import model_sv4d as g
 from .memory import cache_limit_bytes
@@ -96,13 +98,11 @@ def sv4d_files() -> list[str]:
     return out
 
 
-def sv4d_path(name: str) -> Optional[str]:
-    """Full path of an SV4D file of that name in the diffusion_models or checkpoints folder."""
+def sv4d_path(name: str, node: str = "Turbo4D Model Loader", input_name: str = "model_name") -> Optional[str]:
+    """Full path of an SV4D file of that name in the diffusion_models or checkpoints folder
+    (nodes/files.py refuses a name or a link leading out of the folder before it is opened)."""
     for folder in FOLDERS:
-        try:
-            path = folder_paths.get_full_path(folder, name)
-        except KeyError:
-            continue
+        path = files.model_file(node, input_name, folder, name)
         if path and sv4d_version_of(path):
             return path
     return None
@@ -120,6 +120,29 @@ def describe_sv4d(path: str) -> Optional[str]:
         mode = ", camera attention over pixel groups" if cfg.use_3d_attention else ", camera attention over views (8-view model)"
     return (f"{NAMES[cfg.version]} UNet (width {cfg.model_channels}, "
             f"{parameter_count(cfg) / 1e9:.2f} B parameters{mode})")
+
+
+def describe_other(path: str) -> str:
+    """What a file in diffusion_models / checkpoints that is not an SV4D file is, for the loader's
+    message: read from its name and its safetensors header only (a pickle is never opened)."""
+    from turbo_core.models.io import FORMAT, PICKLE_SUFFIXES
+
+    if path.lower().endswith(PICKLE_SUFFIXES):
+        return ("a pickled checkpoint, which Turbo4D never opens (unpickling can run code); SV4D files are "
+                ".safetensors")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            keys, meta = list(f.keys()), dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises several types for a damaged header
+        return f"not a readable .safetensors file ({e}); it may be truncated or in another format"
+    if meta.get("format") == FORMAT:
+        return "a Turbo4D network, which loads from models/turbo4d/: move it there"
+    unet = [k for k in keys if k.startswith("model.diffusion_model.") or k.startswith("input_blocks.")]
+    kind = "a UNet without SV4D's motion blocks" if unet else "another model family's weights"
+    return (f"a safetensors file of {len(keys)} tensors, {kind} (e.g. {keys[0]!r}); an SV4D / SV4D 2.0 UNet has "
+            f"'...motion_blocks.0...' tensors") if keys else "an empty safetensors file"
 
 
 def load_sv4d_model(path: str, dtype: Optional[torch.dtype]):
@@ -198,6 +221,7 @@ def merge_stats(items: list) -> Optional[RunStats]:
         out.cache_bytes_peak = max(out.cache_bytes_peak, s.cache_bytes_peak)
         out.timeline.extend(s.timeline)
         out.seconds += s.seconds
+        out.notes += [n for n in s.notes if n not in out.notes]
         if s.peak_memory_bytes is not None:
             out.peak_memory_bytes = max(out.peak_memory_bytes or 0, s.peak_memory_bytes)
         accs = s.__dict__.get("accelerators")
@@ -312,7 +336,7 @@ class SV4DSampler(io.ComfyNode):
             raise ValueError(f"{NODE}: 'video' must be an IMAGE batch of the input frames")
         frames = frames or int(video.shape[0])
         if video.shape[0] < frames:
-            raise ValueError(f"{NODE}: the video has {video.shape[0]} frames, fewer than frames={frames}. Lower frames "
+            raise ValueError(f"{NODE}: the video has {count(int(video.shape[0]), 'frame')}, fewer than frames={frames}. Lower frames "
                              f"(0 takes all) or load more frames.")
         try:
             plan = plan_for(variant, frames)

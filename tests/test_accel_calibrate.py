@@ -67,6 +67,11 @@ def test_calibration_file_errors(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_calibration(str(bad))
+    binary = tmp_path / "weights.json"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError) as e:
+        load_calibration(str(binary))
+    assert "weights.json" in str(e.value) and "binary" in str(e.value) and "calibrate again" in str(e.value)
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"threshold": 0.1}))
     with pytest.raises(ValueError, match="not a Turbo4D calibration"):

@@ -188,3 +188,18 @@ def test_subset_sizes_are_bucketed():
     assert size(seen[1]) >= size(exact[1])  # the same state at call 1: rounding only adds
     with pytest.raises(ValueError, match="size_buckets"):
         TokenPrunerConfig(size_buckets=-1)
+
+
+@pytest.mark.parametrize("views, frames", [(3, 1), (1, 4)])
+def test_one_frame_or_one_view_prunes_without_warnings_or_nan(net, views, frames):
+    """A one-token sequence (motion with one frame, camera with one view) has no spread within it:
+    its saliency is 0, not the NaN (and the `std(): degrees of freedom` warning) of a one-sample
+    standard deviation."""
+    import warnings
+
+    cfg = TokenPrunerConfig(keep_start=0.5, keep_end=0.3, saliency=1.0, start_percent=0.0, adapt=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x, st = sample(net, [("prune", cfg)], views=views, frames=frames)
+    assert torch.isfinite(x).all()
+    assert sum(st.reused_by["prune"].values()) > 0  # it did prune

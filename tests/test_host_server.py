@@ -156,11 +156,13 @@ def test_custom_weights_from_models_folder(comfy):
 
 # --- bad input ------------------------------------------------------------------------------------
 def test_bad_grid_sizes_name_the_input_and_the_fix(comfy):
-    msg = run_failing(comfy, small_grid_prompt(views=2, frames=2, sampler_views=9, prefix="test/bad"))
-    assert "views=9" in msg and "Set views to 1..8" in msg, msg
-
-    msg = run_failing(comfy, small_grid_prompt(views=1, frames=17, prefix="test/bad"))
-    assert "frames=17" in msg and "Set frames to 1..16" in msg, msg
+    # more views / frames than the model takes: refused when queued, before any node runs
+    for kw, expect in ((dict(views=2, frames=2, sampler_views=9), ("views=9", "Set views to 1..8")),
+                       (dict(views=1, frames=17), ("frames=17", "Set frames to 1..16"))):
+        with pytest.raises(PromptRejected) as e:
+            comfy.submit(small_grid_prompt(prefix="test/bad", **kw))
+        errors = json.dumps(e.value.body["node_errors"])
+        assert all(x in errors for x in expect), errors
 
     msg = run_failing(comfy, small_grid_prompt(views=2, frames=2, sampler_frames=4, prefix="test/bad"))
     assert "only 2 frames" in msg and "frames=4" in msg and "Lower frames" in msg, msg

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from .words import count
+
 
 def check_grid(views: int, frames: int, max_views: int, max_frames: int, what: str = "views/frames") -> None:
     """Raises a ValueError naming the input and the fix when V or F is out of the model's range."""
@@ -47,7 +49,7 @@ def grid_condition(video: torch.Tensor, cameras: torch.Tensor, views: int, frame
     elevation] radians. Returns reference (N, 3, H, W) (every view of frame f sees frame f of the
     reference video, as SV4D concatenates the input frame), camera (N, 2) and frame_index (N,)."""
     if video.shape[0] < frames:
-        raise ValueError(f"the input video has {video.shape[0]} frames, fewer than frames={frames}")
+        raise ValueError(f"the input video has {count(int(video.shape[0]), 'frame')}, fewer than frames={frames}")
     if cameras.shape != (views, 2):
         raise ValueError(f"cameras must be ({views}, 2), got {tuple(cameras.shape)}")
     ref = video[:frames].float()

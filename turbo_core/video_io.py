@@ -12,6 +12,8 @@ from fractions import Fraction
 import numpy as np
 import torch
 
+from .words import count
+
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".gif", ".mov", ".avi", ".mkv", ".m4v")
 
 
@@ -54,7 +56,7 @@ def read_video(path: str, frame_count: int = 0, frame_stride: int = 1, start_fra
         raise VideoReadError(f"no frame could be decoded from {name}: the file is empty, damaged or not a video. "
                              f"Re-export it as mp4 (H.264) or webm, or connect frames to the images input.")
     if not frames:
-        raise VideoReadError(f"{name} has {index} frames, so start_frame={start_frame} is past its end. "
+        raise VideoReadError(f"{name} has {count(index, 'frame')}, so start_frame={start_frame} is past its end. "
                              f"Set start_frame below {index}.")
     arr = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float()
     fps = fps / frame_stride if fps > 0 else 8.0

@@ -53,11 +53,12 @@ export function figuresOf(summary, quality) {
     ? `${s.seconds.toFixed(2)} s, ${s.model_calls_run ?? s.model_calls ?? 0} of ${s.model_calls ?? 0} model calls run` : "-";
   f["peak memory"] = s.peak_memory_mb == null ? "n/a (not a CUDA run)" : `${s.peak_memory_mb.toFixed(0)} MB`;
   f["chains bypassed"] = `${s.chains_bypassed ?? 0}/${s.chains_total ?? 0}` + pct(s.chains_bypassed, s.chains_total) +
-    `, ${s.steps_fully_bypassed ?? 0} whole steps`;
+    `, ${s.steps_fully_bypassed ?? 0} whole step${s.steps_fully_bypassed === 1 ? "" : "s"}`;
   f["tokens pruned"] = `${s.tokens_pruned_camera_motion ?? 0}/${s.tokens_total_camera_motion ?? 0}` +
     pct(s.tokens_pruned_camera_motion, s.tokens_total_camera_motion) + " cam+motion seqs";
   f["cache hits"] = `${s.cache_hits ?? 0} (${s.cache_misses ?? 0} misses)`;
   f["cache memory"] = `${(s.cache_memory_peak_mb ?? 0).toFixed(2)} MB`;
+  if (s.notes?.length) f["note"] = s.notes.join("; ");  // e.g. the input resized to the model's size
   if (quality) {
     if (quality.psnr !== undefined) f["PSNR vs full"] = quality.psnr == null ? "exact" : `${quality.psnr.toFixed(2)} dB`;
     if (quality.ssim != null) f["SSIM vs full"] = quality.ssim.toFixed(4);

@@ -16,7 +16,7 @@ const NOT_ACCELERATORS = new Set(["Turbo4DModelLoader"]);
 const PROP = "turbo4d_last_run";
 const WIDGET = "turbo4d_figures";
 
-const SAMPLER_FIGURES = ["speedup", "time", "peak memory", "chains bypassed", "tokens pruned", "cache hits", "cache memory"];
+const SAMPLER_FIGURES = ["speedup", "time", "peak memory", "chains bypassed", "tokens pruned", "cache hits", "cache memory", "note"];
 const REPORT_FIGURES = ["speedup", "time saved", "PSNR vs full", "SSIM vs full"];
 
 function injectStyle() {

@@ -153,10 +153,14 @@ def load_calibration(path: str) -> Calibration:
         raise FileNotFoundError(f"calibration file not found: {path}. Run `python -m turbo_core.accel.calibrate "
                                 f"--out {path}` first.")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             d = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); calibrate again to rewrite it.") from e
+    except UnicodeDecodeError as e:  # a binary file: the codec's message alone names no file
+        raise ValueError(f"{path} is not a calibration file: it is binary, not JSON text (byte {e.start} is not "
+                         f"UTF-8). Give the .json that `python -m turbo_core.accel.calibrate --out` wrote, or "
+                         f"calibrate again.") from e
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         raise ValueError(f"{path} is not a Turbo4D calibration file (no format={FORMAT!r}); calibrate again.")
     d.pop("format")

@@ -194,7 +194,7 @@ class TokenPruner(CrossCallReuse):
             self.computed += s
             return out
         score = diff / diff.mean().clamp_min(1e-12)
-        if cfg.saliency > 0:
+        if cfg.saliency > 0 and xs.shape[1] > 1:  # one token (one frame / one view) has no spread: saliency 0
             var = xs.float().std(dim=1).mean(dim=-1)                          # (s,)
             score = score + cfg.saliency * var / var.mean().clamp_min(1e-12)
         age = step.index - (entry.computed_at if index is None else entry.computed_at.index_select(0, index))

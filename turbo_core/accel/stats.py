@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..layout import AXES
+from ..words import count
 
 # Cell states of the steps x blocks map, in order of precedence.
 RAN, PRUNED, CACHED, BYPASSED = "ran", "pruned", "cached", "bypassed"
@@ -41,6 +42,9 @@ class RunStats:
     started: float = field(default_factory=time.perf_counter)
     seconds: float = 0.0
     peak_memory_bytes: Optional[int] = None
+    # What the user should know about the run beyond the counters (e.g. the input was resized to
+    # the model's size); the log line, the stats text and the canvas figures show them.
+    notes: list = field(default_factory=list)
     # (block, axis) -> [sequences computed, sequences total, FLOPs done, FLOPs full] over the run.
     # A model whose blocks sit on different token grids (SV4D's four levels) hands begin_call the
     # call's work per (block, axis); otherwise every block counts the call's layout at `cost`.
@@ -187,6 +191,7 @@ class RunStats:
             "compute_speedup": round(self.compute_speedup, 3) if self.flops_done else None,
             "seconds": round(self.seconds, 3),
             "peak_memory_mb": None if self.peak_memory_bytes is None else round(self.peak_memory_bytes / 2**20, 1),
+            "notes": list(self.notes),
         }
 
     def block_counts(self) -> dict:
@@ -204,7 +209,7 @@ class RunStats:
         s = self.summary()
         sp = s["compute_speedup"]
         line = (f"{label}: {s['chains_bypassed']}/{s['chains_total']} block chains bypassed "
-                f"({s['steps_fully_bypassed']} whole steps), "
+                f"({count(s['steps_fully_bypassed'], 'whole step')}), "
                 f"{s['tokens_pruned_camera_motion']}/{s['tokens_total_camera_motion']} camera+motion sequences pruned "
                 f"({s['sequences_skipped_camera_motion']} skipped in all), "
                 f"{s['cache_hits']} cache hits, cache {s['cache_memory_peak_mb']:.1f} MB, "
@@ -213,8 +218,10 @@ class RunStats:
         accs = getattr(self, "accelerators", None) or {}
         aside = {n: accs[n].get("calls_aside", 0) for n in ("cache", "prune") if n in accs}
         if any(aside.values()):  # where they had nothing valid to reuse (see outside_reuse_horizon)
-            line += ", stood aside on " + ", ".join(f"{v} calls ({n})" for n, v in aside.items())
+            line += ", stood aside on " + ", ".join(f"{count(v, 'call')} ({n})" for n, v in aside.items())
         kappa = accs.get("bypass", {}).get("kappa_measured")
         if kappa is not None:  # what a Chain Bypass kappa_prior for this model should be
             line += f", kappa_measured {kappa:.3g}"
+        if self.notes:
+            line += "; " + "; ".join(self.notes)
         return line

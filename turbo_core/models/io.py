@@ -54,9 +54,8 @@ def _check_path(path: str) -> None:
             f"unpickling can run arbitrary code. Convert it with safetensors' save_file in a trusted environment.")
 
 
-def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None) -> SCMNet:
-    from safetensors.torch import load_file
-
+def read_config(path: str) -> SCMNetConfig:
+    """The network's config from the file's metadata: the header only, no tensor is read."""
     meta = read_metadata(path)
     name = os.path.basename(path)
     if meta.get("format") != FORMAT or "config" not in meta:
@@ -64,9 +63,16 @@ def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None) -> 
             f"{name} is a safetensors file but not a Turbo4D SCM network (its metadata has no "
             f"format={FORMAT!r}). Pick a Turbo4D model, or use the loader for its own model family.")
     try:
-        cfg = SCMNetConfig.from_dict(json.loads(meta["config"]))
+        return SCMNetConfig.from_dict(json.loads(meta["config"]))
     except Exception as e:
         raise CheckpointError(f"{name}: its stored config is unreadable ({e}); export the model again.") from e
+
+
+def load_model(path: str, device="cpu", dtype: Optional[torch.dtype] = None) -> SCMNet:
+    from safetensors.torch import load_file
+
+    cfg = read_config(path)
+    name = os.path.basename(path)
     try:
         sd = load_file(path, device="cpu")
     except Exception as e:
