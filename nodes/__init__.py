@@ -12,8 +12,8 @@ import pkgutil
 
 log = logging.getLogger("turbo4d")
 
-# Not node families: the model glue and the socket types.
-_SUPPORT = {"model", "types"}
+# Not node families: the model glue, the socket types and the grid layout helpers.
+_SUPPORT = {"model", "types", "layout"}
 
 
 def node_list() -> list:
