@@ -196,15 +196,16 @@ class Graph:
 # --- layout ---------------------------------------------------------------------------------
 # Each node's box (width, height) as the frontend draws it once loaded and after a run: it grows a
 # node to fit its widgets and never shrinks one, so a box in the file smaller than that grows over
-# its neighbour. Load 4D Input's video preview takes it to about 510 px, a sampler's figures and
-# map (web/turbo4d_ui.js) to about 630, a Report's figures after a run to about 410.
+# its neighbour. Load 4D Input's video preview takes it to about 510 px; a sampler's figures and
+# map (web/turbo4d_ui.js) to about 630, and the live preview of a run (ComfyUI's image preview
+# widget, at least 220 px) another 240 on it and on KSampler; a Report's figures about 410.
 BOXES = {
     "Turbo4DModelLoader": (320, 110), "Turbo4DLoadInput": (320, 530), "Turbo4DSyntheticScene": (320, 270),
-    "Turbo4DMultiViewSampler": (340, 660), "Turbo4DMultiViewConditioning": (320, 260),
+    "Turbo4DMultiViewSampler": (340, 880), "Turbo4DMultiViewConditioning": (320, 260),
     "Turbo4DLatentToImage": (280, 80), "Turbo4DSaveMultiView": (420, 480), "Turbo4DMultiViewPreview": (420, 420),
     "Turbo4DChainBypass": (320, 300), "Turbo4DCache": (320, 230), "Turbo4DSemanticPrune": (320, 270),
-    "Turbo4DReport": (360, 440), "PreviewImage": (520, 520), "KSampler": (320, 280),
-    "Turbo4DSV4DSampler": (360, 660), "CLIPVisionLoader": (320, 90), "VAELoader": (320, 90),
+    "Turbo4DReport": (360, 440), "PreviewImage": (520, 520), "KSampler": (320, 520),
+    "Turbo4DSV4DSampler": (360, 880), "CLIPVisionLoader": (320, 90), "VAELoader": (320, 90),
     "ImageOnlyCheckpointLoader": (360, 120), "ImageFromBatch": (300, 100), "VideoTriangleCFGGuidance": (300, 80),
     "SVD_img2vid_Conditioning": (300, 260), "VAEDecode": (300, 60),
 }
