@@ -12,8 +12,9 @@ import pkgutil
 
 log = logging.getLogger("turbo4d")
 
-# Not node families: the model glue, the socket types and the file-name resolver.
-_SUPPORT = {"model", "types", "files"}
+# Not node families: the model glue, the socket types, the file-name resolver and the grid
+# layout helpers.
+_SUPPORT = {"model", "types", "files", "layout"}
 
 
 def node_list() -> list:

@@ -17,6 +17,7 @@ from turbo_core.video_io import VIDEO_EXTENSIONS, VideoReadError, read_video
 from turbo_core.words import count
 
 from . import files, loaders
+from .layout import layout_output, remember
 from .model import PACK_DIR
 from .types import Turbo4DInput, Turbo4DScene
 
@@ -183,6 +184,7 @@ class Synthetic4DScene(io.ComfyNode):
                                         "at frame f."),
                 Turbo4DScene.Output("scene", display_name="scene",
                                     tooltip="The scene's settings, cameras and ground truth."),
+                layout_output("ground_truth"),
             ],
         )
 
@@ -198,7 +200,8 @@ class Synthetic4DScene(io.ComfyNode):
                 "ground_truth": gt, "cameras": scene["cameras"].cpu()}
         info = {"seed": seed, "config": cfg, "cameras": scene["cameras"].cpu(), "ground_truth": gt,
                 "masks": scene.get("masks")}
-        return io.NodeOutput(data, to_unit(view_major), info)
+        truth = to_unit(view_major)
+        return io.NodeOutput(data, truth, info, remember(truth, views, frames))
 
 
 NODES = [Load4DInput, Synthetic4DScene]

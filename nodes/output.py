@@ -15,6 +15,7 @@ from comfy_api.latest import io
 from turbo_core.video_io import grid, to_uint8, upscale_nearest, write_mp4
 
 from . import files
+from .layout import VIEWS_TOOLTIP, layout_input, resolve
 
 
 class SaveMultiView(io.ComfyNode):
@@ -30,8 +31,8 @@ class SaveMultiView(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="V x F images in view-major order (image v*F + f is view v at "
                                                  "frame f), as MultiView Sampler and Synthetic 4D Scene give them."),
-                io.Int.Input("views", default=4, min=1, max=64,
-                             tooltip="V, the number of views in images; the frame count is images / V."),
+                layout_input(),
+                io.Int.Input("views", default=4, min=1, max=64, tooltip=VIEWS_TOOLTIP),
                 io.Float.Input("fps", default=8.0, min=0.1, max=120.0, step=0.1, tooltip="Frame rate of the mp4s."),
                 io.String.Input("filename_prefix", default="turbo4d/multiview",
                                 tooltip="Output file prefix, relative to ComfyUI's output folder; may hold "
@@ -44,12 +45,10 @@ class SaveMultiView(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, views: int, fps: float, filename_prefix: str, scale: int) -> io.NodeOutput:
-        n = int(images.shape[0])
-        if views < 1 or n % views:
-            raise ValueError(f"Save MultiView: images holds {n} images, which is not a whole number of views="
-                             f"{views} rows. Set views to the V the sampler used.")
-        frames = n // views
+    def execute(cls, images, views: int, fps: float, filename_prefix: str, scale: int,
+                layout=None) -> io.NodeOutput:
+        grid_layout = resolve("Save MultiView", images, layout, views)
+        views, frames = grid_layout.views, grid_layout.frames
         pix = upscale_nearest(to_uint8(images[..., :3]), scale)
         h, w = pix.shape[1:3]
         files.output_prefix("Save MultiView", "filename_prefix", filename_prefix)  # no way out of output/

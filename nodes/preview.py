@@ -17,6 +17,8 @@ from comfy_api.latest import io
 
 from turbo_core.video_io import to_uint8
 
+from .layout import VIEWS_TOOLTIP, layout_input, resolve
+
 UI_KEY = "turbo4d_preview"
 SUBFOLDER = "turbo4d_preview"
 
@@ -35,20 +37,17 @@ class MultiViewPreview(io.ComfyNode):
             inputs=[
                 io.Image.Input("images", tooltip="V x F images in view-major order (image v*F + f is view v at "
                                                  "frame f), as MultiView Sampler and Synthetic 4D Scene give them."),
-                io.Int.Input("views", default=4, min=1, max=64,
-                             tooltip="V, the number of views in images; the frame count is images / V."),
+                layout_input(),
+                io.Int.Input("views", default=4, min=1, max=64, tooltip=VIEWS_TOOLTIP),
                 io.Float.Input("fps", default=8.0, min=0.5, max=60.0, step=0.5, tooltip="Playback speed."),
             ],
             outputs=[],
         )
 
     @classmethod
-    def execute(cls, images, views: int, fps: float) -> io.NodeOutput:
-        n = int(images.shape[0])
-        if views < 1 or n % views:
-            raise ValueError(f"MultiView Preview: images holds {n} images, which is not a whole number of "
-                             f"views={views} rows. Set views to the V the sampler used.")
-        frames = n // views
+    def execute(cls, images, views: int, fps: float, layout=None) -> io.NodeOutput:
+        grid_layout = resolve("MultiView Preview", images, layout, views)
+        views, frames = grid_layout.views, grid_layout.frames
         pix = to_uint8(images[..., :3])
         folder = os.path.join(folder_paths.get_temp_directory(), SUBFOLDER)
         os.makedirs(folder, exist_ok=True)

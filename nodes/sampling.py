@@ -21,6 +21,7 @@ from turbo_core.multiview import check_grid, frame_major_to_view_major, grid_con
 
 from . import events, loaders
 from . import model as m
+from .layout import layout_output, remember
 from .types import Turbo4DInput, Turbo4DStats
 
 log = logging.getLogger("turbo4d")
@@ -177,6 +178,7 @@ class MultiViewSampler(io.ComfyNode):
                                  tooltip="One line on what the run computed and skipped."),
                 Turbo4DStats.Output("run_stats", display_name="run_stats",
                                     tooltip="The run's full counters, for the Turbo4D report nodes."),
+                layout_output("images"),
             ],
         )
 
@@ -204,7 +206,8 @@ class MultiViewSampler(io.ComfyNode):
         stats = sink.items[-1] if sink.items else None
         line = stats.format_line() if stats is not None else "Turbo4D: no stats (the sampling run did not report)"
         out_latent = {"samples": samples, GRID_KEY: (views, frames)}
-        return io.NodeOutput(latent_to_view_major(samples, views, frames), out_latent, line, stats,
+        images = latent_to_view_major(samples, views, frames)
+        return io.NodeOutput(images, out_latent, line, stats, remember(images, views, frames),
                              ui={"text": [line], **events.ui_output(stats)})
 
 
@@ -251,7 +254,8 @@ class MultiViewLatentToImage(io.ComfyNode):
             inputs=[
                 io.Latent.Input("latent", tooltip="A LATENT sampled from MultiView Conditioning's latent."),
             ],
-            outputs=[io.Image.Output("images", display_name="images", tooltip=f"All V x F images, {VIEW_MAJOR}.")],
+            outputs=[io.Image.Output("images", display_name="images", tooltip=f"All V x F images, {VIEW_MAJOR}."),
+                     layout_output("images")],
         )
 
     @classmethod
@@ -264,7 +268,8 @@ class MultiViewLatentToImage(io.ComfyNode):
         if samples.ndim != 4 or samples.shape[1] != 3:
             raise ValueError(f"MultiView Latent to Image: latent of shape {tuple(samples.shape)} is not a Turbo4D "
                              f"pixel latent (N, 3, H, W). Sample into the latent of MultiView Conditioning.")
-        return io.NodeOutput(latent_to_view_major(samples.float().cpu(), *grid))
+        images = latent_to_view_major(samples.float().cpu(), *grid)
+        return io.NodeOutput(images, remember(images, *grid))
 
 
 NODES = [MultiViewSampler, MultiViewConditioning, MultiViewLatentToImage]

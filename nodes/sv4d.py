@@ -44,6 +44,7 @@ from . import events
 from . import files
 from . import model as m
 from . import model_sv4d as g
+from .layout import layout_output, remember
 from .memory import cache_limit_bytes
 from .types import Turbo4DStats
 
@@ -322,6 +323,7 @@ class SV4DSampler(io.ComfyNode):
                                  tooltip="One line on what the runs computed and skipped."),
                 Turbo4DStats.Output("run_stats", display_name="run_stats",
                                     tooltip="The passes' counters together, for the Turbo4D report nodes."),
+                layout_output("images (1 + V views: the input view, then the novel ones)"),
             ],
         )
 
@@ -383,7 +385,7 @@ class SV4DSampler(io.ComfyNode):
             line += memory_line(stats.__dict__.get("memory"))
         images = image_matrix.permute(1, 0, 2, 3, 4).reshape(-1, size, size, 3)
         return io.NodeOutput(images, {"samples": latents.reshape(-1, *latents.shape[2:])}, line, stats,
-                             ui={"text": [line], **events.ui_output(stats)})
+                             remember(images, V + 1, frames), ui={"text": [line], **events.ui_output(stats)})
 
     @classmethod
     def _sample_pass(cls, model, vae, variant, p: Pass, emb, frame_latents, image_matrix, polar, azimuth, seed,

@@ -8,3 +8,5 @@ Turbo4DInput = io.Custom("TURBO4D_INPUT")
 Turbo4DStats = io.Custom("TURBO4D_STATS")
 # {"seed", "config": SceneConfig, "cameras": (V, 2), "ground_truth": (F, V, 3, H, W), "masks"}
 Turbo4DScene = io.Custom("TURBO4D_SCENE")
+# turbo_core.multiview.GridLayout: the V x F layout of the view-major IMAGE beside it (nodes/layout.py).
+Turbo4DLayout = io.Custom("TURBO4D_LAYOUT")

@@ -31,18 +31,20 @@ NODE_DEFS = {
                          [("input", "TURBO4D_INPUT"), ("frames", "IMAGE")]),
     "Turbo4DSyntheticScene": ("Synthetic 4D Scene", [],
                               ["seed", "views", "frames", "size", "elevation", "azimuth_start", "azimuth_span"],
-                              [("input", "TURBO4D_INPUT"), ("ground_truth", "IMAGE"), ("scene", "TURBO4D_SCENE")]),
+                              [("input", "TURBO4D_INPUT"), ("ground_truth", "IMAGE"), ("scene", "TURBO4D_SCENE"),
+                               ("layout", "TURBO4D_LAYOUT")]),
     "Turbo4DMultiViewSampler": ("MultiView Sampler", [("model", "MODEL"), ("input", "TURBO4D_INPUT")],
                                 ["views", "frames", "elevation", "azimuth_span", "seed+control",
                                  "steps", "cfg", "sampler_name", "scheduler"],
                                 [("images", "IMAGE"), ("latent", "LATENT"), ("stats", "STRING"),
-                                 ("run_stats", "TURBO4D_STATS")]),
+                                 ("run_stats", "TURBO4D_STATS"), ("layout", "TURBO4D_LAYOUT")]),
     "Turbo4DMultiViewConditioning": ("MultiView Conditioning", [("model", "MODEL"), ("input", "TURBO4D_INPUT")],
                                      ["views", "frames", "elevation", "azimuth_span"],
                                      [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                       ("latent", "LATENT")]),
-    "Turbo4DLatentToImage": ("MultiView Latent to Image", [("latent", "LATENT")], [], [("images", "IMAGE")]),
-    "Turbo4DSaveMultiView": ("Save MultiView", [("images", "IMAGE")],
+    "Turbo4DLatentToImage": ("MultiView Latent to Image", [("latent", "LATENT")], [],
+                             [("images", "IMAGE"), ("layout", "TURBO4D_LAYOUT")]),
+    "Turbo4DSaveMultiView": ("Save MultiView", [("images", "IMAGE"), ("layout", "TURBO4D_LAYOUT")],
                              ["views", "fps", "filename_prefix", "scale"], []),
     "Turbo4DCache": ("Turbo4D Cache", [("model", "MODEL")],
                      ["preset", "threshold", "max_age", "start_percent", "end_percent", "storage"],
@@ -58,7 +60,8 @@ NODE_DEFS = {
     "Turbo4DReport": ("Turbo4D Report", [("run_stats", "TURBO4D_STATS"), ("images", "IMAGE"),
                                          ("reference", "IMAGE"), ("reference_stats", "TURBO4D_STATS")],
                       [], [("report", "IMAGE"), ("summary", "STRING")]),
-    "Turbo4DMultiViewPreview": ("MultiView Preview", [("images", "IMAGE")], ["views", "fps"], []),
+    "Turbo4DMultiViewPreview": ("MultiView Preview", [("images", "IMAGE"), ("layout", "TURBO4D_LAYOUT")],
+                                ["views", "fps"], []),
     "PreviewImage": ("Preview Image", [("images", "IMAGE")], [], []),
     "KSampler": ("KSampler", [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                               ("latent_image", "LATENT")],
@@ -73,7 +76,7 @@ NODE_DEFS.update({
                            ["frames", "size", "elevation", "seed+control", "steps", "cfg", "min_cfg", "sampler_name",
                             "scheduler"],
                            [("images", "IMAGE"), ("latent", "LATENT"), ("stats", "STRING"),
-                            ("run_stats", "TURBO4D_STATS")]),
+                            ("run_stats", "TURBO4D_STATS"), ("layout", "TURBO4D_LAYOUT")]),
     "CLIPVisionLoader": ("Load CLIP Vision", [], ["clip_name"], [("CLIP_VISION", "CLIP_VISION")]),
     "VAELoader": ("Load VAE", [], ["vae_name"], [("VAE", "VAE")]),
     "ImageOnlyCheckpointLoader": ("Image Only Checkpoint Loader (img2vid model)", [], ["ckpt_name"],
@@ -190,6 +193,53 @@ class Graph:
         return out
 
 
+# --- layout ---------------------------------------------------------------------------------
+# Each node's box (width, height) as the frontend draws it once loaded and after a run: it grows a
+# node to fit its widgets and never shrinks one, so a box in the file smaller than that grows over
+# its neighbour. Load 4D Input's video preview takes it to about 510 px; a sampler's figures and
+# map (web/turbo4d_ui.js) to about 630, and the live preview of a run (ComfyUI's image preview
+# widget, at least 220 px) another 240 on it and on KSampler; a Report's figures about 410.
+BOXES = {
+    "Turbo4DModelLoader": (320, 110), "Turbo4DLoadInput": (320, 530), "Turbo4DSyntheticScene": (320, 270),
+    "Turbo4DMultiViewSampler": (340, 880), "Turbo4DMultiViewConditioning": (320, 260),
+    "Turbo4DLatentToImage": (280, 80), "Turbo4DSaveMultiView": (420, 480), "Turbo4DMultiViewPreview": (420, 420),
+    "Turbo4DChainBypass": (320, 300), "Turbo4DCache": (320, 230), "Turbo4DSemanticPrune": (320, 270),
+    "Turbo4DReport": (360, 440), "PreviewImage": (520, 520), "KSampler": (320, 520),
+    "Turbo4DSV4DSampler": (360, 880), "CLIPVisionLoader": (320, 90), "VAELoader": (320, 90),
+    "ImageOnlyCheckpointLoader": (360, 120), "ImageFromBatch": (300, 100), "VideoTriangleCFGGuidance": (300, 80),
+    "SVD_img2vid_Conditioning": (300, 260), "VAEDecode": (300, 60),
+}
+TITLE = 30  # LiteGraph's title bar, drawn above a node's pos
+GAP = 40    # free space between two boxes, title bars included
+
+
+class Column:
+    """Nodes stacked top to bottom at one x, each box below the last one with GAP between."""
+
+    def __init__(self, g: Graph, x: int, y: int = 60, width: int = 0):
+        self.g, self.x, self.y, self.width = g, x, y, width
+
+    def add(self, type_: str, **kw) -> Node:
+        box = BOXES[type_]
+        n = self.g.add(type_, (self.x, self.y), box, **kw)
+        self.y += box[1] + TITLE + GAP
+        self.width = max(self.width, box[0])
+        return n
+
+    def right(self, width: int = 0) -> "Column":
+        """The next column, GAP to the right of this one's widest box so far; `width`: the least
+        width it will take (where its nodes are added after the column to its right is made)."""
+        return Column(self.g, self.x + self.width + GAP, width=width)
+
+
+def overlaps(g: Graph) -> list[tuple[int, int]]:
+    """Pairs of nodes whose boxes (title bar included) intersect."""
+    box = {n.id: (n.pos[0], n.pos[1] - TITLE, n.pos[0] + n.size[0], n.pos[1] + n.size[1]) for n in g.nodes}
+    ids = sorted(box)
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]
+            if box[a][0] < box[b][2] and box[b][0] < box[a][2] and box[a][1] < box[b][3] and box[b][1] < box[a][3]]
+
+
 # --- the workflows ----------------------------------------------------------------------------
 # Sized for a 2-core CPU: a 4 x 8 grid at 32 px, 12 steps, no CFG (cfg 1 halves the work). The
 # stock-KSampler example uses cfg 2 so that the guided path is exercised as well.
@@ -197,99 +247,119 @@ class Graph:
 HELD_OUT_SEED = 1_000_003
 SAMPLING = dict(views=4, frames=8, elevation=20.0, azimuth_span=360.0, seed=0, steps=12, cfg=1.0,
                 sampler_name="euler", scheduler="karras")
+# Save MultiView / MultiView Preview take the grid from the layout socket; views is only their
+# fallback for images without one.
+SAVE = dict(views=SAMPLING["views"], fps=8.0)
+
+
+def _loader(col: Column, name: str = "embedded default") -> Node:
+    return col.add("Turbo4DModelLoader", model_name=name, weight_dtype="auto")
+
+
+def _scene(col: Column) -> Node:
+    return col.add("Turbo4DSyntheticScene", seed=HELD_OUT_SEED, views=SAMPLING["views"], frames=SAMPLING["frames"],
+                   size=32, elevation=SAMPLING["elevation"], azimuth_start=0.0, azimuth_span=SAMPLING["azimuth_span"])
 
 
 def turbo4d_from_video() -> Graph:
     g = Graph()
-    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
-    inp = g.add("Turbo4DLoadInput", (40, 220), (320, 420), video="turbo4d_example.mp4", size=32, frame_count=8,
-                frame_stride=1, start_frame=0)
-    smp = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=model.out(0), input=inp.out(0), **SAMPLING)
-    g.add("Turbo4DSaveMultiView", (820, 60), (420, 480), images=smp.out(0), views=SAMPLING["views"], fps=8.0,
-          filename_prefix="turbo4d/from_video", scale=4)
+    left = Column(g, 40)
+    model = _loader(left)
+    inp = left.add("Turbo4DLoadInput", video="turbo4d_example.mp4", size=32, frame_count=8, frame_stride=1,
+                   start_frame=0)
+    mid = left.right()
+    smp = mid.add("Turbo4DMultiViewSampler", model=model.out(0), input=inp.out(0), **SAMPLING)
+    mid.right().add("Turbo4DSaveMultiView", images=smp.out(0), layout=smp.out(4), **SAVE,
+                    filename_prefix="turbo4d/from_video", scale=4)
     return g
 
 
 def turbo4d_synthetic_compare() -> Graph:
     g = Graph()
-    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
-    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=HELD_OUT_SEED, views=SAMPLING["views"],
-                  frames=SAMPLING["frames"], size=32, elevation=SAMPLING["elevation"],
-                  azimuth_start=0.0, azimuth_span=SAMPLING["azimuth_span"])
-    smp = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=model.out(0), input=scene.out(0), **SAMPLING)
-    g.add("Turbo4DSaveMultiView", (820, 60), (420, 420), images=smp.out(0), views=SAMPLING["views"], fps=8.0,
-          filename_prefix="turbo4d/compare_result", scale=4)
-    g.add("Turbo4DSaveMultiView", (820, 520), (420, 420), images=scene.out(1), views=SAMPLING["views"], fps=8.0,
-          filename_prefix="turbo4d/compare_ground_truth", scale=4)
+    left = Column(g, 40)
+    model = _loader(left)
+    scene = _scene(left)
+    mid = left.right()
+    smp = mid.add("Turbo4DMultiViewSampler", model=model.out(0), input=scene.out(0), **SAMPLING)
+    right = mid.right()
+    right.add("Turbo4DSaveMultiView", images=smp.out(0), layout=smp.out(4), **SAVE,
+              filename_prefix="turbo4d/compare_result", scale=4)
+    right.add("Turbo4DSaveMultiView", images=scene.out(1), layout=scene.out(3), **SAVE,
+              filename_prefix="turbo4d/compare_ground_truth", scale=4)
     return g
 
 
 def turbo4d_stock_ksampler() -> Graph:
     """The same model driven by ComfyUI's own KSampler through MultiView Conditioning."""
     g = Graph()
-    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
-    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=HELD_OUT_SEED, views=4, frames=8, size=32,
-                  elevation=20.0, azimuth_start=0.0, azimuth_span=360.0)
-    cond = g.add("Turbo4DMultiViewConditioning", (420, 60), (320, 260), model=model.out(0), input=scene.out(0),
-                 views=4, frames=8, elevation=20.0, azimuth_span=360.0)
-    ks = g.add("KSampler", (800, 60), (320, 280), model=model.out(0), positive=cond.out(0), negative=cond.out(1),
-               latent_image=cond.out(2), seed=0, steps=8, cfg=2.0, sampler_name="euler", scheduler="karras",
-               denoise=1.0)
-    dec = g.add("Turbo4DLatentToImage", (1160, 60), (280, 80), latent=ks.out(0))
-    g.add("Turbo4DSaveMultiView", (1160, 200), (420, 420), images=dec.out(0), views=4, fps=8.0,
-          filename_prefix="turbo4d/stock_ksampler", scale=4)
+    left = Column(g, 40)
+    model = _loader(left)
+    scene = left.add("Turbo4DSyntheticScene", seed=HELD_OUT_SEED, views=4, frames=8, size=32, elevation=20.0,
+                     azimuth_start=0.0, azimuth_span=360.0)
+    col2 = left.right()
+    cond = col2.add("Turbo4DMultiViewConditioning", model=model.out(0), input=scene.out(0), views=4, frames=8,
+                    elevation=20.0, azimuth_span=360.0)
+    col3 = col2.right()
+    ks = col3.add("KSampler", model=model.out(0), positive=cond.out(0), negative=cond.out(1), latent_image=cond.out(2),
+                  seed=0, steps=8, cfg=2.0, sampler_name="euler", scheduler="karras", denoise=1.0)
+    col4 = col3.right()
+    dec = col4.add("Turbo4DLatentToImage", latent=ks.out(0))
+    col4.add("Turbo4DSaveMultiView", images=dec.out(0), layout=dec.out(1), views=4, fps=8.0,
+             filename_prefix="turbo4d/stock_ksampler", scale=4)
     return g
 
 
-def _accelerators(g: Graph, model, preset: str, x: int = 40, y: int = 520):
+def _accelerators(col: Column, model, preset: str):
     """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler."""
-    byp = g.add("Turbo4DChainBypass", (x, y), (320, 300), model=model.out(0), preset=preset, threshold=0.08,
-                max_consecutive=2, step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2, end_percent=0.95,
-                storage="native", calibration_file="")
-    cache = g.add("Turbo4DCache", (x, y + 340), (320, 230), model=byp.out(0), preset=preset, threshold=0.15,
-                  max_age=3, start_percent=0.15, end_percent=0.95, storage="native")
-    prune = g.add("Turbo4DSemanticPrune", (x, y + 610), (320, 270), model=cache.out(0), preset=preset,
-                  keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95,
-                  storage="native")
-    return prune
+    byp = col.add("Turbo4DChainBypass", model=model.out(0), preset=preset, threshold=0.08, max_consecutive=2,
+                  step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2, end_percent=0.95,
+                  storage="native", calibration_file="")
+    cache = col.add("Turbo4DCache", model=byp.out(0), preset=preset, threshold=0.15, max_age=3, start_percent=0.15,
+                    end_percent=0.95, storage="native")
+    return col.add("Turbo4DSemanticPrune", model=cache.out(0), preset=preset, keep_start=0.5, keep_end=0.3,
+                   saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95, storage="native")
 
 
 def turbo4d_accelerated() -> Graph:
     """The main workflow: the example video through all three accelerators."""
     g = Graph()
-    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
-    inp = g.add("Turbo4DLoadInput", (40, 220), (320, 260), video="turbo4d_example.mp4", size=32, frame_count=8,
-                frame_stride=1, start_frame=0)
-    fast = _accelerators(g, model, "balanced")
-    smp = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 400), model=fast.out(0), input=inp.out(0), **SAMPLING)
-    g.add("Turbo4DSaveMultiView", (820, 60), (420, 480), images=smp.out(0), views=SAMPLING["views"], fps=8.0,
-          filename_prefix="turbo4d/accelerated", scale=4)
-    g.add("Turbo4DMultiViewPreview", (820, 600), (420, 420), images=smp.out(0), views=SAMPLING["views"], fps=8.0)
+    left = Column(g, 40)
+    model = _loader(left)
+    inp = left.add("Turbo4DLoadInput", video="turbo4d_example.mp4", size=32, frame_count=8, frame_stride=1,
+                   start_frame=0)
+    accs = left.right()
+    fast = _accelerators(accs, model, "balanced")
+    mid = accs.right()
+    smp = mid.add("Turbo4DMultiViewSampler", model=fast.out(0), input=inp.out(0), **SAMPLING)
+    right = mid.right()
+    right.add("Turbo4DSaveMultiView", images=smp.out(0), layout=smp.out(4), **SAVE,
+              filename_prefix="turbo4d/accelerated", scale=4)
+    right.add("Turbo4DMultiViewPreview", images=smp.out(0), layout=smp.out(4), **SAVE)
     return g
 
 
 def turbo4d_accel_compare() -> Graph:
     """Accelerated against full compute, same seed, on a synthetic scene with ground truth."""
     g = Graph()
-    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="embedded default", weight_dtype="auto")
-    scene = g.add("Turbo4DSyntheticScene", (40, 220), (320, 260), seed=HELD_OUT_SEED, views=SAMPLING["views"],
-                  frames=SAMPLING["frames"], size=32, elevation=SAMPLING["elevation"],
-                  azimuth_start=0.0, azimuth_span=SAMPLING["azimuth_span"])
-    fast = _accelerators(g, model, "fast")
-    # Samplers are tall: after a run each shows its figures and steps x blocks map (web/turbo4d_ui.js).
-    full = g.add("Turbo4DMultiViewSampler", (420, 60), (340, 660), model=model.out(0), input=scene.out(0),
-                 **SAMPLING)
-    acc = g.add("Turbo4DMultiViewSampler", (420, 780), (340, 660), model=fast.out(0), input=scene.out(0),
-                **SAMPLING)
-    rep = g.add("Turbo4DReport", (820, 60), (360, 160), run_stats=acc.out(3), images=acc.out(0),
-                reference=full.out(0), reference_stats=full.out(3))
-    g.add("PreviewImage", (1220, 60), (520, 520), images=rep.out(0))
-    g.add("Turbo4DSaveMultiView", (820, 620), (420, 420), images=acc.out(0), views=SAMPLING["views"], fps=8.0,
-          filename_prefix="turbo4d/accel_result", scale=4)
-    g.add("Turbo4DSaveMultiView", (820, 1080), (420, 420), images=full.out(0), views=SAMPLING["views"], fps=8.0,
-          filename_prefix="turbo4d/full_result", scale=4)
-    g.add("Turbo4DSaveMultiView", (1220, 620), (420, 420), images=scene.out(1), views=SAMPLING["views"], fps=8.0,
-          filename_prefix="turbo4d/accel_ground_truth", scale=4)
+    left = Column(g, 40)
+    model = _loader(left)
+    scene = _scene(left)
+    accs = left.right()
+    fast = _accelerators(accs, model, "fast")
+    samplers = accs.right()
+    full = samplers.add("Turbo4DMultiViewSampler", model=model.out(0), input=scene.out(0), **SAMPLING)
+    acc = samplers.add("Turbo4DMultiViewSampler", model=fast.out(0), input=scene.out(0), **SAMPLING)
+    col4 = samplers.right(width=BOXES["Turbo4DSaveMultiView"][0])
+    rep = col4.add("Turbo4DReport", run_stats=acc.out(3), images=acc.out(0), reference=full.out(0),
+                   reference_stats=full.out(3))
+    col5 = col4.right()
+    col5.add("PreviewImage", images=rep.out(0))
+    col4.add("Turbo4DSaveMultiView", images=acc.out(0), layout=acc.out(4), **SAVE,
+             filename_prefix="turbo4d/accel_result", scale=4)
+    col4.add("Turbo4DSaveMultiView", images=full.out(0), layout=full.out(4), **SAVE,
+             filename_prefix="turbo4d/full_result", scale=4)
+    col5.add("Turbo4DSaveMultiView", images=scene.out(1), layout=scene.out(3), **SAVE,
+             filename_prefix="turbo4d/accel_ground_truth", scale=4)
     return g
 
 
@@ -302,24 +372,27 @@ WORKFLOWS = {f.__name__: f for f in (turbo4d_from_video, turbo4d_synthetic_compa
 SV4D_SIZE, SV4D_FRAMES = 576, 21
 
 
-def _sv4d_input(g: Graph, pos=(40, 520)):
-    return g.add("Turbo4DLoadInput", pos, (320, 260), video="turbo4d_example.mp4", size=SV4D_SIZE,
-                 frame_count=SV4D_FRAMES, frame_stride=1, start_frame=0)
+def _sv4d_input(col: Column) -> Node:
+    return col.add("Turbo4DLoadInput", video="turbo4d_example.mp4", size=SV4D_SIZE, frame_count=SV4D_FRAMES,
+                   frame_stride=1, start_frame=0)
 
 
 def sv4d2_video_to_4d() -> Graph:
     """SV4D 2.0: 4 novel views x 21 frames in 12-frame chunks, through all three accelerators."""
     g = Graph()
-    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="sv4d2.safetensors", weight_dtype="auto")
-    clip = g.add("CLIPVisionLoader", (40, 220), (320, 90), clip_name="clip_vision_h.safetensors")
-    vae = g.add("VAELoader", (40, 360), (320, 90), vae_name="vae-ft-mse-840000-ema-pruned.safetensors")
-    inp = _sv4d_input(g)
-    fast = _accelerators(g, model, "balanced", x=400, y=60)
-    smp = g.add("Turbo4DSV4DSampler", (780, 60), (360, 420), model=fast.out(0), clip_vision=clip.out(0), vae=vae.out(0),
-                video=inp.out(1), frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=0.0, seed=23, steps=50, cfg=2.0,
-                min_cfg=1.0, sampler_name="euler", scheduler="karras")
-    g.add("Turbo4DSaveMultiView", (1180, 60), (420, 480), images=smp.out(0), views=5, fps=10.0,
-          filename_prefix="turbo4d/sv4d2", scale=1)
+    left = Column(g, 40)
+    model = _loader(left, "sv4d2.safetensors")
+    clip = left.add("CLIPVisionLoader", clip_name="clip_vision_h.safetensors")
+    vae = left.add("VAELoader", vae_name="vae-ft-mse-840000-ema-pruned.safetensors")
+    inp = _sv4d_input(left)
+    accs = left.right()
+    fast = _accelerators(accs, model, "balanced")
+    mid = accs.right()
+    smp = mid.add("Turbo4DSV4DSampler", model=fast.out(0), clip_vision=clip.out(0), vae=vae.out(0), video=inp.out(1),
+                  frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=0.0, seed=23, steps=50, cfg=2.0, min_cfg=1.0,
+                  sampler_name="euler", scheduler="karras")
+    mid.right().add("Turbo4DSaveMultiView", images=smp.out(0), layout=smp.out(4), views=5, fps=10.0,
+                    filename_prefix="turbo4d/sv4d2", scale=1)
     return g
 
 
@@ -329,32 +402,38 @@ def sv4d_video_to_4d() -> Graph:
     frames, through all three accelerators. SV3D_u ignores cameras, so SVD_img2vid_Conditioning
     conditions it exactly as SV3D_Conditioning does."""
     g = Graph()
-    model = g.add("Turbo4DModelLoader", (40, 60), (320, 110), model_name="sv4d.safetensors", weight_dtype="auto")
-    sv3d = g.add("ImageOnlyCheckpointLoader", (40, 220), (320, 120), ckpt_name="sv3d_u.safetensors")
-    inp = _sv4d_input(g, (40, 400))
-    first = g.add("ImageFromBatch", (400, 60), (300, 100), image=inp.out(1), batch_index=0, length=1)
-    guid = g.add("VideoTriangleCFGGuidance", (400, 200), (300, 80), model=sv3d.out(0), min_cfg=1.0)
-    cond = g.add("SVD_img2vid_Conditioning", (400, 320), (300, 260), clip_vision=sv3d.out(1), init_image=first.out(0),
-                 vae=sv3d.out(2), width=SV4D_SIZE, height=SV4D_SIZE, video_frames=21, motion_bucket_id=127, fps=6,
-                 augmentation_level=0.0)
-    ks = g.add("KSampler", (400, 620), (300, 280), model=guid.out(0), positive=cond.out(0), negative=cond.out(1),
-               latent_image=cond.out(2), seed=23, steps=20, cfg=2.5, sampler_name="euler", scheduler="karras",
-               denoise=1.0)
-    views = g.add("VAEDecode", (400, 940), (300, 60), samples=ks.out(0), vae=sv3d.out(2))
-    fast = _accelerators(g, model, "balanced", x=740, y=60)
-    smp = g.add("Turbo4DSV4DSampler", (1100, 60), (360, 440), model=fast.out(0), clip_vision=sv3d.out(1),
-                vae=sv3d.out(2), video=inp.out(1), first_frame_views=views.out(0), frames=SV4D_FRAMES, size=SV4D_SIZE,
-                elevation=10.0, seed=23, steps=20, cfg=2.0, min_cfg=1.0, sampler_name="euler", scheduler="karras")
-    g.add("Turbo4DSaveMultiView", (1500, 60), (420, 480), images=smp.out(0), views=9, fps=10.0,
-          filename_prefix="turbo4d/sv4d", scale=1)
+    left = Column(g, 40)
+    model = _loader(left, "sv4d.safetensors")
+    sv3d = left.add("ImageOnlyCheckpointLoader", ckpt_name="sv3d_u.safetensors")
+    inp = _sv4d_input(left)
+    col2 = left.right()
+    first = col2.add("ImageFromBatch", image=inp.out(1), batch_index=0, length=1)
+    guid = col2.add("VideoTriangleCFGGuidance", model=sv3d.out(0), min_cfg=1.0)
+    cond = col2.add("SVD_img2vid_Conditioning", clip_vision=sv3d.out(1), init_image=first.out(0), vae=sv3d.out(2),
+                    width=SV4D_SIZE, height=SV4D_SIZE, video_frames=21, motion_bucket_id=127, fps=6,
+                    augmentation_level=0.0)
+    ks = col2.add("KSampler", model=guid.out(0), positive=cond.out(0), negative=cond.out(1), latent_image=cond.out(2),
+                  seed=23, steps=20, cfg=2.5, sampler_name="euler", scheduler="karras", denoise=1.0)
+    views = col2.add("VAEDecode", samples=ks.out(0), vae=sv3d.out(2))
+    accs = col2.right()
+    fast = _accelerators(accs, model, "balanced")
+    mid = accs.right()
+    smp = mid.add("Turbo4DSV4DSampler", model=fast.out(0), clip_vision=sv3d.out(1), vae=sv3d.out(2), video=inp.out(1),
+                  first_frame_views=views.out(0), frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=10.0, seed=23,
+                  steps=20, cfg=2.0, min_cfg=1.0, sampler_name="euler", scheduler="karras")
+    mid.right().add("Turbo4DSaveMultiView", images=smp.out(0), layout=smp.out(4), views=9, fps=10.0,
+                    filename_prefix="turbo4d/sv4d", scale=1)
     return g
 
 
 WORKFLOWS.update({f.__name__: f for f in (sv4d2_video_to_4d, sv4d_video_to_4d)})
 
+
 def render(name: str) -> dict[str, str]:
     """{path: text} of both files of one workflow."""
     g = WORKFLOWS[name]()
+    if overlaps(g):
+        raise ValueError(f"{name}: nodes {overlaps(g)} overlap on the canvas; lay them out apart")
     dump = lambda d: json.dumps(d, indent=2) + "\n"  # noqa: E731
     return {os.path.join(UI_DIR, f"{name}.json"): dump(g.ui()), os.path.join(API_DIR, f"{name}.json"): dump(g.api())}
 

@@ -82,7 +82,7 @@ def test_object_info_lists_every_node_with_tooltips(comfy):
             opts = spec[1] if len(spec) > 1 else {}
             assert opts.get("tooltip"), f"{name}.{inp} has no tooltip"
     smp = info["Turbo4DMultiViewSampler"]
-    assert smp["output"] == ["IMAGE", "LATENT", "STRING", "TURBO4D_STATS"]
+    assert smp["output"] == ["IMAGE", "LATENT", "STRING", "TURBO4D_STATS", "TURBO4D_LAYOUT"]
     assert "view-major" in smp["output_tooltips"][0]
     assert info["Turbo4DLoadInput"]["input"]["required"]["video"][1].get("video_upload") is True
     # the example video was copied into the input folder when the pack loaded

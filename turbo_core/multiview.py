@@ -6,9 +6,32 @@ view v at frame f. These helpers are the only place the two orders meet.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .words import count
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """Where the views of a view-major batch of images start: image v * frames + f is view v at
+    frame f. An image batch alone cannot say this (4 views x 8 frames and 2 x 16 hold the same 32
+    images), so the nodes that make a grid hand one of these on beside it."""
+    views: int
+    frames: int
+
+    def __post_init__(self):
+        if self.views < 1 or self.frames < 1:
+            raise ValueError(f"a grid layout needs at least 1 view and 1 frame, got {self.views} x {self.frames}")
+
+    @property
+    def images(self) -> int:
+        return self.views * self.frames
+
+    def __str__(self) -> str:
+        return (f"{self.views} view{'s' if self.views != 1 else ''} x "
+                f"{self.frames} frame{'s' if self.frames != 1 else ''}")
 
 
 def check_grid(views: int, frames: int, max_views: int, max_frames: int, what: str = "views/frames") -> None:

@@ -43,12 +43,31 @@ export function countStates(rows, legend = DEFAULT_LEGEND) {
 const pct = (a, b) => (b ? ` (${Math.round((100 * a) / b)}%)` : "");
 
 // Label -> text of every figure, from a RunStats summary (turbo_core/accel/stats.py summary()).
-export function figuresOf(summary, quality) {
+// Two speedups, never mixed up: "compute speedup" is counted (the model work the run skipped, not
+// timed); "wall-clock speedup" is measured, and only known against a full-compute run of the same
+// settings (a Turbo4D Report with reference_stats wired: `wall` = {speedup, reference_seconds,
+// seconds}, or {reference: true} on that full-compute run itself).
+export const WALL_UNKNOWN = "not measured: no full run wired";
+export const WALL_REFERENCE = "1.00x: this is the full-compute run";
+
+export function wallFigure(wall) {
+  if (wall?.reference) return WALL_REFERENCE;
+  if (wall?.speedup == null) return WALL_UNKNOWN;
+  const ref = wall.reference_seconds, here = wall.seconds;
+  return `${wall.speedup.toFixed(2)}x` + (ref != null && here != null
+    ? ` (${ref.toFixed(2)} s full, ${here.toFixed(2)} s here)` : "");
+}
+
+export function figuresOf(summary, quality, wall) {
   const s = summary || {};
   const f = {};
   const sp = s.compute_speedup;
-  f["speedup"] = sp == null ? "-" : `${sp.toFixed(2)}x compute` +
-    (s.compute_fraction != null ? ` (${(s.compute_fraction * 100).toFixed(1)}% of full)` : "");
+  f["compute speedup"] = sp == null ? "-" : `${sp.toFixed(2)}x` +
+    (s.compute_fraction != null ? ` (model work ${(s.compute_fraction * 100).toFixed(1)}% of full)` : "");
+  if (quality?.wall_speedup != null) {
+    wall = { speedup: quality.wall_speedup, reference_seconds: quality.reference_seconds, seconds: s.seconds };
+  }
+  f["wall-clock speedup"] = wallFigure(wall);
   f["time"] = s.seconds != null
     ? `${s.seconds.toFixed(2)} s, ${s.model_calls_run ?? s.model_calls ?? 0} of ${s.model_calls ?? 0} model calls run` : "-";
   f["peak memory"] = s.peak_memory_mb == null ? "n/a (not a CUDA run)" : `${s.peak_memory_mb.toFixed(0)} MB`;
@@ -64,7 +83,7 @@ export function figuresOf(summary, quality) {
     if (quality.ssim != null) f["SSIM vs full"] = quality.ssim.toFixed(4);
     if (quality.wall_speedup != null) {
       const saved = quality.reference_seconds - (s.seconds ?? 0);
-      f["time saved"] = `${saved.toFixed(2)} s (${quality.wall_speedup.toFixed(2)}x wall-clock)`;
+      f["time saved"] = `${saved.toFixed(2)} s of ${quality.reference_seconds.toFixed(2)} s`;
     }
   }
   return f;

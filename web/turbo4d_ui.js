@@ -6,6 +6,11 @@
 // the end of the run (payload = turbo_core/report.py run_payload); the sampler's ui output carries
 // the same payload ("turbo4d"), which is what /history keeps. The last payload is stored in the
 // node's properties, so a saved workflow reopens with its last map.
+//
+// Speedups: the sampler's own figure is the compute speedup (counted model work). The wall-clock
+// speedup needs a full-compute run of the same settings: when a Turbo4D Report measures it
+// (reference_stats wired), the report hands it to the sampler whose run it measured (and to that
+// sampler's accelerators), and marks the full-compute sampler as the reference.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import { countStates, drawMap, figuresOf, halvesOf, legendOf } from "./turbo4d_draw.js";
@@ -16,8 +21,9 @@ const NOT_ACCELERATORS = new Set(["Turbo4DModelLoader"]);
 const PROP = "turbo4d_last_run";
 const WIDGET = "turbo4d_figures";
 
-const SAMPLER_FIGURES = ["speedup", "time", "peak memory", "chains bypassed", "tokens pruned", "cache hits", "cache memory", "note"];
-const REPORT_FIGURES = ["speedup", "time saved", "PSNR vs full", "SSIM vs full"];
+const SAMPLER_FIGURES = ["compute speedup", "wall-clock speedup", "time", "peak memory", "chains bypassed",
+  "tokens pruned", "cache hits", "cache memory", "note"];
+const REPORT_FIGURES = ["compute speedup", "wall-clock speedup", "time saved", "PSNR vs full", "SSIM vs full"];
 
 function injectStyle() {
   if (document.getElementById("turbo4d-style")) return;
@@ -63,7 +69,7 @@ function acceleratorFigures(node) {
   if (name.includes("prune")) out.push("tokens pruned");
   if (name.includes("bypass")) out.push("chains bypassed");
   if (!out.length) out.push("chains bypassed", "tokens pruned", "cache hits", "cache memory");
-  return ["speedup", ...out];
+  return ["compute speedup", "wall-clock speedup", ...out];
 }
 
 // Turbo4D nodes on the MODEL path upstream of a sampler (the accelerator nodes it runs with).
@@ -103,7 +109,7 @@ function addPanel(node, { map }) {
     legend.className = "turbo4d-legend";
     el.append(canvas, legend);
   }
-  const height = map ? 270 : 100;
+  const height = map ? 270 : 116;
   const widget = node.addDOMWidget(WIDGET, "turbo4d", el, {
     serialize: false, hideOnZoom: false, getMinHeight: () => height, getMaxHeight: () => (map ? 420 : height),
   });
@@ -167,27 +173,69 @@ function renderMap(node) {
 }
 
 // A finished run's payload (turbo_core/report.py run_payload) on a sampler and its accelerators.
+// A new run forgets the wall-clock figure of the last one (a Report that measures this run runs
+// after it and hands the new one over); a restored workflow keeps the one stored with its run.
 function applyPayload(node, payload, { persist = true } = {}) {
   if (!payload?.summary) return;
   node.turbo4dStats = payload;
-  const figures = figuresOf(payload.summary);
-  showFigures(node, figures, SAMPLER_FIGURES, "Turbo4D run");
+  node.turbo4dWall = persist ? null : (payload.wall ?? null);
   node.turbo4dMap = {
     rows: [...(payload.rows || [])], blocks: payload.blocks, columns: (payload.rows || []).length,
     legend: payload.legend, done: true,
   };
   renderMap(node);
-  for (const acc of upstreamAccelerators(node)) {
-    if (!acc.turbo4dPanel) addPanel(acc, { map: false });
-    acc.turbo4dStats = payload;
-    showFigures(acc, figures, acceleratorFigures(acc), "Turbo4D: this run");
-  }
+  showRun(node);
   if (persist) {
     node.properties = node.properties || {};
     node.properties[PROP] = { summary: payload.summary, rows: payload.rows, blocks: payload.blocks,
       legend: payload.legend };
   }
   node.setDirtyCanvas?.(true, true);
+}
+
+// The figures of a sampler's last run, on it and on the accelerator nodes upstream of it.
+function showRun(node) {
+  const payload = node.turbo4dStats;
+  if (!payload?.summary) return;
+  const figures = figuresOf(payload.summary, null, node.turbo4dWall);
+  showFigures(node, figures, SAMPLER_FIGURES, "Turbo4D run");
+  for (const acc of upstreamAccelerators(node)) {
+    if (!acc.turbo4dPanel) addPanel(acc, { map: false });
+    acc.turbo4dStats = payload;
+    showFigures(acc, figures, acceleratorFigures(acc), "Turbo4D: this run");
+  }
+}
+
+function originOf(node, inputName) {
+  const inp = node.inputs?.find((i) => i.name === inputName);
+  if (inp?.link == null) return null;
+  const info = node.graph?.links?.get ? node.graph.links.get(inp.link) : node.graph?.links?.[inp.link];
+  return info ? node.graph.getNodeById(info.origin_id) : null;
+}
+
+const sameSeconds = (a, b) => a != null && b != null && Math.abs(a - b) < 0.002;
+
+function setWall(node, wall) {
+  node.turbo4dWall = wall;
+  const stored = node.properties?.[PROP];
+  if (stored) stored.wall = wall;
+  showRun(node);
+  node.setDirtyCanvas?.(true, true);
+}
+
+// A Report that measured the wall-clock speedup hands it to the two samplers it compared, if their
+// last runs are the ones it measured (same seconds).
+function shareWallClock(report, payload) {
+  const q = payload?.quality;
+  if (q?.wall_speedup == null) return;
+  const run = originOf(report, "run_stats");
+  if (run?.turbo4dStats && sameSeconds(run.turbo4dStats.summary?.seconds, payload.summary?.seconds)) {
+    setWall(run, { speedup: q.wall_speedup, reference_seconds: q.reference_seconds, seconds: payload.summary.seconds });
+  }
+  const ref = originOf(report, "reference_stats");
+  if (ref && ref !== run && ref.turbo4dStats && sameSeconds(ref.turbo4dStats.summary?.seconds, q.reference_seconds)) {
+    setWall(ref, { reference: true });
+  }
 }
 
 function onStep(detail) {
@@ -326,6 +374,7 @@ app.registerExtension({
         if (!this.turbo4dPanel) addPanel(this, { map: false });
         this.turbo4dStats = payload;
         showFigures(this, figuresOf(payload.summary, payload.quality), REPORT_FIGURES, "Turbo4D report");
+        shareWallClock(this, payload);
       };
     }
   },
