@@ -420,6 +420,10 @@ def test_loader_variant_is_refused_for_a_file_that_is_not_sv4d(pack):
         loaders.Turbo4DModelLoader.execute("embedded default", "auto", "sv4d2_8views")
     spec = {i.id: i for i in loaders.Turbo4DModelLoader.define_schema().inputs}
     assert spec["variant"].default == "auto" and spec["variant"].options == ["auto", "sv4d", "sv4d2", "sv4d2_8views"]
+
+
+def test_loader_tooltip_says_the_embedded_model_is_not_for_real_videos(pack):
+    spec = {i.id: i for i in pack("loaders").Turbo4DModelLoader.define_schema().inputs}
     tip = spec["model_name"].tooltip
     assert "real videos" in tip and "blobs" in tip and "MultiView Sampler (SV4D)" in tip and "docs/sv4d.md" in tip
 
