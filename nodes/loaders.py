@@ -107,28 +107,41 @@ class Turbo4DModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model_name", options=[EMBEDDED] + model_files(),
                                default=EMBEDDED,
-                               tooltip=f"'{EMBEDDED}' is the small network shipped with the pack; other "
-                                       f"entries are .safetensors files in ComfyUI's models/{FOLDER}/ folder, and "
-                                       f"SV4D / SV4D 2.0 files in models/diffusion_models/ or models/checkpoints/."),
+                               tooltip=f"'{EMBEDDED}' is the small network shipped with the pack, trained on "
+                                       f"procedural scenes (spheres, boxes, a floor) at 32 x 32 pixels: a test bed for "
+                                       f"the accelerators. On real videos its novel views are blobs in the input's "
+                                       f"colours. For real videos load SV4D / SV4D 2.0 (docs/sv4d.md: where the "
+                                       f"weights go) and sample with MultiView Sampler (SV4D). Other entries are "
+                                       f".safetensors files in ComfyUI's models/{FOLDER}/ folder, and SV4D / SV4D 2.0 "
+                                       f"files in models/diffusion_models/ or models/checkpoints/."),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto",
                                tooltip="Precision of the weights. auto: fp32 on a CPU, fp16/bf16 on a GPU "
                                        "that runs them fast."),
+                io.Combo.Input("variant", options=list(sv4d.LOADER_VARIANTS), default="auto", optional=True,
+                               tooltip="SV4D files only: which model the file is. SV4D 2.0's 8-view model has "
+                                       "exactly SV4D 2.0's tensors (only its camera attention differs), so auto "
+                                       "tells them apart by the file name ('8view' in it, as in "
+                                       "sv4d2_8views.safetensors); set sv4d2_8views for a renamed 8-view file. SV4D "
+                                       "and SV4D 2.0 are told by their tensors, and a choice that contradicts them "
+                                       "is refused. Leave auto for other models."),
             ],
             outputs=[io.Model.Output("model", display_name="model", tooltip="The Turbo4D model.")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model_name, weight_dtype):
+    def fingerprint_inputs(cls, model_name, weight_dtype, variant="auto"):
         try:
             path = weights_path(model_name)
-            return f"{path}:{os.path.getmtime(path) if os.path.exists(path) else 'missing'}:{weight_dtype}"
+            return f"{path}:{os.path.getmtime(path) if os.path.exists(path) else 'missing'}:{weight_dtype}:{variant}"
         except ValueError:  # CheckpointError, files.FileRefused: execute says why
-            return f"{model_name}:{weight_dtype}"
+            return f"{model_name}:{weight_dtype}:{variant}"
 
     @classmethod
-    def execute(cls, model_name: str, weight_dtype: str) -> io.NodeOutput:
+    def execute(cls, model_name: str, weight_dtype: str, variant: str = "auto") -> io.NodeOutput:
         if weight_dtype not in DTYPES:
             raise ValueError(f"Turbo4D Model Loader: weight_dtype={weight_dtype!r}; pick one of {list(DTYPES)}.")
+        if variant not in sv4d.LOADER_VARIANTS:
+            raise ValueError(f"Turbo4D Model Loader: variant={variant!r}; pick one of {list(sv4d.LOADER_VARIANTS)}.")
         try:
             path = weights_path(model_name)
             if model_name == EMBEDDED and not os.path.isfile(path):
@@ -136,9 +149,12 @@ class Turbo4DModelLoader(io.ComfyNode):
                     f"Turbo4D Model Loader: the embedded weights {path} are missing. They ship with the pack: "
                     f"restore the file (git checkout -- models/turbo4d_default.safetensors) or reinstall the pack.")
             if sv4d.sv4d_version_of(path):  # recognised by its keys, wherever it lies
-                return io.NodeOutput(sv4d.load_sv4d_model(path, DTYPES[weight_dtype]))
-            else:
-                net = load_model(path)
+                return io.NodeOutput(sv4d.load_sv4d_model(path, DTYPES[weight_dtype], variant))
+            if variant != "auto":
+                raise ValueError(f"Turbo4D Model Loader: variant={variant!r} is for SV4D / SV4D 2.0 files, and "
+                                 f"{model_name!r} is not one (its tensors are not an SV4D UNet's). Set variant to "
+                                 f"auto.")
+            net = load_model(path)
         except CheckpointError as e:
             raise ValueError(f"Turbo4D Model Loader, model_name={model_name!r}: {e}") from e
         return io.NodeOutput(make_model_patcher(net, DTYPES[weight_dtype]))

@@ -6,7 +6,8 @@
   SV4D's `VScalingWithEDMcNoise` (tests/test_host_sv4d.py checks it).
 - Conditioning, one row per image of the pass (frame-major, N = T*V):
   c_crossattn (N, 1, 1024) the CLIP image embedding of the image's input frame (zeros for uncond),
-  c_concat (N, 4, h, w) the VAE latent of that frame (zeros for uncond), y (N, 1280) =
+  c_concat (N, 4, h, w) the VAE latent of that frame as VAE.encode gives it, not scaled by the latent
+  format (SV4D's conditioner does not scale it either; zeros for uncond), y (N, 1280) =
   [256-d embedding of the conditioning noise 0 (zeros for uncond) | 512-d polar | 512-d azimuth],
   cond_view (N, 4*k, h', w') the latents of the V views at the reference frame (k = 2 for passes
   that alternate their frame order: forward reference | reversed reference), views / frames /

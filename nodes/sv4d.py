@@ -34,7 +34,9 @@ from turbo_core.accel.stats import RunStats
 from turbo_core.accel.storage import cache_budget
 from turbo_core.memory import plan
 from turbo_core.models.io import CheckpointError
-from turbo_core.models.sv4d import detect_sv4d, load_sv4d, parameter_count, read_sv4d_config
+from turbo_core.models.sv4d import (LOADER_VARIANTS, detect_sv4d, load_sv4d, parameter_count, read_sv4d_config,
+                                    sv4d_variant_note)
+from turbo_core.sv4d_input import describe as describe_prep, prepare_sv4d_input
 from turbo_core.sampling_plans import (Pass, VARIANTS, camera_radians, check_plan, frame_permutation,
                                        guidance_scales, plan_for, step_index, sv3d_reference_views,
                                        sv4d_frame_counts, variant_for)
@@ -55,6 +57,8 @@ FOLDERS = ("diffusion_models", "checkpoints")  # ComfyUI's own folders searched 
 EXTENSIONS = (".safetensors", ".sft")
 NODE = "MultiView Sampler (SV4D)"
 VIEW_MAJOR = "view-major: image v*F + f is view v at frame f; view 0 is the input video"
+ELEVATION_CFG = ("auto", "custom")      # auto: the variant's reference-script values
+INPUT_PREP = ("reference", "centre crop")
 
 
 # --- files ---------------------------------------------------------------------------------------
@@ -109,13 +113,8 @@ def sv4d_path(name: str, node: str = "Turbo4D Model Loader", input_name: str = "
     return None
 
 
-def describe_sv4d(path: str) -> Optional[str]:
-    """"SV4D 2.0 UNet (width 320, 2.01 B parameters, ...)" when the file's keys and shapes are an
-    SV4D or SV4D 2.0 UNet, else None."""
-    try:
-        cfg = read_sv4d_config(path)
-    except (CheckpointError, OSError, ValueError):
-        return None
+def describe_config(cfg) -> str:
+    """"SV4D 2.0 UNet (width 320, 2.01 B parameters, ...)" of a loaded or read SV4DConfig."""
     mode = ""
     if cfg.version == "sv4d2":
         mode = ", camera attention over pixel groups" if cfg.use_3d_attention else ", camera attention over views (8-view model)"
@@ -146,11 +145,22 @@ def describe_other(path: str) -> str:
             f"'...motion_blocks.0...' tensors") if keys else "an empty safetensors file"
 
 
-def load_sv4d_model(path: str, dtype: Optional[torch.dtype]):
-    """The MODEL of an SV4D file. Raises CheckpointError naming the first missing / unexpected
-    key when its keys are SV4D-like but not an SV4D UNet's."""
-    net = load_sv4d(path, dtype=dtype)
-    log.info("Turbo4D: loaded %s: %s", os.path.basename(path), describe_sv4d(path))
+def describe_sv4d(path: str, variant: str = "auto") -> Optional[str]:
+    """describe_config of the file at `path` when its keys and shapes are an SV4D or SV4D 2.0 UNet,
+    else None."""
+    try:
+        return describe_config(read_sv4d_config(path, variant=variant))
+    except (CheckpointError, OSError, ValueError):
+        return None
+
+
+def load_sv4d_model(path: str, dtype: Optional[torch.dtype], variant: str = "auto"):
+    """The MODEL of an SV4D file. `variant` is the loader's choice (turbo_core.models.sv4d.
+    resolve_variant); raises CheckpointError naming the first missing / unexpected key when its
+    keys are SV4D-like but not an SV4D UNet's, or saying what contradicts the chosen variant."""
+    net = load_sv4d(path, dtype=dtype, variant=variant)
+    log.info("Turbo4D: loaded %s: %s; %s", os.path.basename(path), describe_config(net.cfg),
+             sv4d_variant_note(path, variant))
     return g.make_sv4d_model_patcher(net, dtype)
 
 
@@ -287,30 +297,45 @@ class SV4DSampler(io.ComfyNode):
                                                            "and SV3D use): one embedding per input frame."),
                 io.Vae.Input("vae", tooltip="An SD 1.x/2.x KL-f8 VAE (e.g. from sv3d_u.safetensors): encodes the input "
                                             "frames and reference views, decodes the result."),
-                io.Image.Input("video", tooltip="The input video's frames (object centred, white background), "
-                                                "cropped to a square and resized to size."),
+                io.Image.Input("video", tooltip="The input video's frames (one object, centred, on a white "
+                                                "background), prepared as input_prep says."),
                 io.Int.Input("frames", default=21, min=0, max=1024,
                              tooltip="Output frames, taken from the start of the video; 0 = all of its frames. "
                                      f"SV4D: one of {', '.join(map(str, sv4d_frame_counts()))}. SV4D 2.0: any."),
                 io.Int.Input("size", default=576, min=64, max=2048, step=64,
                              tooltip="Image side in pixels (the models are trained at 576)."),
                 io.Float.Input("elevation", default=0.0, min=-89.0, max=89.0, step=0.5,
-                               tooltip="Camera elevation of the novel views, degrees. SV4D: SV3D's elevation (the "
-                                       "reference script uses 10). SV4D 2.0: relative to the input view (0)."),
+                               tooltip="Camera elevation of the novel views, degrees; read only when elevation_cfg "
+                                       "is custom. SV4D: SV3D's elevation (the reference script uses 10). SV4D 2.0: "
+                                       "relative to the input view (the script uses 0)."),
                 io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="The noise seed (pass i uses seed + i)."),
                 io.Int.Input("steps", default=50, min=1, max=200,
                              tooltip="Denoising steps per pass (reference: 20 for SV4D, 50 for SV4D 2.0)."),
                 io.Float.Input("cfg", default=2.0, min=0.0, max=30.0, step=0.1, round=0.01,
                                tooltip="Largest guidance scale of the reference guider (SV4D, SV4D 2.0: 2.0; "
-                                       "8-view: 2.5)."),
+                                       "8-view: 2.5); read only when elevation_cfg is custom."),
                 io.Float.Input("min_cfg", default=1.0, min=0.0, max=30.0, step=0.1, round=0.01,
-                               tooltip="Smallest guidance scale (1.0; 8-view: 1.5). The scale varies over the "
-                                       "images of a pass: linearly (SV4D 2.0) or over frames and views (SV4D, 8-view)."),
+                               tooltip="Smallest guidance scale (1.0; 8-view: 1.5); read only when elevation_cfg is "
+                                       "custom. The scale varies over the images of a pass: linearly (SV4D 2.0) or "
+                                       "over frames and views (SV4D, 8-view)."),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
                                tooltip="euler = the reference's Euler EDM sampler."),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
                                tooltip="karras = the reference's EDM sigmas (0.002..700, rho 7)."),
+                io.Combo.Input("elevation_cfg", options=list(ELEVATION_CFG), default="auto", optional=True,
+                               tooltip="auto: the loaded model's reference-script elevation, cfg and min_cfg (" +
+                                       "; ".join(f"{v.title}: {v.elevation:g} deg, {v.cfg:g} / {v.min_cfg:g}"
+                                                 for v in VARIANTS.values()) +
+                                       "), so the three widgets above are not read; custom: the widgets' values. "
+                                       "The stats line says which values ran."),
+                io.Combo.Input("input_prep", options=list(INPUT_PREP), default="reference", optional=True,
+                               tooltip="reference: the reference scripts' preparation: one square box around the "
+                                       "non-white object of all frames (for an RGBA video, its non-transparent "
+                                       "pixels), padded so the box is the model's frame ratio (SV4D 0.917, SV4D 2.0 "
+                                       "0.9) of the frame, alpha over white, Lanczos resize to size. Give it the "
+                                       "uncropped frames (an RGBA IMAGE, e.g. from Join Image with Alpha, keeps its "
+                                       "alpha). centre crop: the centre square, resized bilinearly (alpha dropped)."),
                 io.Image.Input("first_frame_views", optional=True,
                                tooltip="SV4D only: the views of the first frame from SV3D_u (its 21 images as "
                                        "VAE Decode gives them, or 9 views 0..8, or the 8 novel views)."),
@@ -329,9 +354,16 @@ class SV4DSampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip_vision, vae, video, frames, size, elevation, seed, steps, cfg, min_cfg,
-                sampler_name, scheduler, first_frame_views=None) -> io.NodeOutput:
+                sampler_name, scheduler, elevation_cfg="auto", input_prep="reference",
+                first_frame_views=None) -> io.NodeOutput:
         net = g.get_sv4d_net(model, NODE)
         variant = variant_for(net.cfg.version, net.cfg.use_3d_attention)
+        if elevation_cfg not in ELEVATION_CFG:
+            raise ValueError(f"{NODE}: elevation_cfg={elevation_cfg!r}; pick one of {list(ELEVATION_CFG)}.")
+        if input_prep not in INPUT_PREP:
+            raise ValueError(f"{NODE}: input_prep={input_prep!r}; pick one of {list(INPUT_PREP)}.")
+        if elevation_cfg == "auto":
+            elevation, cfg, min_cfg = variant.elevation, variant.cfg, variant.min_cfg
         if size % 64:
             raise ValueError(f"{NODE}: size={size} must be a multiple of 64 (the UNet halves the latent three times)")
         if video is None or video.dim() != 4 or video.shape[0] < 1:
@@ -346,7 +378,17 @@ class SV4DSampler(io.ComfyNode):
         except ValueError as e:
             raise ValueError(f"{NODE}: {variant.title}: {e}") from e
         V, hw = variant.views, size // 8
-        inp = _square(video[:frames], size)
+        if input_prep == "reference":
+            try:
+                inp = prepare_sv4d_input(video[:frames], size, variant.frame_ratio)
+            except ValueError as e:
+                raise ValueError(f"{NODE}: video: {e}") from e
+        else:
+            inp = _square(video[:frames], size)
+        source = "the model's reference" if elevation_cfg == "auto" else "custom"
+        prep = describe_prep(variant.frame_ratio) if input_prep == "reference" else "centre crop"
+        settings = f"elevation {elevation:g} deg, cfg {min_cfg:g}..{cfg:g} ({source}), input: {prep}"
+        log.info("Turbo4D %s: %s", variant.title, settings)
         image_matrix = torch.zeros(frames, V + 1, size, size, 3)  # (frame, view 0 = input, novel views)
         image_matrix[:, 0] = inp
         if variant.anchors:
@@ -383,6 +425,7 @@ class SV4DSampler(io.ComfyNode):
                 else "Turbo4D: no stats (the sampling runs did not report)")
         if stats is not None:
             line += memory_line(stats.__dict__.get("memory"))
+        line += f"; {settings}"
         images = image_matrix.permute(1, 0, 2, 3, 4).reshape(-1, size, size, 3)
         return io.NodeOutput(images, {"samples": latents.reshape(-1, *latents.shape[2:])}, line, stats,
                              remember(images, V + 1, frames), ui={"text": [line], **events.ui_output(stats)})

@@ -25,7 +25,7 @@ API_DIR = os.path.join(ROOT, "workflows", "api")
 # A widget name ending in "+control" is followed in the UI format by its control_after_generate
 # value; one ending in "+upload" by the upload button's value.
 NODE_DEFS = {
-    "Turbo4DModelLoader": ("Turbo4D Model Loader", [], ["model_name", "weight_dtype"], [("model", "MODEL")]),
+    "Turbo4DModelLoader": ("Turbo4D Model Loader", [], ["model_name", "weight_dtype", "variant"], [("model", "MODEL")]),
     "Turbo4DLoadInput": ("Load 4D Input", [("images", "IMAGE")],
                          ["video+upload", "size", "frame_count", "frame_stride", "start_frame"],
                          [("input", "TURBO4D_INPUT"), ("frames", "IMAGE")]),
@@ -74,7 +74,7 @@ NODE_DEFS.update({
                            [("model", "MODEL"), ("clip_vision", "CLIP_VISION"), ("vae", "VAE"), ("video", "IMAGE"),
                             ("first_frame_views", "IMAGE")],
                            ["frames", "size", "elevation", "seed+control", "steps", "cfg", "min_cfg", "sampler_name",
-                            "scheduler"],
+                            "scheduler", "elevation_cfg", "input_prep"],
                            [("images", "IMAGE"), ("latent", "LATENT"), ("stats", "STRING"),
                             ("run_stats", "TURBO4D_STATS"), ("layout", "TURBO4D_LAYOUT")]),
     "CLIPVisionLoader": ("Load CLIP Vision", [], ["clip_name"], [("CLIP_VISION", "CLIP_VISION")]),
@@ -89,6 +89,14 @@ NODE_DEFS.update({
                                  [("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]),
     "VAEDecode": ("VAE Decode", [("samples", "LATENT"), ("vae", "VAE")], [], [("IMAGE", "IMAGE")]),
 })
+
+
+# Widgets a workflow may leave out (optional inputs), with the value it then gets: the node's default.
+WIDGET_DEFAULTS = {
+    ("Turbo4DModelLoader", "variant"): "auto",
+    ("Turbo4DSV4DSampler", "elevation_cfg"): "auto",
+    ("Turbo4DSV4DSampler", "input_prep"): "reference",
+}
 
 
 @dataclass
@@ -113,6 +121,7 @@ class Graph:
         names = [w.split("+")[0] for w in widgets]
         links = {k: v for k, v in kw.items() if k in dict(sockets)}
         values = {k: v for k, v in kw.items() if k not in links}
+        values.update({n: WIDGET_DEFAULTS[(type_, n)] for n in names if n not in values and (type_, n) in WIDGET_DEFAULTS})
         unknown = set(values) - set(names)
         missing = set(names) - set(values)
         if unknown or missing:

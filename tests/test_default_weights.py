@@ -33,3 +33,16 @@ def test_weights_load_with_their_config_and_are_trained():
     assert net.out.weight.abs().sum() > 0
     fresh = SCMNet(CONFIGS["default"])
     assert not torch.equal(net.blocks[0].spatial.qkv.weight, fresh.blocks[0].spatial.qkv.weight)
+
+
+def test_readme_and_model_card_say_up_front_it_is_not_for_real_videos():
+    """Where a user first reads about the main job and the model: the embedded model makes blobs of
+    real videos, and SV4D through MultiView Sampler (SV4D) is what does them."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    intro = readme[:readme.index("## Install into an existing ComfyUI")]
+    card = open(os.path.join(ROOT, "MODEL_CARD.md")).read()
+    card_intro = card[:card.index("## Measured quality")]
+    for text in (intro, card_intro):
+        text = " ".join(text.replace("**", "").split())  # as rendered: no line breaks, no bold
+        assert "on real videos" in text.lower() and "blobs in the input's colours" in text
+        assert "MultiView Sampler (SV4D)" in text and "docs/sv4d.md" in text

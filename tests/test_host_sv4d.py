@@ -32,13 +32,14 @@ def pack():
 
 
 @functools.lru_cache(maxsize=None)
-def random_sv4d(version="sv4d2", seed=0, context_dim=CLIP_DIM):
+def random_sv4d(version="sv4d2", seed=0, context_dim=CLIP_DIM, use_3d_attention=None):
     """A reduced-width SV4D UNet with every weight perturbed (zero-initialised output layers would
-    make any comparison trivial). Shared between tests: nothing here changes its weights."""
+    make any comparison trivial). Shared between tests: nothing here changes its weights.
+    use_3d_attention=False with "sv4d2" is SV4D 2.0's 8-view model."""
     from turbo_core.models.sv4d import SV4DConfig, SV4DUNet
 
     torch.manual_seed(seed)
-    net = SV4DUNet(SV4DConfig.reduced(version, context_dim=context_dim)).eval()
+    net = SV4DUNet(SV4DConfig.reduced(version, context_dim=context_dim, use_3d_attention=use_3d_attention)).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.03)
@@ -267,11 +268,15 @@ def test_sampler_node_sv4d2_chunks(pack, small_encoders):
     images, latent, line, stats = out.result
     assert images.shape == ((V + 1) * frames, size, size, 3) and torch.isfinite(images).all()
     assert latent["samples"].shape == (frames * V, 4, size // 8, size // 8)
-    # view 0 is the input video (centre-cropped, resized), views 1..V were sampled
-    nodes = pack("sv4d")
-    torch.testing.assert_close(images[:frames], nodes._square(video[:frames], size))
+    # view 0 is the input video (prepared as the reference script does by default), views 1..V sampled
+    from turbo_core.sv4d_input import prepare_sv4d_input
+
+    torch.testing.assert_close(images[:frames], prepare_sv4d_input(video[:frames], size, 0.9))
     assert images[frames:].std() > 0.01
     assert "1 pass:" in line and sorted({t["step"] for t in stats.timeline}) == [0, 1]  # one chunk of 3 frames
+    # the stats line says which camera, guidance and input preparation ran
+    assert line.endswith("; elevation 0 deg, cfg 1..2 (the model's reference), input: object crop at frame ratio "
+                         "0.9, alpha over white, Lanczos"), line
 
 
 def test_sampler_node_sv4d2_second_chunk_references_the_first(pack, small_encoders):
@@ -330,6 +335,97 @@ def test_sampler_node_names_a_wrong_clip_vision_and_model(pack, small_encoders):
     with pytest.raises(ValueError, match="not SV4D"):
         nodes.SV4DSampler.execute(reference, clip, vae, torch.rand(2, 64, 64, 3), 2, 64, 0.0, 0, 1, 2.0, 1.0,
                                   "euler", "karras")
+
+
+class _Stop(Exception):
+    """Raised by a test's spy once it has what it came for: the sampling itself is not needed."""
+
+
+def _first_pass_settings(pack, encoders, net, monkeypatch, frames, **kw):
+    """{polar, azimuth, cfg, min_cfg, input} of the first pass of MultiView Sampler (SV4D) with the
+    widget values elevation 33, cfg 7, min_cfg 0.5 (what the reference would never use), stopped
+    before sampling; `kw` are the node's other inputs."""
+    nodes, g = pack("sv4d"), pack("model_sv4d")
+    clip, vae = encoders
+    seen = {}
+    encode, scales, vector = nodes._encode, nodes.guidance_scales, g.vector_condition
+
+    def spy_encode(vae_, images, latent_size):
+        seen.setdefault("input", images.clone())
+        return encode(vae_, images, latent_size)
+
+    def spy_scales(guider, t, v, cfg, min_cfg):
+        seen.update(cfg=cfg, min_cfg=min_cfg)
+        return scales(guider, t, v, cfg, min_cfg)
+
+    def spy_vector(polar, azimuth, t, uncond):
+        seen.update(polar=polar.clone(), azimuth=azimuth.clone())
+        raise _Stop
+
+    monkeypatch.setattr(nodes, "_encode", spy_encode)
+    monkeypatch.setattr(nodes, "guidance_scales", spy_scales)
+    monkeypatch.setattr(g, "vector_condition", spy_vector)
+    video = torch.ones(frames, 48, 80, 3)
+    video[:, 20:30, 30:44] = torch.rand(frames, 10, 14, 3, generator=torch.Generator().manual_seed(3)) * 0.5
+    model = g.make_sv4d_model_patcher(net, torch.float32)
+    with pytest.raises(_Stop):
+        nodes.SV4DSampler.execute(model, clip, vae, video, frames, 64, 33.0, 0, 1, 7.0, 0.5, "euler", "karras", **kw)
+    seen["video"] = video
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["sv4d", "sv4d2", "sv4d2_8views"])
+def test_sampler_defaults_are_each_variants_reference_script(pack, small_encoders, monkeypatch, variant):
+    """By default the node runs the loaded model's reference-script settings whatever its widgets
+    hold: SV4D elevation 10 (polar 80 deg), cfg 2 / 1; SV4D 2.0 elevation 0, 2 / 1; the 8-view
+    model 0, 2.5 / 1.5; and prepares the input as the scripts do at their frame ratio. custom
+    runs the widgets' values."""
+    from turbo_core.sv4d_input import prepare_sv4d_input
+
+    nodes = pack("sv4d")
+    spec = {i.id: i for i in nodes.SV4DSampler.define_schema().inputs}
+    assert spec["elevation_cfg"].default == "auto" and spec["input_prep"].default == "reference"
+    version, use_3d = ("sv4d2", variant == "sv4d2") if variant.startswith("sv4d2") else ("sv4d", None)
+    net = random_sv4d(version, use_3d_attention=use_3d)
+    frames = 5
+    kw = {"first_frame_views": torch.rand(21, 64, 64, 3)} if variant == "sv4d" else {}
+    ref = {"sv4d": (10.0, 2.0, 1.0, 0.917), "sv4d2": (0.0, 2.0, 1.0, 0.9), "sv4d2_8views": (0.0, 2.5, 1.5, 0.9)}
+    elevation, cfg, min_cfg, ratio = ref[variant]
+    got = _first_pass_settings(pack, small_encoders, net, monkeypatch, frames, **kw)
+    torch.testing.assert_close(got["polar"], torch.full_like(got["polar"], math.radians(90 - elevation)))
+    assert (got["cfg"], got["min_cfg"]) == (cfg, min_cfg)
+    torch.testing.assert_close(got["input"], prepare_sv4d_input(got["video"], 64, ratio))
+    custom = _first_pass_settings(pack, small_encoders, net, monkeypatch, frames, elevation_cfg="custom",
+                                  input_prep="centre crop", **kw)
+    torch.testing.assert_close(custom["polar"], torch.full_like(got["polar"], math.radians(90 - 33.0)))
+    assert (custom["cfg"], custom["min_cfg"]) == (7.0, 0.5)
+    torch.testing.assert_close(custom["input"], nodes._square(custom["video"], 64))
+
+
+def test_sampler_refuses_unknown_settings_choices(pack, small_encoders):
+    nodes, g = pack("sv4d"), pack("model_sv4d")
+    clip, vae = small_encoders
+    model = g.make_sv4d_model_patcher(random_sv4d("sv4d2"), torch.float32)
+    args = (model, clip, vae, torch.rand(2, 64, 64, 3), 2, 64, 0.0, 0, 1, 2.0, 1.0, "euler", "karras")
+    with pytest.raises(ValueError, match=r"elevation_cfg='reference'; pick one of \['auto', 'custom'\]"):
+        nodes.SV4DSampler.execute(*args, elevation_cfg="reference")
+    with pytest.raises(ValueError, match=r"input_prep='lanczos'; pick one of"):
+        nodes.SV4DSampler.execute(*args, input_prep="lanczos")
+
+
+def test_loader_variant_is_refused_for_a_file_that_is_not_sv4d(pack):
+    loaders = pack("loaders")
+    with pytest.raises(ValueError, match=r"variant='sv4d2_8views' is for SV4D / SV4D 2.0 files, and "
+                                         r"'embedded default' is not one.*Set variant to auto"):
+        loaders.Turbo4DModelLoader.execute("embedded default", "auto", "sv4d2_8views")
+    spec = {i.id: i for i in loaders.Turbo4DModelLoader.define_schema().inputs}
+    assert spec["variant"].default == "auto" and spec["variant"].options == ["auto", "sv4d", "sv4d2", "sv4d2_8views"]
+
+
+def test_loader_tooltip_says_the_embedded_model_is_not_for_real_videos(pack):
+    spec = {i.id: i for i in pack("loaders").Turbo4DModelLoader.define_schema().inputs}
+    tip = spec["model_name"].tooltip
+    assert "real videos" in tip and "blobs" in tip and "MultiView Sampler (SV4D)" in tip and "docs/sv4d.md" in tip
 
 
 # --- on the real server ------------------------------------------------------------------------
@@ -479,6 +575,50 @@ def test_sv4d_workflow_runs_on_a_full_layout_checkpoint(comfy, server_weights):
     assert out["grid"][0]["views"] == 9 and out["grid"][0]["frames"] == frames
     texts = [t for o in entry["outputs"].values() for t in o.get("text", [])]
     assert texts and texts[0].startswith("Turbo4D SV4D, 2 passes:"), texts
+
+
+RENAMED_FILE = "my_model_renamed_test.safetensors"  # an SV4D 2.0-keyed file whose name says nothing
+
+
+@pytest.fixture(scope="module")
+def renamed_weights(comfy, server_weights):
+    """A reduced SV4D 2.0 UNet saved as Stability ships theirs (no Turbo4D metadata) under a name
+    that does not say 8-view: only the loader's variant can tell it is the 8-view model."""
+    from safetensors.torch import save_file
+    from turbo_core.models.sv4d import PREFIX
+
+    net = random_sv4d("sv4d2", context_dim=VITL_DIM)
+    save_file({PREFIX + k: v.contiguous() for k, v in net.state_dict().items()},
+              os.path.join(comfy.models_directory, "diffusion_models", RENAMED_FILE))
+    return RENAMED_FILE
+
+
+def test_renamed_8view_file_runs_as_the_8view_model_with_its_guidance(comfy, renamed_weights):
+    """The SV4D 2.0 workflow on a renamed 8-view file with the loader's variant = sv4d2_8views:
+    the sampler runs the 8-view scheme (8 novel views, camera attention over the views) with the
+    8-view model's reference guidance 2.5 / 1.5, though the workflow's widgets say 2 / 1."""
+    prompt = _small(_workflow("sv4d2_video_to_4d"), renamed_weights, 2, steps=1)
+    prompt[_by_type(prompt, "Turbo4DModelLoader")[0]]["inputs"]["variant"] = "sv4d2_8views"
+    save = _by_type(prompt, "Turbo4DSaveMultiView")[0]
+    if "views" in prompt[save]["inputs"]:
+        prompt[save]["inputs"]["views"] = 9
+    entry = comfy.run(prompt, timeout=600)
+    assert entry["outputs"][save]["grid"][0]["views"] == 9
+    texts = [t for o in entry["outputs"].values() for t in o.get("text", [])]
+    assert texts and texts[0].startswith("Turbo4D SV4D 2.0 (8 views), 1 pass:"), texts
+    assert "elevation 0 deg, cfg 1.5..2.5 (the model's reference)" in texts[0], texts
+
+
+def test_loader_variant_that_contradicts_the_tensors_names_the_fix(comfy, server_weights):
+    from comfy_host import PromptFailed
+
+    prompt = _small(_workflow("sv4d2_video_to_4d"), SV4D_FILE, 2)  # an SV4D file where SV4D 2.0 is asked for
+    prompt[_by_type(prompt, "Turbo4DModelLoader")[0]]["inputs"]["variant"] = "sv4d2"
+    with pytest.raises(PromptFailed) as e:
+        comfy.run(prompt, timeout=120)
+    assert e.value.node_type == "Turbo4DModelLoader"
+    msg = e.value.message
+    assert SV4D_FILE in msg and "variant='sv4d2' asks for SV4D 2.0" in msg and "Set variant to 'auto' or 'sv4d'" in msg
 
 
 def test_damaged_sv4d_file_names_the_missing_key(comfy, server_weights):

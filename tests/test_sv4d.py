@@ -412,3 +412,61 @@ def test_foreign_file_names_first_missing_and_unexpected_keys(tmp_path):
         load_sv4d(path2)
     assert f"'{gone}'" in str(e.value) and f"'{PREFIX}middle_block.1.extra.weight'" in str(e.value)
 
+
+
+# --- the loader's variant choice ----------------------------------------------------------------
+def test_eight_view_model_has_no_tensor_of_its_own():
+    """Why "auto" reads the file name: SV4D 2.0 and its 8-view model (sv4d2.yaml / sv4d2_8views.yaml
+    differ only in use_3d_attention) have the same tensor names and shapes, the reference list's."""
+    four = [(k, tuple(v.shape)) for k, v in sv4d_state_shapes(SV4DConfig(version="sv4d2")).items()]
+    eight = [(k, tuple(v.shape)) for k, v in
+             sv4d_state_shapes(SV4DConfig(version="sv4d2", use_3d_attention=False)).items()]
+    assert four == eight == reference_keys("sv4d2")
+
+
+def _stability_file(tmp_path, name, version="sv4d2"):
+    """A checkpoint as Stability ships it: the UNet under the prefix, no Turbo4D metadata."""
+    from safetensors.torch import save_file
+
+    sd = {PREFIX + k: v.contiguous() for k, v in random_net(version, context_dim=128).state_dict().items()}
+    path = str(tmp_path / name)
+    save_file(sd, path)
+    return path
+
+
+@pytest.mark.parametrize("name", ["renamed.safetensors", "sv4d2_8views.safetensors"])
+def test_variant_choice_sets_the_camera_attention_whatever_the_name(tmp_path, name):
+    """A renamed 8-view file loads as the 8-view model (camera attention over the views) when the
+    variant says so, and an 8-view-named file as SV4D 2.0 when chosen; auto goes by the name."""
+    from turbo_core.models.sv4d import read_sv4d_config, sv4d_variant_note
+
+    path = _stability_file(tmp_path, name)
+    eight = "8views" in name
+    assert read_sv4d_config(path).use_3d_attention is (not eight)
+    assert load_sv4d(path, variant="sv4d2_8views").cfg.use_3d_attention is False
+    assert read_sv4d_config(path, variant="sv4d2").use_3d_attention is True
+    note = sv4d_variant_note(path)
+    assert "by the file name" in note and (eight or "set the loader's variant to sv4d2_8views" in note)
+    assert "the choice wins" in sv4d_variant_note(path, "sv4d2_8views" if not eight else "sv4d2")
+
+
+def test_variant_that_contradicts_the_tensors_is_refused(tmp_path):
+    sv4d2, sv4d = _stability_file(tmp_path, "a.safetensors"), _stability_file(tmp_path, "b.safetensors", "sv4d")
+    with pytest.raises(CheckpointError, match=r"a.safetensors: variant='sv4d' asks for SV4D, but the file's tensors "
+                                              r"are SV4D 2.0.*Set variant to 'auto', 'sv4d2' or 'sv4d2_8views'"):
+        load_sv4d(sv4d2, variant="sv4d")
+    for v in ("sv4d2", "sv4d2_8views"):
+        with pytest.raises(CheckpointError, match=r"b.safetensors: .*tensors are SV4D .*Set variant to 'auto' or 'sv4d'"):
+            load_sv4d(sv4d, variant=v)
+    assert load_sv4d(sv4d, variant="sv4d").cfg.version == "sv4d"
+    with pytest.raises(ValueError, match=r"variant='sv4d3': pick one of"):
+        load_sv4d(sv4d2, variant="sv4d3")
+
+
+def test_variant_that_contradicts_a_turbo4d_files_stored_config_is_refused(tmp_path):
+    path = str(tmp_path / "plain_name.safetensors")
+    save_sv4d(random_net("sv4d2", context_dim=128, use_3d_attention=False), path)
+    assert load_sv4d(path).cfg.use_3d_attention is False  # auto: the stored config, not the name
+    with pytest.raises(CheckpointError, match=r"saved by Turbo4D as 'sv4d2_8views'.*Set variant to 'auto' or "
+                                              r"'sv4d2_8views'"):
+        load_sv4d(path, variant="sv4d2")

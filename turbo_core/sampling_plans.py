@@ -68,16 +68,19 @@ class Variant:
     elevation: float           # degrees: SV4D absolute (SV3D's), SV4D 2.0 relative to the input view
     azimuths: tuple            # degrees of views 1..V relative to the input view
     anchors: bool              # SV4D's anchor + alternating dense passes
+    frame_ratio: float         # input preparation: object box side / frame side (turbo_core/sv4d_input.py)
 
 
+# SV4D 2.0's script also sets "min_cfg": 2.0, which its linear guider never receives (only max_scale
+# is passed; LinearPredictionGuider's min_scale stays 1.0): 1.0 is what the reference runs.
 VARIANTS = {
     "sv4d": Variant("sv4d", "SV4D", 5, 8, "spatiotemporal", 2.0, 1.0, 20, 10.0,
                     # SV3D's 21-view orbit, subsampled at views 2, 5, 7, 9, 12, 14, 16, 19
-                    tuple(360.0 * k / 21 for k in (2, 5, 7, 9, 12, 14, 16, 19)), True),
+                    tuple(360.0 * k / 21 for k in (2, 5, 7, 9, 12, 14, 16, 19)), True, 0.917),
     "sv4d2": Variant("sv4d2", "SV4D 2.0", 12, 4, "linear", 2.0, 1.0, 50, 0.0,
-                     (60.0, 120.0, 180.0, 240.0), False),
+                     (60.0, 120.0, 180.0, 240.0), False, 0.9),
     "sv4d2_8views": Variant("sv4d2_8views", "SV4D 2.0 (8 views)", 5, 8, "spatiotemporal", 2.5, 1.5, 50, 0.0,
-                            (30.0, 75.0, 120.0, 165.0, 210.0, 255.0, 300.0, 330.0), False),
+                            (30.0, 75.0, 120.0, 165.0, 210.0, 255.0, 300.0, 330.0), False, 0.9),
 }
 
 # SV3D_u's 21 output views in the order it writes them; SV4D reads views 2, 5, ... after moving

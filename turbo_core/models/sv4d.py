@@ -37,12 +37,14 @@ What the model expects (SV4D's sampler; not implemented here):
   c_noise = 0.25 * ln(s); D(x) = c_skip * x + c_out * F(cat[c_in * x, concat], c_noise, ...).
   EDM discretisation, sigma_max 500 in the configs, rho 7; Euler EDM sampler.
 - x: (N = b*T*V, 8, h, w) = 4 noisy latent channels (times c_in) + 4 channels of "concat": the VAE
-  latent (x 0.18215) of the input video's frame t, the same for every view of that frame.
+  latent of the input video's frame t, the same for every view of that frame, as the VAE's encoder
+  gives it: not multiplied by the 0.18215 scale factor (SV4D's conditioner encodes with its own
+  scale_factor left at 1; only the latents being denoised are scaled).
 - context: (b, T, 1024) one OpenCLIP-H image embedding per frame of the input video.
 - y: (N, 1280) = [256-d sinusoidal embedding of the conditioning noise (0 in SV4D) | 512-d of the
   view's polar angle (radians) | 512-d of its azimuth (radians)].
 - cond_view: (b*V, 4, H', W') VAE latents of the V output views at the chunk's first frame
-  (anchor / previous chunk); any size, resized per level.
+  (anchor / previous chunk), unscaled like concat; any size, resized per level.
 - CFG: the guiders batch [uncond, cond], so b = 2.
 """
 from __future__ import annotations
@@ -607,12 +609,63 @@ def save_sv4d(net: SV4DUNet, path: str, dtype: Optional[torch.dtype] = None) -> 
     save_file(sd, path, metadata={"format": FORMAT, "config": json.dumps(net.cfg.to_dict())})
 
 
-def read_sv4d_config(path: str, use_3d_attention: Optional[bool] = None) -> SV4DConfig:
-    """Config of an SV4D safetensors file from its header alone (no tensor is read)."""
+# The loader's `variant` choice. SV4D and SV4D 2.0 differ in their tensors (SV4D 2.0 has
+# `time_mixer_motion`); SV4D 2.0's 8-view model has exactly SV4D 2.0's tensors, names and shapes
+# (sv4d2.yaml and sv4d2_8views.yaml differ in use_3d_attention only, a reshape without weights), so
+# no tensor tells the two apart: "auto" reads a Turbo4D file's stored config, else the file name.
+LOADER_VARIANTS = ("auto", "sv4d", "sv4d2", "sv4d2_8views")
+_VERSION_OF = {"sv4d": "sv4d", "sv4d2": "sv4d2", "sv4d2_8views": "sv4d2"}
+_TITLES = {"sv4d": "SV4D", "sv4d2": "SV4D 2.0 (4 views)", "sv4d2_8views": "SV4D 2.0 8-view"}
+
+
+def is_8view_name(name: str) -> bool:
+    """Whether a file name says SV4D 2.0's 8-view model (sv4d2_8views.safetensors, "8view" in it)."""
+    return "8view" in name.replace("_", "").replace("-", "").lower()
+
+
+def resolve_variant(variant: str, version: Optional[str], stored_3d: Optional[bool],
+                    name: str) -> tuple[Optional[bool], str]:
+    """(use_3d_attention, how the variant was decided) for a file whose tensors say `version`
+    ("sv4d" / "sv4d2", None when not SV4D: the key check names what is wrong), whose Turbo4D
+    metadata stores `stored_3d` (None without), named `name`. Raises CheckpointError when the chosen
+    variant contradicts the tensors or the stored config, ValueError for an unknown choice."""
+    if variant not in LOADER_VARIANTS:
+        raise ValueError(f"variant={variant!r}: pick one of {list(LOADER_VARIANTS)}")
+    if version is None:
+        return None, ""
+    if variant != "auto" and _VERSION_OF[variant] != version:
+        told = ("SV4D 2.0 (it has time_mixer_motion tensors)" if version == "sv4d2"
+                else "SV4D (it has no time_mixer_motion tensors, which SV4D 2.0 has)")
+        fits = "'auto', 'sv4d2' or 'sv4d2_8views'" if version == "sv4d2" else "'auto' or 'sv4d'"
+        raise CheckpointError(f"{name}: variant={variant!r} asks for {_TITLES[variant]}, but the file's tensors are "
+                              f"{told}. Set variant to {fits}, or pick a {_TITLES[variant]} file.")
+    if version == "sv4d":
+        return False, "SV4D, by its tensors"
+    if variant != "auto":
+        use_3d = variant == "sv4d2"
+        if stored_3d is not None and bool(stored_3d) != use_3d:
+            saved = "sv4d2" if stored_3d else "sv4d2_8views"
+            raise CheckpointError(f"{name}: variant={variant!r}, but the file was saved by Turbo4D as {saved!r} (its "
+                                  f"metadata stores use_3d_attention={bool(stored_3d)}). Set variant to 'auto' or "
+                                  f"{saved!r}.")
+        how = f"{_TITLES[variant]}, by the variant choice"
+        if is_8view_name(name) != (variant == "sv4d2_8views"):
+            how += f" (the file name suggests {_TITLES['sv4d2' if use_3d else 'sv4d2_8views']}; the choice wins)"
+        return use_3d, how
+    if stored_3d is not None:
+        return bool(stored_3d), f"{_TITLES['sv4d2' if stored_3d else 'sv4d2_8views']}, by the file's Turbo4D metadata"
+    if is_8view_name(name):
+        return False, "SV4D 2.0 8-view, by the file name ('8view' in it)"
+    return True, ("SV4D 2.0 (4 views), by the file name: the 8-view model has the same tensors, so if this file is "
+                  "sv4d2_8views renamed, set the loader's variant to sv4d2_8views")
+
+
+def _read_header(path: str) -> tuple[dict, Optional[int], Optional[bool]]:
+    """({key: shape}, stored head_dim, stored use_3d_attention) of a safetensors file, from its
+    header alone (no tensor is read)."""
     from safetensors import safe_open
 
     meta = read_metadata(path)  # refuses pickles and unreadable files with a clear message
-    name = os.path.basename(path)
     with safe_open(path, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     head_dim, stored_3d = None, None
@@ -622,23 +675,38 @@ def read_sv4d_config(path: str, use_3d_attention: Optional[bool] = None) -> SV4D
             head_dim, stored_3d = stored.get("head_dim"), stored.get("use_3d_attention")
         except ValueError:
             pass
+    return shapes, head_dim, stored_3d
+
+
+def sv4d_variant_note(path: str, variant: str = "auto") -> str:
+    """How `variant` resolves for the file at `path` (for the log): "SV4D 2.0 8-view, by ..."."""
+    shapes, _, stored_3d = _read_header(path)
+    return resolve_variant(variant, detect_sv4d(_unet_shapes(shapes)), stored_3d, os.path.basename(path))[1]
+
+
+def read_sv4d_config(path: str, use_3d_attention: Optional[bool] = None, variant: str = "auto") -> SV4DConfig:
+    """Config of an SV4D safetensors file from its header alone (no tensor is read). The camera
+    mode of SV4D 2.0 is `use_3d_attention` when given, else the loader's `variant` choice
+    (resolve_variant: "auto" = the stored Turbo4D config, else the file name)."""
+    shapes, head_dim, stored_3d = _read_header(path)
+    name = os.path.basename(path)
+    version = detect_sv4d(_unet_shapes(shapes))
+    chosen, _how = resolve_variant(variant, version, stored_3d, name)
     if use_3d_attention is None:
-        use_3d_attention = stored_3d
-    if use_3d_attention is None and "8view" in name.replace("_", "").replace("-", "").lower():
-        use_3d_attention = False  # sv4d2_8views.yaml: same keys as SV4D 2.0, camera over the views
+        use_3d_attention = chosen
     return sv4d_config_from_shapes(shapes, use_3d_attention=use_3d_attention, head_dim=head_dim, name=name)
 
 
 def load_sv4d(path: str, device="cpu", dtype: Optional[torch.dtype] = None,
-              use_3d_attention: Optional[bool] = None) -> SV4DUNet:
+              use_3d_attention: Optional[bool] = None, variant: str = "auto") -> SV4DUNet:
     """An SV4D or SV4D 2.0 UNet from a .safetensors file: the full Stability checkpoint (only the
     `model.diffusion_model.` tensors are read) or a UNet saved by `save_sv4d`. The version comes from
     the keys and the width from the shapes. SV4D 2.0's 8-view model has SV4D 2.0's keys but no
-    pixel-group camera reshape: it is recognised by "8view" in the file name, or pass
-    use_3d_attention=False."""
+    pixel-group camera reshape: pass variant="sv4d2_8views" (or use_3d_attention=False); with
+    "auto" it is recognised by "8view" in the file name."""
     from safetensors import safe_open
 
-    cfg = read_sv4d_config(path, use_3d_attention)
+    cfg = read_sv4d_config(path, use_3d_attention, variant)
     name = os.path.basename(path)
     with torch.device("meta"):
         net = SV4DUNet(cfg)
