@@ -3,6 +3,11 @@
 # pack into its custom_nodes/. Idempotent: a stamp file skips finished steps.
 #   bash scripts/setup_host.sh          # host + pack requirements
 #   bash scripts/setup_host.sh --test   # also pytest, playwright and Debian's chromium
+# A newer ComfyUI tree instead (CI keeps 0.3.75): the tree of one commit or tag of a ComfyUI git
+# repository, into a host folder of its own, then run the suite against it:
+#   TURBO4D_HOST=/tmp/host-new TURBO4D_COMFY_GIT=/path/to/ComfyUI.git TURBO4D_COMFY_REV=v0.33.0 \
+#     bash scripts/setup_host.sh --test
+#   TURBO4D_HOST=/tmp/host-new bash scripts/run_tests.sh
 set -euo pipefail
 PACK=$(cd "$(dirname "$0")/.." && pwd)
 HOST=${TURBO4D_HOST:-$PACK/.host}
@@ -22,6 +27,21 @@ if [ ! -f .stamp-venv ]; then
   touch .stamp-venv; say "torch $(cat constraints.txt)"
 fi
 
+if [ ! -f .stamp-comfy ] && [ -n "${TURBO4D_COMFY_GIT:-}" ]; then
+  rm -rf ComfyUI && mkdir ComfyUI
+  G=(git --git-dir="$TURBO4D_COMFY_GIT"); REV=${TURBO4D_COMFY_REV:?TURBO4D_COMFY_REV names the commit or tag}
+  # A partial mirror may lack some large blobs (tokenizer data of text encoders this pack never
+  # loads): check the tree out through a scratch index without them, and say which.
+  export GIT_INDEX_FILE=$PWD/comfy-tree.idx; rm -f "$GIT_INDEX_FILE"
+  "${G[@]}" read-tree "$REV"
+  "${G[@]}" ls-files -s | while read -r _ obj _ path; do
+    "${G[@]}" cat-file -e "$obj" 2>/dev/null || { say "not in the mirror, left out: $path"; "${G[@]}" update-index --force-remove "$path"; }
+  done
+  GIT_WORK_TREE=$PWD/ComfyUI "${G[@]}" checkout-index -a
+  rm -f "$GIT_INDEX_FILE"; unset GIT_INDEX_FILE
+  "${G[@]}" rev-parse "$REV^{commit}" > comfy-rev.txt
+  touch .stamp-comfy; say "ComfyUI tree $TURBO4D_COMFY_REV ($(cat comfy-rev.txt))"
+fi
 if [ ! -f .stamp-comfy ]; then
   rm -rf dl _x ComfyUI
   venv/bin/pip download -q --no-deps "$COMFY_VERSION_PKG" -d dl 2>&1 | grep -v "is ignored" || true
