@@ -54,7 +54,10 @@ def test_node_defs_match_the_server(comfy):
     info = comfy.object_info()
     for type_, (title, sockets, widgets, outputs) in sw.NODE_DEFS.items():
         node = info[type_]
-        assert node["display_name"] == title
+        # A stock node without a display name of its own (ImageFromBatch in 0.3.75) is shown by its
+        # type, and the workflows title it so; newer releases give some of these a display name.
+        stock_titled_by_type = title == type_ and not type_.startswith("Turbo4D")
+        assert node["display_name"] == title or stock_titled_by_type, (type_, node["display_name"])
         order = node["input_order"].get("required", []) + node["input_order"].get("optional", [])
         spec = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         widget_names = [w.split("+")[0] for w in widgets]
