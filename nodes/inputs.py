@@ -103,6 +103,13 @@ class Load4DInput(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, video):
+        # Declaring video here exempts it from ComfyUI's own option-list check (ComfyUI 0.8+ checks
+        # V3 combos before the graph runs): a stale name must not reject a graph whose images input
+        # is connected, and a missing file gets execute's message naming the file and the fix.
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, video, size, frame_count, frame_stride, start_frame, images=None):
         try:
             path = video_path(video) if video else ""

@@ -129,6 +129,13 @@ class Turbo4DModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name):
+        # Declaring model_name here exempts it from ComfyUI's own option-list check (ComfyUI 0.8+
+        # checks V3 combos before the graph runs and would answer only "Value not in list"), so a
+        # missing file reaches execute's message naming the folder and the fix on every version.
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, model_name, weight_dtype, variant="auto"):
         try:
             path = weights_path(model_name)

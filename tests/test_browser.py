@@ -80,7 +80,9 @@ def page(comfy):
                   ("/extensions/turbo4d" in str(m.location.get("url", "")) or "/extensions/turbo4d" in m.text) else None)
             pg.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
             pg.goto(comfy.url)
-            pg.wait_for_function("window.app && window.app.graph && window.LiteGraph", timeout=90_000)
+            # rootGraph before the graph exists logs an error; isGraphReady is newer than app.graph
+            pg.wait_for_function("window.app && (window.app.isGraphReady ?? window.app.graph) && window.LiteGraph",
+                                 timeout=90_000)
             pg.keyboard.press("Escape")  # a templates dialog, if any
             pg.evaluate("""() => {
               const api = window.comfyAPI.api.api;
@@ -107,7 +109,7 @@ def drop_workflow(page, path: str) -> None:
         c.dispatchEvent(new DragEvent(t, {dataTransfer: dt, bubbles: true, cancelable: true}));
     }""", [text, os.path.basename(path)])
     n = len(json.loads(text)["nodes"])
-    page.wait_for_function(f"window.app.graph._nodes.length === {n}", timeout=20_000)
+    page.wait_for_function(f"(window.app.rootGraph ?? window.app.graph)._nodes.length === {n}", timeout=20_000)
     page.wait_for_timeout(300)
 
 
@@ -127,7 +129,7 @@ def close_dialogs(page) -> None:
 
 def fit_view(page) -> None:
     page.evaluate("""() => {
-      const c = window.app.canvas, ns = window.app.graph._nodes;
+      const c = window.app.canvas, ns = (window.app.rootGraph ?? window.app.graph)._nodes;
       if (!ns.length) return;
       const x0 = Math.min(...ns.map(n => n.pos[0])), y0 = Math.min(...ns.map(n => n.pos[1] - 30));
       const x1 = Math.max(...ns.map(n => n.pos[0] + n.size[0])), y1 = Math.max(...ns.map(n => n.pos[1] + n.size[1]));
@@ -170,15 +172,16 @@ def test_every_workflow_opens_with_all_nodes_registered(page, tmp_path):
         page.wait_for_timeout(400)
         with open(path) as f:
             wf = json.load(f)
-        got = page.evaluate("""() => window.app.graph._nodes.map(n => ({id: n.id, type: n.type,
-            registered: !!window.LiteGraph.registered_node_types[n.type], errors: !!n.has_errors}))""")
+        got = page.evaluate("""() => (window.app.rootGraph ?? window.app.graph)._nodes.map(n => ({
+            id: n.id, type: n.type, registered: !!window.LiteGraph.registered_node_types[n.type],
+            errors: !!n.has_errors}))""")
         name = os.path.basename(path)
         assert sorted(n["id"] for n in got) == sorted(n["id"] for n in wf["nodes"]), name
         assert {n["type"] for n in got} == {n["type"] for n in wf["nodes"]}, name
         assert all(n["registered"] and not n["errors"] for n in got), (name, got)
         assert not missing_dialog_text(page), f"{name}: {missing_dialog_text(page)}"
         # The pack's canvas widgets change neither the saved workflow nor the queued prompt.
-        saved, prompt = page.evaluate("""async () => [window.app.graph.serialize(),
+        saved, prompt = page.evaluate("""async () => [(window.app.rootGraph ?? window.app.graph).serialize(),
             (await window.app.graphToPrompt()).output]""")
         by_id = {n["id"]: n for n in saved["nodes"]}
         for n in wf["nodes"]:
@@ -227,7 +230,7 @@ def queue_and_wait(page, comfy, timeout=150.0) -> dict:
 
 def node_state(page, node_id) -> dict:
     return page.evaluate("""(id) => {
-      const n = window.app.graph.getNodeById(id);
+      const n = (window.app.rootGraph ?? window.app.graph).getNodeById(id);
       const m = n.turbo4dMap;
       const g = m && m.geometry;
       // Read back the map canvas: the colour at the centre of every cell.
@@ -323,7 +326,7 @@ def check_wall_clock(page, entry, sampler_id, payload) -> str:
 def add_preview(page, sampler_id) -> int:
     """A MultiView Preview on the sampler's images, unless the workflow has one."""
     return page.evaluate("""([samplerId, type]) => {
-      const g = window.app.graph;
+      const g = window.app.rootGraph ?? window.app.graph;
       const have = g._nodes.find(n => n.type === type);
       if (have) return have.id;
       const s = g.getNodeById(samplerId);
@@ -344,7 +347,7 @@ def ensure_accelerators(page, sampler_id) -> list:
     where it has none, the three added and wired as a user would (loader -> Cache -> Prune ->
     Bypass -> sampler). Returns their ids."""
     return page.evaluate("""([samplerId, types]) => {
-      const g = window.app.graph, s = g.getNodeById(samplerId);
+      const g = (window.app.rootGraph ?? window.app.graph), s = g.getNodeById(samplerId);
       const have = window.turbo4d.upstreamAccelerators(s);
       if (have.length) return have.map(n => n.id);
       const slot = s.inputs.findIndex(i => i.type === 'MODEL');
@@ -367,7 +370,7 @@ def ensure_accelerators(page, sampler_id) -> list:
 def click_combo_arrow(page, node_id, name) -> None:
     """Clicks the right arrow of a combo widget on the canvas: the next value, as a user does."""
     x, y = page.evaluate("""([id, name]) => {
-      const c = window.app.canvas, n = window.app.graph.getNodeById(id);
+      const c = window.app.canvas, n = (window.app.rootGraph ?? window.app.graph).getNodeById(id);
       const w = n.widgets.find(w => w.name === name);
       const H = window.LiteGraph.NODE_WIDGET_HEIGHT;
       const [sx, sy] = c.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] - 25, n.pos[1] + w.y + H / 2]);
@@ -392,7 +395,7 @@ def settle_overlays(page, timeout: float = 10_000) -> None:
 
 def widget_state(page, node_id) -> dict:
     return page.evaluate("""(id) => {
-      const n = window.app.graph.getNodeById(id);
+      const n = (window.app.rootGraph ?? window.app.graph).getNodeById(id);
       return {preset: n.widgets.find(w => w.name === 'preset').value, advanced: n.turbo4dAdvanced || [],
               hidden: n.widgets.filter(w => w.hidden).map(w => w.name)};
     }""", node_id)
@@ -420,7 +423,7 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     close_dialogs(page)
     # The sampler the accelerators feed (a compare workflow also has a full-compute one).
     sampler_id = page.evaluate(f"""() => {{
-      const s = window.app.graph._nodes.filter(n => n.type === '{SAMPLER}');
+      const s = (window.app.rootGraph ?? window.app.graph)._nodes.filter(n => n.type === '{SAMPLER}');
       return (s.find(n => window.turbo4d.upstreamAccelerators(n).length) || s[0]).id;
     }}""")
     acc_ids = ensure_accelerators(page, sampler_id)
@@ -437,7 +440,8 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     assert str(sampler_id) in {str(d["node"]) for d in done}
     first = check_sampler_matches_history(page, comfy, entry, sampler_id, steps)
     # Accelerator nodes upstream of the sampler show their mechanism's figures of this run.
-    accs = page.evaluate("""(id) => window.turbo4d.upstreamAccelerators(window.app.graph.getNodeById(id))
+    accs = page.evaluate("""(id) => window.turbo4d.upstreamAccelerators(
+        (window.app.rootGraph ?? window.app.graph).getNodeById(id))
         .map(n => ({type: n.type, figures: n.turbo4dFigures || null}))""", sampler_id)
     for a in accs:
         assert a["figures"] and a["figures"]["compute speedup"].startswith(
@@ -451,7 +455,7 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     assert (np.abs(shot.astype(int) - rgb).sum(-1) < 12).sum() > 200
 
     # The preview: slider, view buttons, play and orbit.
-    viewer = f"window.app.graph.getNodeById({preview_id}).turbo4dViewer"
+    viewer = f"(window.app.rootGraph ?? window.app.graph).getNodeById({preview_id}).turbo4dViewer"
     page.wait_for_function(f"{viewer}.img.complete && {viewer}.img.naturalWidth > 0", timeout=20_000)
     frames, views = page.evaluate(f"[{viewer}.state.data.frames, {viewer}.state.data.views]")
     assert views > 1 and frames > 1
@@ -488,7 +492,8 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     assert (second["summary"]["compute_speedup"], second["summary"]["model_calls"]) != \
         (first["summary"]["compute_speedup"], first["summary"]["model_calls"]), changed
     # A Report node in the workflow shows the quality figures of the run.
-    reports = page.evaluate("""() => window.app.graph._nodes.filter(n => n.type === 'Turbo4DReport')
+    reports = page.evaluate("""() => (window.app.rootGraph ?? window.app.graph)._nodes
+        .filter(n => n.type === 'Turbo4DReport')
         .map(n => ({id: n.id, figures: n.turbo4dFigures || null}))""")
     for r in reports:
         q = entry2["outputs"][str(r["id"])]["turbo4d"][0]
@@ -499,9 +504,9 @@ def test_accelerated_run_figures_map_and_preview(page, comfy):
     page.screenshot(path=os.path.join(ARTIFACTS, "browser_accelerated_run_2.png"))
     # Reopened, the workflow still shows its last run (kept in the sampler's properties).
     restored = page.evaluate("""async (id) => {
-      await window.app.loadGraphData(window.app.graph.serialize());
+      await window.app.loadGraphData((window.app.rootGraph ?? window.app.graph).serialize());
       await new Promise(r => setTimeout(r, 300));
-      const n = window.app.graph.getNodeById(id);
+      const n = (window.app.rootGraph ?? window.app.graph).getNodeById(id);
       return {rows: n.turbo4dMap ? n.turbo4dMap.rows : null, figures: n.turbo4dFigures || null};
     }""", sampler_id)
     assert restored["rows"] == second["rows"]

@@ -516,8 +516,8 @@ def _small(prompt, model_file, frames, size=64, steps=2):
 
 def test_shipped_sv4d_workflows_are_valid_but_for_the_weights(comfy):
     """Submitted unchanged, the only objections are the weight files this machine lacks: every node
-    type exists, every link and every other widget value is valid. (ComfyUI 0.3.75 checks the combo
-    values of classic nodes only, so the Turbo4D loader's model_name is checked when it runs.)"""
+    type exists, every link and every other widget value is valid. (The Turbo4D loader's model_name
+    is checked when it runs, by the pack, on every ComfyUI version: see test_host_versions.py.)"""
     from comfy_host import PromptRejected
 
     expected = {"sv4d2_video_to_4d": {"clip_name", "vae_name"}, "sv4d_video_to_4d": {"ckpt_name"}}

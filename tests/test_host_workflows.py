@@ -54,7 +54,10 @@ def test_node_defs_match_the_server(comfy):
     info = comfy.object_info()
     for type_, (title, sockets, widgets, outputs) in sw.NODE_DEFS.items():
         node = info[type_]
-        assert node["display_name"] == title
+        # Stock nodes' display names are ComfyUI's and change between releases (0.3.75's
+        # ImageFromBatch has none; newer releases name it and rename others); the pack's are fixed.
+        if type_.startswith("Turbo4D"):
+            assert node["display_name"] == title, (type_, node["display_name"])
         order = node["input_order"].get("required", []) + node["input_order"].get("optional", [])
         spec = {**node["input"].get("required", {}), **node["input"].get("optional", {})}
         widget_names = [w.split("+")[0] for w in widgets]
@@ -68,7 +71,11 @@ def test_node_defs_match_the_server(comfy):
             opts = spec[name][1] if len(spec[name]) > 1 else {}
             assert bool(opts.get("control_after_generate")) == (extra == "control"), (type_, name)
             assert bool(opts.get("video_upload") or opts.get("image_upload")) == (extra == "upload"), (type_, name)
-        assert [(n, t) for n, t in zip(node["output_name"], node["output"])] == outputs, type_
+        served = [(n, t) for n, t in zip(node["output_name"], node["output"])]
+        if type_.startswith("Turbo4D"):
+            assert served == outputs, type_
+        else:  # newer ComfyUI appends outputs to stock nodes (PreviewImage's images); links keep their slots
+            assert served[:len(outputs)] == outputs, (type_, served)
 
 
 def _mp4_frames(path):

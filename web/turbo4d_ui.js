@@ -48,7 +48,8 @@ function injectStyle() {
 // Node of an execution id ("12", or "5:12" inside a subgraph).
 function nodeOfExecutionId(id) {
   const parts = String(id).split(":");
-  let graph = app.graph;
+  // rootGraph: the frontend deprecates app.graph; older frontends have only app.graph.
+  let graph = app.rootGraph ?? app.graph;
   for (let i = 0; i < parts.length - 1; i++) {
     const n = graph?.getNodeById(Number(parts[i])) ?? graph?.getNodeById(parts[i]);
     graph = n?.subgraph;
