@@ -331,7 +331,8 @@ def add_preview(page, sampler_id) -> int:
       if (have) return have.id;
       const s = g.getNodeById(samplerId);
       const p = window.LiteGraph.createNode(type);
-      p.pos = [s.pos[0] + s.size[0] + 40, s.pos[1] + 420];
+      // To the right of everything: over no node of the workflow.
+      p.pos = [Math.max(...g._nodes.map(n => n.pos[0] + n.size[0])) + 40, s.pos[1]];
       g.add(p);
       s.connect(0, p, 0);
       p.widgets.find(w => w.name === 'views').value = s.widgets.find(w => w.name === 'views').value;

@@ -265,8 +265,9 @@ def test_sampler_node_sv4d2_chunks(pack, small_encoders):
 
     frames, V, size = 3, VARIANTS["sv4d2"].views, 64
     out, video = run_node(pack, small_encoders, "sv4d2", frames)
-    images, latent, line, stats = out.result
+    images, latent, line, stats, layout = out.result
     assert images.shape == ((V + 1) * frames, size, size, 3) and torch.isfinite(images).all()
+    assert (layout.views, layout.frames) == (V + 1, frames)  # the input view + V novel ones
     assert latent["samples"].shape == (frames * V, 4, size // 8, size // 8)
     # view 0 is the input video (prepared as the reference script does by default), views 1..V sampled
     from turbo_core.sv4d_input import prepare_sv4d_input
@@ -295,8 +296,8 @@ def test_sampler_node_sv4d2_second_chunk_references_the_first(pack, small_encode
         out, _ = run_node(pack, small_encoders, "sv4d2", 13, steps=1)
     finally:
         nodes._encode = encode
-    images, latent, line, stats = out.result
-    assert "2 passes" in line and images.shape == (5 * 13, 64, 64, 3)
+    images, latent, line, stats, layout = out.result
+    assert "2 passes" in line and images.shape == (5 * 13, 64, 64, 3) and (layout.views, layout.frames) == (5, 13)
     # input frames, then the reference views of chunk 2: frame 1's 4 novel views as chunk 1 made them
     assert len(seen) == 2 and seen[0].shape[0] == 13 and seen[1].shape[0] == 4
     assert seen[1].std() > 0.01
@@ -308,8 +309,9 @@ def test_sampler_node_sv4d_anchor_and_dense_passes(pack, small_encoders):
     frames, size = 5, 64
     sv3d = torch.rand(21, size, size, 3, generator=torch.Generator().manual_seed(2))
     out, _ = run_node(pack, small_encoders, "sv4d", frames, first_frame_views=sv3d)
-    images, latent, line, stats = out.result
+    images, latent, line, stats, layout = out.result
     assert images.shape == (9 * frames, size, size, 3) and torch.isfinite(images).all()
+    assert (layout.views, layout.frames) == (9, frames)
     assert "2 passes" in line  # anchor frame 4, then the dense window 0..4
     streams = [t["stream"] for t in stats.timeline]
     assert any(s.endswith("|reversed") for s in streams) and any(s.endswith("|forward") for s in streams)
