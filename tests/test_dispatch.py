@@ -74,7 +74,7 @@ def test_schedule_position_on_lists_and_tensors():
     0 is never evaluated), interpolated between entries; a tensor schedule gives the same."""
     import torch
 
-    from turbo_core.run import schedule_position
+    from turbo_core.schedule import schedule_position
 
     sched = [10.0, 5.0, 2.0, 1.0, 0.0]
     assert schedule_position(10.0, sched) == (0.0, 4)

@@ -8,7 +8,7 @@ from conftest import import_pack_nodes
 from turbo_core.accel.stats import RunStats
 from turbo_core.layout import SCMLayout
 from turbo_core.models.sv4d import SV4DConfig, SV4DUNet
-from turbo_core.run import StepInfo
+from turbo_core.schedule import StepInfo
 
 
 @pytest.fixture(scope="module")

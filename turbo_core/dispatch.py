@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .kernels import short_axis
 from .kernels.short_axis import grid_attention, short_axis_sdpa
 from .layout import AXES, SCMLayout
-from .run import StepInfo
+from .schedule import StepInfo
 
 Compute = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 Chain = Callable[[torch.Tensor], torch.Tensor]

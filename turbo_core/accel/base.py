@@ -14,7 +14,7 @@ import torch
 from ..diffusion import DenoisedSpace
 from ..dispatch import SCMDispatch
 from ..layout import SCMLayout
-from ..run import StepInfo, schedule_position
+from ..schedule import StepInfo, schedule_position
 from .stats import RunStats
 
 
