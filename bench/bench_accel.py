@@ -45,13 +45,14 @@ from turbo_core.accel.cache import RollingCacheConfig
 from turbo_core.accel.presets import PRESETS, TURBO4D_PRESETS, apply_preset, turbo4d_specs
 from turbo_core.accel.prune import TokenPrunerConfig
 from turbo_core.accel.registry import build_run
-from turbo_core.accel.script import sample_accelerated, scene_samples
+from turbo_core.accel.script import sample_accelerated
+from turbo_core.data.scenes import EVAL_SEED_START, scene_samples
 from turbo_core.diffusion import EDM, karras_sigmas
 from turbo_core.metrics import finite_mean, measure, psnr, ssim
 from turbo_core.models import CONFIGS, SCMNet
 
 DEFAULT_MODEL = "models/turbo4d_default.safetensors"
-HELD_OUT_SEED = 1_000_000
+HELD_OUT_SEED = EVAL_SEED_START
 
 
 # --- baselines ------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from accel_fixtures import EDM_, F, V, grid_inputs, net
 from turbo_core.accel.calibrate import Calibration, calibrate, load_calibration, save_calibration
 from turbo_core.accel.presets import PRESET_NAMES, PRESETS, apply_preset, turbo4d_specs
 from turbo_core.accel.registry import build_run
-from turbo_core.accel.script import scene_samples
+from turbo_core.data.scenes import scene_samples
 from turbo_core.diffusion import karras_sigmas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -32,6 +32,21 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
+MAX_ATTENTION_BATCH = 32768
+
+
+def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sdpa over at most MAX_ATTENTION_BATCH sequences per kernel: the fused CUDA kernels put the
+    sequence count in a grid dimension capped at 65535, and the camera and motion axes of a
+    training batch or of many scenes evaluated together hold far more sequences (one per token of
+    each frame or view)."""
+    n = q.shape[0]
+    if n <= MAX_ATTENTION_BATCH:
+        return sdpa(q, k, v)
+    return torch.cat([sdpa(q[i:i + MAX_ATTENTION_BATCH], k[i:i + MAX_ATTENTION_BATCH], v[i:i + MAX_ATTENTION_BATCH])
+                      for i in range(0, n, MAX_ATTENTION_BATCH)])
+
+
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Reference softmax(q k^T / sqrt(d)) v, computed in fp32; for tests."""
     scale = q.shape[-1] ** -0.5

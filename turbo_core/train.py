@@ -34,15 +34,11 @@ from typing import Optional
 
 import torch
 
+from .data.scenes import EVAL_SEED_START, MEAN_SEED_START, TRAIN_SEEDS, VAL_SEED_START, relative_cameras
 from .data.synth4d import SceneConfig, render_batch
 from .diffusion import EDM
-from .dispatch import FullCompute, sdpa
+from .dispatch import FullCompute, chunked_sdpa
 from .models.scm_net import CONFIGS, SCMNet, SCMNetConfig
-
-TRAIN_SEEDS = 1_000_000          # training draws seeds in [0, TRAIN_SEEDS)
-EVAL_SEED_START = 1_000_000      # evaluate.py scores scenes from here on
-VAL_SEED_START = 2_000_000       # validation samples during training
-MEAN_SEED_START = 3_000_000      # scenes averaged into the mean-image baseline
 
 STATE_FORMAT = "turbo4d-train-state"
 STATE_FILE = "state.safetensors"
@@ -102,13 +98,6 @@ class TrainConfig:
 
 # --- data -----------------------------------------------------------------------------------------
 
-def relative_cameras(cameras: torch.Tensor) -> torch.Tensor:
-    """(V, 2) [azimuth, elevation] -> azimuth relative to view 0 (the reference), elevation kept."""
-    rel = cameras.clone()
-    rel[:, 0] = cameras[:, 0] - cameras[0, 0]
-    return rel
-
-
 def grid_choices(tcfg: TrainConfig, mcfg: SCMNetConfig):
     views = [v for v in tcfg.views if 1 <= v <= mcfg.max_views]
     frames = [f for f in tcfg.frames if 1 <= f <= mcfg.max_frames]
@@ -154,20 +143,6 @@ def make_batch(step: int, tcfg: TrainConfig, mcfg: SCMNetConfig, device, edm: ED
     noise = torch.randn(x.shape, device=device, generator=gd)
     return {"x": x, "cond": cond, "camera": camera, "sigma": sigma, "noise": noise, "views": V,
             "frames": F, "scenes": S, "seeds": seeds}
-
-
-MAX_ATTENTION_BATCH = 32768
-
-
-def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """sdpa over at most MAX_ATTENTION_BATCH sequences per kernel: the fused CUDA kernels put the
-    sequence count in a grid dimension capped at 65535, and a training batch's camera and motion
-    axes hold far more sequences (one per token of each frame or view)."""
-    n = q.shape[0]
-    if n <= MAX_ATTENTION_BATCH:
-        return sdpa(q, k, v)
-    return torch.cat([sdpa(q[i:i + MAX_ATTENTION_BATCH], k[i:i + MAX_ATTENTION_BATCH], v[i:i + MAX_ATTENTION_BATCH])
-                      for i in range(0, n, MAX_ATTENTION_BATCH)])
 
 
 def matmul_attention(q, k, v):

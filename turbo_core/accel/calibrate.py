@@ -24,13 +24,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..data.scenes import scene_samples
 from ..diffusion import EDM, karras_sigmas
 from ..metrics import psnr
 from .bypass import ChainBypassConfig, apply_chain_bypass
 from .cache import RollingCacheConfig, apply_rolling_cache
 from .prune import TokenPrunerConfig, apply_token_pruning
 from .registry import merge_spec
-from .script import sample_accelerated, scene_samples
+from .script import sample_accelerated
 
 FORMAT = "turbo4d-calibration"
 MECHANISMS = {
@@ -70,7 +71,7 @@ def calibrate(net, edm: EDM, samples: Sequence[dict], sigmas: torch.Tensor, view
               mechanism: str = "bypass", candidates: Sequence[float], target_psnr: float = 35.0,
               field_name: Optional[str] = None, base_config=None, other_specs: Sequence = (),
               backend="sdpa", log=None) -> Calibration:
-    """samples: dicts with noise, cond, camera (see script.scene_samples). `candidates` are values
+    """samples: dicts with noise, cond, camera (see data.scenes.scene_samples). `candidates` are values
     of `field_name` (default: the mechanism's main knob) ordered from safest to fastest.
     `other_specs` stay on in every run, reference included (calibrate one mechanism on top of
     others)."""
