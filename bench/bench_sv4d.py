@@ -35,10 +35,10 @@ import torch
 
 from turbo_core.accel.presets import turbo4d_specs
 from turbo_core.accel.registry import build_run
-from turbo_core.dispatch import FullCompute
+from turbo_core.dispatch import FullCompute, chunked_sdpa
 from turbo_core.models.sv4d import SV4DConfig, build_sv4d
 from turbo_core.models.sv4d_blocks import Downsample, Upsample, VideoResBlock
-from turbo_core.train import broadcast_attention, chunked_sdpa
+from turbo_core.train.attention import broadcast_attention
 
 GRIDS = {"sv4d2": (12, 4), "sv4d": (5, 8)}
 
