@@ -309,7 +309,7 @@ def one_pass(net, frames, views, side, dev, dtype, memory=None, specs=(), calls=
     """Peak memory and ms per call of `calls` CFG-batched calls; None when out of memory."""
     import gc
 
-    from turbo_core.accel.storage import cache_budget
+    from turbo_core.memory import cache_budget
 
     if dev == "cuda":
         gc.collect()

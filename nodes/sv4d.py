@@ -31,8 +31,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from turbo_core.accel.stats import RunStats
-from turbo_core.accel.storage import cache_budget
-from turbo_core.memory import plan
+from turbo_core.memory import cache_budget, plan
 from turbo_core.models.io import CheckpointError
 from turbo_core.models.sv4d import detect_sv4d, load_sv4d, parameter_count, read_sv4d_config
 from turbo_core.sampling_plans import (Pass, VARIANTS, camera_radians, check_plan, frame_permutation,

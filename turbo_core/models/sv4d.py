@@ -59,8 +59,7 @@ import torch.nn.functional as F
 
 from ..dispatch import FullCompute, SCMDispatch
 from ..layout import SCMLayout
-from ..memory import (TRANSFORMER_ELEMENTS, MemoryConfig, piece_budget, run_in_pieces, units_per_piece,
-                      with_pieces)
+from ..memory import TRANSFORMER_ELEMENTS, MemoryConfig, piece_budget, run_in_pieces, units_per_piece
 from .io import CheckpointError, read_metadata
 from .sv4d_blocks import (AlphaBlender, CameraAxis, Downsample, GroupNorm32, MixBlock, SpatialBlock,
                           Upsample, VideoResBlock, mlp, timestep_embedding)
@@ -460,7 +459,7 @@ class SV4DUNet(nn.Module):
                                                                                    *x.shape[-2:]))
             n, _, hh, ww = x.shape
             largest = n * hh * ww * self.cfg.model_channels * TRANSFORMER_ELEMENTS * self.out[2].weight.element_size()
-            dispatch = with_pieces(d, memory, x.device, largest)
+            dispatch = d.in_pieces(memory, x.device, largest)
         call = self.condition(x, timesteps, context, y, cond_view, views, frames, dispatch)
         emb, per_item = call.emb, frames * views
 
