@@ -500,7 +500,7 @@ def main():
                         times.append((time.perf_counter() - t0) * 1000)
                 stats = run.end(torch.cuda.max_memory_allocated())
                 acc = {"version": version, "accel": args.accel, "backend": args.backends[-1],
-                       "ms_per_step": [round(t, 1) for t in times], "accelerators": stats.accelerators,
+                       "ms_per_step": [round(t, 1) for t in times], "accelerators": stats.configs,
                        "cache_mb": stats.summary()["cache_memory_peak_mb"]}
                 print(json.dumps(acc, default=str), flush=True)
                 results.append(acc)

@@ -30,7 +30,7 @@ import folder_paths
 import latent_preview
 from comfy_api.latest import io
 
-from turbo_core.accel.stats import RunStats
+from turbo_core.accel.stats import MemoryReport, RunStats
 from turbo_core.memory import cache_budget, plan
 from turbo_core.models.io import CheckpointError
 from turbo_core.models.sv4d import detect_sv4d, load_sv4d, parameter_count, read_sv4d_config
@@ -173,59 +173,6 @@ def _cfg_function(scales: torch.Tensor, views: int, p: Pass):
     return cfg
 
 
-def merge_stats(items: list) -> Optional[RunStats]:
-    """One RunStats for the node's passes (each pass is one sampling run)."""
-    items = [s for s in items if s is not None]
-    if not items:
-        return None
-    out = RunStats(blocks=items[0].blocks, cost=dict(items[0].cost))
-    for s in items:
-        for k in ("calls", "chains_ran", "chains_bypassed", "cache_hits", "cache_misses"):
-            setattr(out, k, getattr(out, k) + getattr(s, k))
-        for k in ("sequences_total", "sequences_computed", "sequences_reused"):
-            for a, v in getattr(s, k).items():
-                getattr(out, k)[a] += v
-        for key, cell in s.per_block.items():
-            merged = out.per_block[key]
-            for i, v in enumerate(cell):
-                merged[i] += v
-        for src, per in s.reused_by.items():
-            for a, v in per.items():
-                out.reused_by[src][a] += v
-        out.flops_full += s.flops_full
-        out.flops_done += s.flops_done
-        out.cache_bytes_peak = max(out.cache_bytes_peak, s.cache_bytes_peak)
-        out.timeline.extend(s.timeline)
-        out.seconds += s.seconds
-        if s.peak_memory_bytes is not None:
-            out.peak_memory_bytes = max(out.peak_memory_bytes or 0, s.peak_memory_bytes)
-        accs = s.__dict__.get("accelerators")
-        if accs:
-            out.__dict__.setdefault("accelerators", {}).update(accs)
-        mem = s.__dict__.get("memory")
-        if mem:
-            acc = out.__dict__.setdefault("memory", {"retries": 0})
-            acc["retries"] += mem.get("retries", 0)
-            for k in ("gpu_limit_mb", "gpu_peak_mb", "cpu_peak_mb"):
-                if mem.get(k) is not None:
-                    acc[k] = max(acc.get(k) or 0, mem[k])
-    out.started = min(s.started for s in items)
-    return out
-
-
-def memory_line(mem: Optional[dict]) -> str:
-    """Where the accelerators' cache was, and the out-of-memory retries, for the stats line."""
-    if not mem:
-        return ""
-    out = ""
-    if mem.get("gpu_limit_mb") is not None:
-        out += (f"; cache on GPU {mem['gpu_peak_mb'] / 1024:.1f} of {mem['gpu_limit_mb'] / 1024:.1f} GB allowed, "
-                f"in CPU memory {mem['cpu_peak_mb'] / 1024:.1f} GB")
-    if mem.get("retries"):
-        out += f"; {mem['retries']} out-of-memory retries in smaller pieces"
-    return out
-
-
 def plan_memory(model_patcher, net, images: int, latent: int):
     """(MemoryConfig, CacheBudget or None) of one pass (turbo_core.memory.plan): from the free
     memory of ComfyUI's device, less the weights still to load and the forward's activations, at
@@ -350,12 +297,10 @@ class SV4DSampler(io.ComfyNode):
             for j, f in enumerate(p.frames):
                 image_matrix[f, 1:] = decoded[j]
                 latents[f] = samples.view(t, V, *samples.shape[1:])[j]
-        stats = merge_stats(reports)
+        stats = RunStats.merge(reports)
         passes = f"{len(plan)} pass" + ("es" if len(plan) != 1 else "")
         line = (stats.format_line(f"Turbo4D {variant.title}, {passes}") if stats is not None
                 else "Turbo4D: no stats (the sampling runs did not report)")
-        if stats is not None:
-            line += memory_line(stats.__dict__.get("memory"))
         images = image_matrix.permute(1, 0, 2, 3, 4).reshape(-1, size, size, 3)
         return io.NodeOutput(images, {"samples": latents.reshape(-1, *latents.shape[2:])}, line, stats,
                              ui={"text": [line], **events.ui_output(stats)})
@@ -398,9 +343,10 @@ class SV4DSampler(io.ComfyNode):
                                           callback=latent_preview.prepare_callback(mp, steps),
                                           disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         if memory is not None:
-            mem = {"retries": memory.retries, **(budget.summary() if budget is not None else {})}
+            placed = budget.summary() if budget is not None else {}
             for st in sink.items:
-                st.__dict__["memory"] = mem
+                st.memory = MemoryReport(memory.retries, placed.get("gpu_limit_mb"), placed.get("gpu_peak_mb"),
+                                         placed.get("cpu_peak_mb"))
             if memory.retries:
                 log.warning("Turbo4D %s: %d out-of-memory retries in smaller pieces (%s)", variant.title,
                             memory.retries, memory.messages[-1])

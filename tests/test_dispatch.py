@@ -3,7 +3,8 @@ level order whatever the spec order, clear errors for unknown names."""
 import pytest
 import torch
 
-from turbo_core.accel.base import Accelerator, Turbo4DRun
+from turbo_core.accel.base import Accelerator
+from turbo_core.accel.run import Turbo4DRun
 from turbo_core.accel.registry import build_run, merge_spec
 from turbo_core.dispatch import SCMDispatch, naive_attention, sdpa
 from turbo_core.layout import SCMLayout

@@ -103,9 +103,6 @@ class SCMDispatch:
         # with the kernel.
         self.grid = grid
         self.pieces: Optional[MemoryConfig] = None  # the execution policy set by in_pieces
-        # False when the adapter decides whole steps ahead of the model calls (Turbo4DRun.step),
-        # so an accelerator's per-call whole-step decision (ChainBypass.call) stands down.
-        self.whole_steps = True
 
     def in_pieces(self, config: MemoryConfig, device=None, largest_bytes: Optional[int] = None) -> "SCMDispatch":
         """This dispatch (same step, accelerators, stats, backend) with its sub-attentions run in
@@ -184,7 +181,7 @@ class SCMDispatch:
         def run_from(i: int, h: torch.Tensor):
             if i == len(self.accelerators):
                 if self.stats is not None:
-                    self.stats.chain_ran(self.step, block)
+                    self.stats.chain_ran(self.step, block, h.shape[0])
                 return chain(h)
             return self.accelerators[i].chain(self, block, h, lambda h2: run_from(i + 1, h2))
 

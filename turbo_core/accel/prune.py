@@ -32,14 +32,13 @@ sub-attention. Full compute on the first call, outside the window, and wherever 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .base import CrossCallReuse
-from .cache import _check_common, _from_dict
-from .registry import merge_spec, register
+from .config import MechanismConfig
 from .storage import TensorStore, nbytes
 
 NAME = "prune"
@@ -48,7 +47,7 @@ _FORCED = 1e6  # added to the score of a sequence older than max_age: always in 
 
 
 @dataclass(frozen=True)
-class TokenPrunerConfig:
+class TokenPrunerConfig(MechanismConfig):
     keep_start: float = 0.5     # share of sequences computed at start_percent
     keep_end: float = 0.3       # ... and at end_percent, linear in between
     start_percent: float = 0.1
@@ -62,9 +61,7 @@ class TokenPrunerConfig:
     channel_stride: int = 4     # every n-th channel enters the scores
     size_buckets: int = 16      # distinct subset sizes per axis (0 = exact k); see _bucket
 
-    def __post_init__(self):
-        object.__setattr__(self, "axes", tuple(self.axes))
-        _check_common(self, "TokenPrunerConfig")
+    def validate(self) -> None:
         for name in ("keep_start", "keep_end", "keep_min"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
@@ -80,19 +77,19 @@ class TokenPrunerConfig:
             raise ValueError(f"TokenPrunerConfig.axes: {bad} cannot be pruned; pick from {PRUNABLE} "
                              f"(spatial attention is cached by the rolling cache instead)")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["axes"] = list(self.axes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d) -> "TokenPrunerConfig":
-        return _from_dict(cls, d)
-
     def scheduled_keep(self, percent: float) -> float:
         span = self.end_percent - self.start_percent
         t = 1.0 if span <= 0 else min(max((percent - self.start_percent) / span, 0.0), 1.0)
         return self.keep_start + (self.keep_end - self.keep_start) * t
+
+
+# Measured on the embedded model: BENCHMARKS.md ("Accelerators on the embedded model").
+PRESETS = {
+    "off": None,
+    "quality": TokenPrunerConfig(keep_start=0.75, keep_end=0.5, start_percent=0.1),
+    "balanced": TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1),
+    "fast": TokenPrunerConfig(keep_start=0.3, keep_end=0.15, start_percent=0.1),
+}
 
 
 class _Entry:
@@ -137,11 +134,6 @@ class TokenPruner(CrossCallReuse):
         super().__init__()
         self.config = TokenPrunerConfig.from_dict(config)
         self.store = TensorStore(self.config.storage)
-        self.computed = self.offered = 0
-
-    def reset(self) -> None:
-        super().reset()
-        self.computed = self.offered = 0
 
     def keep_share(self, st: TokenPrunerState, key, percent: float) -> float:
         cfg = self.config
@@ -182,7 +174,6 @@ class TokenPruner(CrossCallReuse):
         k = s if step.percent < cfg.start_percent else math.ceil(self.keep_share(st, key, step.percent) * s)
         k = max(k, min(self._overdue(st, key, step.index), s))
         k = _bucket(k, s, cfg.size_buckets)
-        self.offered += s
         ref = entry.ref if index is None else entry.ref.index_select(0, index)
         diff = (xs.float() - ref.float()).abs().mean(dim=(1, 2))              # (s,)
         scale = ref.float().abs().mean().clamp_min(1e-12)
@@ -191,7 +182,6 @@ class TokenPruner(CrossCallReuse):
             out = nxt(seqs, index)
             self._write(entry, index, None, out, xs, step)
             self._record_ages(st, key, entry, step.index)
-            self.computed += s
             return out
         score = diff / diff.mean().clamp_min(1e-12)
         if cfg.saliency > 0:
@@ -207,7 +197,6 @@ class TokenPruner(CrossCallReuse):
         out.index_copy_(0, top, new.to(out.dtype))
         self._write(entry, gidx, top, new, xs, step)
         self._record_ages(st, key, entry, step.index)
-        self.computed += k
         if dispatch.stats is not None:
             dispatch.stats.attention_reused(block, axis, s - k, whole=False, source="prune")
         return out
@@ -264,10 +253,6 @@ class TokenPruner(CrossCallReuse):
             if dispatch.stats is not None:
                 dispatch.stats.signal(f"prune.{k[1]}.b{k[0]}", v, None)
 
-    def summary(self) -> dict:
-        return {"config": self.config.to_dict(), "sequences_offered": self.offered,
-                "sequences_computed": self.computed, "calls_aside": self.calls_aside}
-
 
 def _bucket(k: int, s: int, buckets: int) -> int:
     """k rounded up to one of `buckets` evenly spaced sizes of s. An adaptive k takes a new value
@@ -280,10 +265,3 @@ def _bucket(k: int, s: int, buckets: int) -> int:
     step = -(-s // buckets)
     return min(s, -(-k // step) * step)
 
-
-def apply_token_pruning(specs, config: Optional[TokenPrunerConfig] = None) -> list:
-    """The spec list with token pruning set to `config` (defaults if None)."""
-    return merge_spec(specs, NAME, TokenPrunerConfig.from_dict(config))
-
-
-register(NAME, 2, TokenPruner)

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..diffusion import EDM, sample_euler
-from .base import Turbo4DRun
+from .run import Turbo4DRun
 from .registry import build_run
 from .stats import RunStats
 

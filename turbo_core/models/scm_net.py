@@ -150,8 +150,6 @@ class SCMBlock(nn.Module):
                                   lambda x: self.camera.forward_grid(x, d.grid_attention(cam_view)))
             h = h + d.attend_grid(i, "motion", h + frm[:, None], lambda s, idx: self.motion(s, attn),
                                   lambda x: self.motion.forward_grid(x, d.grid_attention(mot_view)))
-            if d.stats is not None:
-                d.stats.mlp_ran(h.shape[0])
             return h + self.mlp(h)
 
         return d.chain(i, x, chain)
