@@ -10,7 +10,8 @@ import torch
 
 from accel_fixtures import EDM_, F, V, grid_inputs, net
 from turbo_core.accel.calibrate import Calibration, calibrate, load_calibration, save_calibration
-from turbo_core.accel.presets import PRESET_NAMES, PRESETS, apply_preset, turbo4d_specs
+from turbo_core.accel.mechanisms import names
+from turbo_core.accel.presets import PRESET_NAMES, apply_preset, turbo4d_specs
 from turbo_core.accel.registry import build_run
 from turbo_core.data.scenes import scene_samples
 from turbo_core.diffusion import karras_sigmas
@@ -81,7 +82,7 @@ def test_presets_build_runs():
         assert (len(specs) == 0) == (name == "off")
         assert name == "off" or {"step", "cache"} <= {n for n, _ in specs}
         build_run(specs)
-        for mech in PRESETS:
+        for mech in names():
             s = apply_preset([(mech, None)], mech, name)
             assert (len(s) == 0) == (name == "off")
     with pytest.raises(ValueError, match="unknown preset 'turbo'"):

@@ -139,13 +139,13 @@ def test_whole_steps_with_other_comfy_samplers(glue, sampler):
     result stays finite and of the same image (a sanity bound: this tiny random network on random
     references is no test of fidelity, which the benchmarks measure on the trained model)."""
     from comfy.patcher_extension import WrappersMP
-    from turbo_core.accel.presets import PRESETS
+    from turbo_core.accel.presets import preset_config
     from turbo_core.accel.registry import merge_spec
 
     base = glue.make_model_patcher(_net(), torch.float32)
     full = _sample(glue, base.clone(), views=2, frames=3, steps=10, sampler=sampler)
     m = base.clone()
-    glue.set_accelerator_specs(m, merge_spec([], "step", PRESETS["step"]["balanced"]))
+    glue.set_accelerator_specs(m, merge_spec([], "step", preset_config("step", "balanced")))
     batches = []
     m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, "test-count",
                            lambda executor, *a, **k: (batches.append(1), executor(*a, **k))[1])
@@ -197,12 +197,12 @@ def test_outer_sample_wrapper_runs_accelerators_and_reports(glue):
     """The accelerator contract through ComfyUI's real sampler: specs stored with merge_spec on a
     cloned MODEL become a fresh run per sampling; its RunStats reach a StatsSink; the model without
     specs computes everything."""
-    from turbo_core.accel.presets import PRESETS
+    from turbo_core.accel.presets import preset_config
     from turbo_core.accel.registry import merge_spec
 
     base = glue.make_model_patcher(_net(), torch.float32)
     runs = {}
-    for label, specs in (("full", []), ("pruned", merge_spec([], "prune", PRESETS["prune"]["fast"]))):
+    for label, specs in (("full", []), ("pruned", merge_spec([], "prune", preset_config("prune", "fast")))):
         m = base.clone()
         glue.set_accelerator_specs(m, specs)
         sink = glue.StatsSink()

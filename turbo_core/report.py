@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .accel.mechanisms import MECHANISMS
+from .accel import mechanisms
 from .accel.stats import BYPASSED, CACHED, CACHED_PRUNED, PRUNED, RAN
 
 # One letter per map cell; the frontend (web/turbo4d_draw.js) uses the same letters and colours.
@@ -25,8 +25,12 @@ STATE_COLOURS = {RAN: (46, 84, 150), CACHED: (80, 180, 90), PRUNED: (240, 190, 5
 SPLIT = {CACHED_PRUNED: (CACHED, PRUNED)}
 STATE_COLOURS[CACHED_PRUNED] = STATE_COLOURS[CACHED]
 UNKNOWN_COLOUR = (40, 40, 40)
-# The change signals of a mechanism are named "<mechanism>.<...>"; the table says how to plot them.
-SIGNAL_PLOTS = {m.name: m.plot for m in MECHANISMS if m.plot is not None}
+
+
+def signal_plots() -> dict:
+    """{family: SignalPlot}: a mechanism's change signals are named "<mechanism>.<...>", and the
+    mechanism table says how to plot them."""
+    return {m.name: m.plot for m in mechanisms.MECHANISMS if m.plot is not None}
 
 
 def hex_colour(rgb: Sequence[int]) -> str:
@@ -199,7 +203,8 @@ def draw_signals(signals: Sequence[dict], width: int = 720, panel_height: int = 
     """Per signal family, per model call: the band min..max over blocks, the mean, and the threshold
     (dashed). Below the threshold the work was reused; above it, recomputed."""
     cv2 = _cv2()
-    fams = [f for f in SIGNAL_PLOTS if any(f in s for s in signals)]
+    plots = signal_plots()
+    fams = [f for f in plots if any(f in s for s in signals)]
     if not fams:
         img = _canvas(40, width)
         _text(img, "no change signals recorded (no cache or bypass active)", (10, 25), 0.45, (90, 90, 90))
@@ -215,7 +220,7 @@ def draw_signals(signals: Sequence[dict], width: int = 720, panel_height: int = 
         top = max([d["max"] for _, d in pts] + ths + [1e-9]) * 1.1
         X = lambda i: L + (i + 0.5) * pw / n  # noqa: E731
         Y = lambda v: T + ph - v / top * ph  # noqa: E731
-        col = SIGNAL_PLOTS[fam].colour
+        col = plots[fam].colour
         cv2.rectangle(img, (L - 1, T - 1), (L + pw, T + ph), (0, 0, 0), 1)
         half = max(1, int(pw / n * 0.3))
         for i, d in pts:
@@ -225,7 +230,7 @@ def draw_signals(signals: Sequence[dict], width: int = 720, panel_height: int = 
             cv2.line(img, (int(X(i0)), int(Y(d0["mean"]))), (int(X(i1)), int(Y(d1["mean"]))), col, 2, cv2.LINE_AA)
         for i, d in pts:
             cv2.circle(img, (int(X(i)), int(Y(d["mean"]))), 2, col, -1, cv2.LINE_AA)
-        label = SIGNAL_PLOTS[fam].label
+        label = plots[fam].label
         _text(img, label, (L, 15), 0.42)
         _text(img, "bar: min..max over blocks, line: mean", (L + pw - 250, panel_height - 5), 0.34, (120, 120, 120))
         if ths:

@@ -30,12 +30,17 @@ import torch
 from ..data.scenes import scene_samples
 from ..diffusion import EDM, karras_sigmas
 from ..metrics import psnr
-from .mechanisms import BY_NAME, MECHANISMS, Mechanism, nodes, split_settings
+from . import mechanisms
+from .mechanisms import Mechanism, nodes, split_settings
 from .registry import merge_spec, without
 from .script import sample_accelerated
 
 FORMAT = "turbo4d-calibration"
-CALIBRATED = sorted(m.name for m in MECHANISMS if m.calibrate)
+
+
+def calibrated() -> list[str]:
+    """The mechanisms with a setting to calibrate (the table's `calibrate`)."""
+    return sorted(m.name for m in mechanisms.MECHANISMS if m.calibrate)
 
 
 @dataclass
@@ -52,7 +57,7 @@ class Calibration:
         """{mechanism: config or None (off)} that this calibration sets. A Chain Bypass calibration
         written before the step skip became a mechanism of its own holds the settings of both in
         one config: they are split between the two, as the node splits its inputs."""
-        m = BY_NAME[self.mechanism]
+        m = mechanisms.mechanism(self.mechanism)
         if self.config is None:
             return {m.name: None}
         node = next(ms for _, ms in nodes() if m in ms)
@@ -82,13 +87,13 @@ def calibrate(net, edm: EDM, samples: Sequence[dict], sigmas: torch.Tensor, view
     of `field_name` (default: the mechanism's main knob) ordered from safest to fastest.
     `other_specs` stay on in every run, reference included (calibrate one mechanism on top of
     others)."""
-    if mechanism not in CALIBRATED:
-        raise ValueError(f"unknown accelerator {mechanism!r}; pick one of {CALIBRATED}")
+    if mechanism not in calibrated():
+        raise ValueError(f"unknown accelerator {mechanism!r}; pick one of {calibrated()}")
     if not candidates:
         raise ValueError("calibrate: give at least one candidate value")
     if not samples:
         raise ValueError("calibrate: give at least one sample")
-    m: Mechanism = BY_NAME[mechanism]
+    m: Mechanism = mechanisms.mechanism(mechanism)
     cls = m.config
     fname = field_name or m.calibrate
     base = cls.from_dict(base_config)
@@ -173,7 +178,7 @@ def load_calibration(path: str) -> Calibration:
         cal = Calibration(**d)
     except TypeError as e:
         raise ValueError(f"{path}: unexpected content ({e}); calibrate again.") from e
-    if cal.mechanism not in CALIBRATED:
+    if cal.mechanism not in calibrated():
         raise ValueError(f"{path}: unknown accelerator {cal.mechanism!r}")
     try:
         cal.configs()  # validates the stored settings
@@ -184,14 +189,14 @@ def load_calibration(path: str) -> Calibration:
 
 def _mechanism_of(field_name: Optional[str]) -> str:
     """bypass, unless only another calibrated mechanism has the setting `field_name`."""
-    having = [n for n in CALIBRATED if field_name in {f.name for f in dataclasses.fields(BY_NAME[n].config)}]
+    having = [n for n in calibrated() if field_name in {f.name for f in dataclasses.fields(mechanisms.mechanism(n).config)}]
     return having[0] if field_name and "bypass" not in having and len(having) == 1 else "bypass"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/turbo4d_default.safetensors")
-    ap.add_argument("--mechanism", default=None, choices=CALIBRATED,
+    ap.add_argument("--mechanism", default=None, choices=calibrated(),
                     help="default: bypass, or the mechanism that has --field")
     ap.add_argument("--field", default=None,
                     help="setting to calibrate (default: the mechanism's, e.g. threshold, keep_end for prune)")
@@ -222,7 +227,7 @@ def main(argv=None) -> int:
     if base is None and args.mechanism == "step":
         # Calibrate in the regime the presets use (no count limit, tail skippable), with this
         # model's own forecast-error rate measured first instead of the embedded model's.
-        base = {**BY_NAME["step"].presets["balanced"].to_dict(), "kappa_prior": 0.0}
+        base = {**mechanisms.mechanism("step").presets["balanced"].to_dict(), "kappa_prior": 0.0}
     cal = calibrate(net, edm, samples, sigmas, args.views, args.frames, mechanism=args.mechanism,
                     candidates=cands, target_psnr=args.target_psnr, field_name=args.field,
                     base_config=base, log=print)

@@ -6,7 +6,8 @@ outermost first, whatever order the nodes were wired in), its config class and f
 presets, the node that sets it (a node of its own, or another mechanism's node it joins) with the
 settings that node shows under "custom", the setting calibration fits by default, and how the
 report plots its change signals (family = its name). Adding a mechanism is a module (a
-MechanismConfig subclass, an Accelerator or StepAccelerator subclass, its PRESETS) and a row here.
+MechanismConfig subclass, an Accelerator or StepAccelerator subclass, its PRESETS) and a row here;
+everything else derives from the table when it is asked (nothing copies it at import).
 """
 from __future__ import annotations
 
@@ -137,14 +138,18 @@ MECHANISMS = (
         plot=SignalPlot("prune: token change (no threshold; sets the keep ratio)", (210, 150, 20))),
 )
 
-BY_NAME = {m.name: m for m in MECHANISMS}
 PRESET_NAMES = ("off", "quality", "balanced", "fast")
 
 
+def names() -> list[str]:
+    return [m.name for m in MECHANISMS]
+
+
 def mechanism(name: str) -> Mechanism:
-    if name not in BY_NAME:
-        raise ValueError(f"unknown Turbo4D accelerator {name!r}; known: {sorted(BY_NAME)}")
-    return BY_NAME[name]
+    for m in MECHANISMS:
+        if m.name == name:
+            return m
+    raise ValueError(f"unknown Turbo4D accelerator {name!r}; known: {sorted(names())}")
 
 
 def nodes() -> list[tuple[Node, list[Mechanism]]]:

@@ -13,12 +13,10 @@ from __future__ import annotations
 from typing import Optional
 
 from .cache import RollingCacheConfig
-from .mechanisms import BY_NAME, MECHANISMS, PRESET_NAMES, mechanism
+from .mechanisms import PRESET_NAMES, mechanism, names
 from .prune import TokenPrunerConfig
 from .registry import merge_spec, without
 from .step_skip import PRESETS as STEP_PRESETS
-
-PRESETS = {m.name: m.presets for m in MECHANISMS}
 
 # The step skip carries the saving; the cache (and at fast the pruner) work on the calls that run.
 TURBO4D_PRESETS = {
@@ -53,7 +51,7 @@ def apply_preset(specs, name_of_mechanism: str, name: str) -> list:
 def turbo4d_specs(name: str, specs: Optional[list] = None) -> list:
     """The spec list with every mechanism at the combined preset `name` ("off" removes them)."""
     _check(name)
-    out = without(specs, BY_NAME)
+    out = without(specs, names())
     for mech, cfg in TURBO4D_PRESETS[name].items():
         out = merge_spec(out, mech, cfg)
     return out
