@@ -34,9 +34,8 @@ from turbo_core.accel.stats import MemoryReport, RunStats
 from turbo_core.memory import cache_budget, plan
 from turbo_core.models.io import CheckpointError
 from turbo_core.models.sv4d import detect_sv4d, load_sv4d, parameter_count, read_sv4d_config
-from turbo_core.sampling_plans import (Pass, VARIANTS, camera_radians, check_plan, frame_permutation,
-                                       guidance_scales, plan_for, step_index, sv3d_reference_views,
-                                       sv4d_frame_counts, variant_for)
+from turbo_core.sampling_plans import (Pass, PassGuidance, camera_radians, check_plan, guidance_scales, plan_for,
+                                       sv3d_reference_views, sv4d_frame_counts, variant_for)
 
 from . import events
 from . import model as m
@@ -156,19 +155,13 @@ def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return img[..., :3].clamp(0, 1)
 
 
-def _cfg_function(scales: torch.Tensor, views: int, p: Pass):
-    """ComfyUI's sampler_cfg_function for one pass: the reference guider's scale per image
-    position; in reversed steps image (t, v) sits at position (T-1-t, v)."""
-    frames = len(p.frames)
-    rev = scales[frame_permutation(frames, views, True)]
+def _cfg_function(guidance: PassGuidance):
+    """ComfyUI's sampler_cfg_function for one pass: its reference guider."""
 
     def cfg(args):
-        cond, uncond = args["cond"], args["uncond"]
-        sigma = float(torch.as_tensor(args["sigma"]).flatten()[0])
         to = args.get("model_options", {}).get("transformer_options", {})
-        s = rev if p.reversed_at(step_index(sigma, to.get("sample_sigmas"))) else scales
-        s = s.to(cond.device, cond.dtype).repeat(cond.shape[0] // s.numel()).view(-1, *([1] * (cond.dim() - 1)))
-        return uncond + (cond - uncond) * s
+        return guidance(args["cond"], args["uncond"], float(torch.as_tensor(args["sigma"]).flatten()[0]),
+                        to.get("sample_sigmas"))
 
     return cfg
 
@@ -180,14 +173,13 @@ def plan_memory(model_patcher, net, images: int, latent: int):
     device = comfy.model_management.get_torch_device()
     if getattr(device, "type", str(device)) != "cuda":
         return None, None
-    dtype = net.out[2].weight.dtype
     try:
         to_load = max(int(model_patcher.model_size()) - int(model_patcher.loaded_size()), 0)
     except Exception:  # a patcher without the size API: plan as if loaded
         to_load = 0
-    elt = torch.empty((), dtype=model_patcher.model.get_dtype()).element_size()
-    return plan(device, net.activation_bytes(images, latent, latent, elt), cache_limit_bytes(model_patcher),
-                model_patcher.model.get_dtype(), weights_to_load=to_load)
+    dtype = model_patcher.model.get_dtype()
+    return plan(device, net.activation_bytes(images, latent, latent, dtype.itemsize), cache_limit_bytes(model_patcher),
+                dtype, weights_to_load=to_load)
 
 
 class SV4DSampler(io.ComfyNode):
@@ -334,7 +326,8 @@ class SV4DSampler(io.ComfyNode):
         to[events.LISTENERS_KEY] = [events.RunEvents(total_steps=steps)]
         scales = guidance_scales(variant.guider, T, V, cfg, min_cfg)
         if not torch.allclose(scales, torch.ones_like(scales)):
-            mp.set_model_sampler_cfg_function(_cfg_function(scales, V, p), disable_cfg1_optimization=True)
+            mp.set_model_sampler_cfg_function(_cfg_function(PassGuidance(scales, V, p)),
+                                              disable_cfg1_optimization=True)
         x = torch.zeros(T * V, g.LATENT_CHANNELS, hw, hw)
         noise = comfy.sample.prepare_noise(x, seed)
         with cache_budget(budget):

@@ -394,6 +394,12 @@ class SV4DUNet(nn.Module):
             flops[axis] += n * per_seq
         return seqs, flops
 
+    def cost(self, layout: SCMLayout) -> dict:
+        """FLOPs per sequence of each axis, averaged over the attention layers' grids (RunStats
+        counts each layer at its own grid from `block_work`; this only serves readers of its cost)."""
+        seqs, flops = self.call_work(layout)
+        return {a: flops[a] / max(seqs[a], 1) for a in seqs}
+
     def activation_bytes(self, images: int, height: int, width: int, element_size: int = 2) -> int:
         """Memory a forward of `images` latents of height x width holds beside the transient work
         of its pieces (turbo_core.memory): the skip connections (every input block's output, kept
