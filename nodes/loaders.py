@@ -21,7 +21,8 @@ DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": to
 
 
 def register_model_folder() -> str:
-    """models/turbo4d/ in ComfyUI's models directory (and wherever extra_model_paths.yaml adds one)."""
+    """models/turbo4d/ in ComfyUI's models directory (and wherever extra_model_paths.yaml adds one).
+    Done when the folder is first needed, not on import; doing it again changes nothing."""
     path = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = ([path], {".safetensors", ".sft"})
@@ -32,11 +33,9 @@ def register_model_folder() -> str:
     return path
 
 
-register_model_folder()
-
-
 def model_files() -> list[str]:
     """models/turbo4d/, then the SV4D files of ComfyUI's diffusion_models and checkpoints folders."""
+    register_model_folder()
     try:
         names = list(folder_paths.get_filename_list(FOLDER))
     except OSError:  # the folder was removed while ComfyUI runs
@@ -47,6 +46,7 @@ def model_files() -> list[str]:
 def weights_path(model_name: str) -> str:
     if model_name == EMBEDDED:
         return DEFAULT_WEIGHTS
+    register_model_folder()
     path = folder_paths.get_full_path(FOLDER, model_name) or sv4d.sv4d_path(model_name)
     if path is None:
         raise CheckpointError(f"{model_name} is not in models/{FOLDER}/ (nor an SV4D file in models/diffusion_models/ "
