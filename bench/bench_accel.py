@@ -87,7 +87,7 @@ class FixedIntervalAttention(Accelerator):
         if (e is not None and self.start <= step.percent <= self.end and step.index - e[0] < self.k
                 and e[1].shape == seqs.shape and index is None):
             if d.stats is not None:
-                d.stats.attention_reused(block, axis, seqs.shape[0], whole=True, source="cache")
+                d.stats.attention_reused(block, axis, seqs.shape[0], source="cache")
             return e[1].clone()
         out = nxt(seqs, index)
         if index is None and step.percent <= self.end:
@@ -112,7 +112,7 @@ class FixedIntervalChain(Accelerator):
         if (block > 0 and e is not None and self.start <= step.percent <= self.end
                 and step.index - e[0] < self.k and e[1].shape == x.shape):
             if d.stats is not None:
-                d.stats.chain_bypassed(step, block, x.shape[0])
+                d.stats.chain_bypassed(block)
             return x + e[1]
         x_in = x.clone()
         y = nxt(x)

@@ -1,6 +1,6 @@
 """Turbo4D Report: the plots of one accelerated run as an IMAGE (and a preview on the node).
 
-The plots are drawn by turbo_core/report.py: the model calls x blocks map, the change signals
+The plots are drawn by turbo_core/run_report.py: the model calls x blocks map, the change signals
 against their thresholds, and quality against speed when the full-compute result of the same seed
 is wired in.
 """
@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 
 from turbo_core.accel.stats import RunStats
 from turbo_core.metrics import mean_quality
-from turbo_core.report import headline, report_image, run_payload
+from turbo_core.run_report import headline, report_image, run_payload
 
 from .events import UI_KEY
 from .types import Turbo4DStats

@@ -40,7 +40,7 @@ from turbo_core.sampling_plans import (Pass, PassGuidance, camera_radians, check
 from . import events
 from . import model as m
 from . import model_sv4d as g
-from .memory import cache_limit_bytes
+from .memory_limit import cache_limit_bytes
 from .types import Turbo4DStats
 
 log = logging.getLogger("turbo4d")

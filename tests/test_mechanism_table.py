@@ -53,7 +53,7 @@ class ToyReuse(Accelerator):
         r = st.residual.get(block)
         if r is not None and step.index % self.config.every == 0:
             dispatch.stats.signal(f"toy.b{block}", 0.5, 1.0)
-            dispatch.stats.chain_bypassed(step, block, x.shape[0])
+            dispatch.stats.chain_bypassed(block)
             return x + r
         x_in = x.clone()
         y = nxt(x)
@@ -107,7 +107,7 @@ def test_the_row_can_be_calibrated(with_toy, net):
 
 
 def test_the_row_reports_through_the_stats_and_the_report(with_toy, net):
-    from turbo_core.report import draw_signals, run_payload
+    from turbo_core.run_report import draw_signals, run_payload
 
     x, st = sample(net, [("toy", ToyConfig(every=3))])
     assert torch.isfinite(x).all()

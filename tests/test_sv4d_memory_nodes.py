@@ -17,7 +17,7 @@ def pack():
 
 
 def test_memory_node_sets_the_cache_bound(pack):
-    mem, g = pack("memory"), pack("model_sv4d")
+    mem, g = pack("memory_limit"), pack("model_sv4d")
     mp = g.make_sv4d_model_patcher(SV4DUNet(SV4DConfig.reduced()))
     assert mem.cache_limit_bytes(mp) is None
     bounded = mem.Turbo4DMemory.execute(mp, 12.5).result[0]
@@ -42,7 +42,7 @@ def _stats(work, computed):
     st = RunStats(blocks=2)
     st.begin_call(StepInfo(0, 1.0, 0.0, 1, "s"), SCMLayout(1, 2, 2, 4, 4), work)
     for (b, a), n in computed.items():
-        st.attention_ran(None, b, a, n, work[(b, a)][0])
+        st.attention_ran(b, a, n, work[(b, a)][0])
     return st
 
 

@@ -98,9 +98,8 @@ class SCMDispatch:
         # image-major tokens (attend_grid) when no gradients are wanted and TURBO4D_SHORT_AXIS is
         # not "torch"; False keeps them as sequences. Where the kernel cannot run (no Triton, a
         # custom backend) the grid path's attention transposes q, k, v and o (four copies) where
-        # the sequence path copies the input and the output once: on an H100 (SV4D 2.0, batch 2,
-        # 72 x 72 latents) a call took 969 ms that way against 957 ms as sequences, and 847 ms
-        # with the kernel.
+        # the sequence path copies the input and the output once, so it is a little slower than
+        # sequences there and clearly faster with the kernel (BENCHMARKS.md, SV4D 2.0 on a GPU).
         self.grid = grid
         self.pieces: Optional[MemoryConfig] = None  # the execution policy set by in_pieces
 
@@ -149,7 +148,7 @@ class SCMDispatch:
                 raise ValueError(f"unknown SCM axis {axis!r}")
             total = self.layout.axis_shape(axis)[0]
             if self.stats is not None:
-                self.stats.attention_ran(self.step, block, axis, computed=total, total=total)
+                self.stats.attention_ran(block, axis, computed=total, total=total)
             if self.pieces is None:
                 return grid(x)
             failed = False
@@ -181,7 +180,7 @@ class SCMDispatch:
         def run_from(i: int, h: torch.Tensor):
             if i == len(self.accelerators):
                 if self.stats is not None:
-                    self.stats.chain_ran(self.step, block, h.shape[0])
+                    self.stats.chain_ran(block, h.shape[0])
                 return chain(h)
             return self.accelerators[i].chain(self, block, h, lambda h2: run_from(i + 1, h2))
 
@@ -199,7 +198,7 @@ class SCMDispatch:
         total = self.layout.axis_shape(axis)[0]
 
         def wrapped(s, index):
-            self.stats.attention_ran(self.step, block, axis, computed=s.shape[0], total=total)
+            self.stats.attention_ran(block, axis, computed=s.shape[0], total=total)
             return compute(s, index)
 
         return wrapped

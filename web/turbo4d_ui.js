@@ -3,7 +3,7 @@
 // node upstream of it shows the figures of its own mechanism; the Report node shows the quality.
 //
 // Data flow: nodes/events.py sends "turbo4d.step" after every model call and "turbo4d.done" at
-// the end of the run (payload = turbo_core/report.py run_payload); the sampler's ui output carries
+// the end of the run (payload = turbo_core/run_report.py run_payload); the sampler's ui output carries
 // the same payload ("turbo4d"), which is what /history keeps. The last payload is stored in the
 // node's properties, so a saved workflow reopens with its last map.
 import { app } from "../../scripts/app.js";
@@ -166,7 +166,7 @@ function renderMap(node) {
   }
 }
 
-// A finished run's payload (turbo_core/report.py run_payload) on a sampler and its accelerators.
+// A finished run's payload (turbo_core/run_report.py run_payload) on a sampler and its accelerators.
 function applyPayload(node, payload, { persist = true } = {}) {
   if (!payload?.summary) return;
   node.turbo4dStats = payload;

@@ -125,10 +125,10 @@ def outside_reuse_horizon(st, call_index: int, max_age: int) -> bool:
     call, and whether it runs more than max_age calls after the previous call that ran. Then every
     cached part is past its age bound and must be recomputed, so the accelerator stands aside for
     the call: no change signals, no stores, the grid path's kernel instead of sequence copies.
-    Whole-step skips (Chain Bypass) make such gaps; measured on the embedded model, the cache found
-    nothing to reuse between calls 3 or more steps apart and only added its bookkeeping, and on SV4D
-    its first-call stores held 7-16 GB that were never read. The price: a call after a gap stores
-    nothing, so reuse resumes one call later when calls close up again."""
+    Whole-step skips make such gaps: on the embedded model the cache found nothing to reuse between
+    calls 3 or more steps apart and only added its bookkeeping, and on SV4D its first-call stores
+    held gigabytes that were never read. The price: a call after a gap stores nothing, so reuse
+    resumes one call later when calls close up again."""
     gap = None if st.last_ran is None else call_index - st.last_ran
     st.last_ran = call_index
     # The first call stands aside too: nothing is cached yet, and whether the next call comes

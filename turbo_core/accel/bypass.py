@@ -63,13 +63,13 @@ PRESETS = {"off": None, "quality": _OFF, "balanced": _OFF, "fast": _OFF}
 
 
 class _Entry:
-    """One block: the stored residual, input and residual subsamples and output scale of its last
-    full compute, the fitted ratio k (device scalar, None until two computes), bypasses in a row."""
+    """One block: the stored residual, input and residual subsamples of its last full compute, the
+    fitted ratio k (device scalar, None until two computes), bypasses in a row."""
 
-    __slots__ = ("residual", "x_ref", "r_ref", "y_scale", "k", "consecutive")
+    __slots__ = ("residual", "x_ref", "r_ref", "k", "consecutive")
 
     def __init__(self):
-        self.residual = self.x_ref = self.r_ref = self.y_scale = self.k = None
+        self.residual = self.x_ref = self.r_ref = self.k = None
         self.consecutive = 0
 
 
@@ -121,7 +121,7 @@ class ChainBypass(Accelerator):
             if estimate < cfg.threshold:
                 e.consecutive += 1
                 if dispatch.stats is not None:
-                    dispatch.stats.chain_bypassed(step, block, x.shape[0])
+                    dispatch.stats.chain_bypassed(block)
                 return x + self.store.get(e.residual, x)
         # Run the block. The clone is what makes the residual real under in-place hosts.
         x_in = x.clone()
@@ -135,5 +135,5 @@ class ChainBypass(Accelerator):
             dr = (rs - e.r_ref).abs().mean() / y_scale
             e.k = dr / dx.clamp_min(1e-12)
         e.residual = self.store.keep(residual)  # a fresh tensor: nobody else holds it
-        e.x_ref, e.r_ref, e.y_scale = xs.clone(), rs.clone(), y_scale
+        e.x_ref, e.r_ref = xs.clone(), rs.clone()
         return y

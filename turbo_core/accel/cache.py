@@ -178,7 +178,7 @@ class RollingCache(CrossCallReuse):
         for i in chosen:
             entry.computed_at[i] = step.index
         if stats is not None:
-            stats.attention_reused(block, axis, seqs.shape[0] - sel.shape[0], whole=False, source="cache")
+            stats.attention_reused(block, axis, seqs.shape[0] - sel.shape[0], source="cache")
         return out
 
     def _compute_all(self, st, key, seqs, cur, step, nxt, stats, layout, miss: bool):

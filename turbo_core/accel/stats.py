@@ -131,17 +131,17 @@ class RunStats:
         parts.add(state)
         self.timeline[-1]["cells"][block] = cell_state(parts)
 
-    def chain_ran(self, step, block: int, images: int) -> None:
+    def chain_ran(self, block: int, images: int) -> None:
         """A block's whole chain ran on `images` images: its per-image work (`cost["mlp"]`: the MLP
         and the time projection) counts; its attentions report through attention_ran."""
         self.chains_ran += 1
         self.flops_done += images * self.cost.get("mlp", 0.0)
 
-    def chain_bypassed(self, step, block: int, images: int) -> None:
+    def chain_bypassed(self, block: int) -> None:
         self.chains_bypassed += 1
         self._cell(block, BYPASSED)
 
-    def attention_ran(self, step, block: int, axis: str, computed: int, total: int) -> None:
+    def attention_ran(self, block: int, axis: str, computed: int, total: int) -> None:
         """`computed` of the `total` sequences of (block, axis) at its own grid ran; one
         sub-attention may report in several pieces (memory chunks)."""
         self.sequences_computed[axis] += computed
@@ -169,10 +169,9 @@ class RunStats:
         cell[2] -= computed * per_seq
         self._call_computed[(block, axis)] = self._call_computed.get((block, axis), 0) - computed
 
-    def attention_reused(self, block: int, axis: str, sequences: int, whole: bool, source: str = "cache") -> None:
+    def attention_reused(self, block: int, axis: str, sequences: int, source: str = "cache") -> None:
         """`sequences` of this sub-attention were answered from a cache instead of computed.
-        source "cache": the block-level rolling cache (a cache hit, whether some groups were
-        refreshed or none, `whole`); "prune": the token pruner."""
+        source "cache": the block-level rolling cache (a cache hit); "prune": the token pruner."""
         self.sequences_reused[axis] += sequences
         self.reused_by[source][axis] += sequences
         if source == "cache":
