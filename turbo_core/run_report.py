@@ -117,9 +117,6 @@ def state_counts(rows: Iterable[str]) -> dict:
 
 
 # --- drawing ---------------------------------------------------------------------------------
-_FONT = None
-
-
 def _cv2():
     try:
         import cv2

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 from ..dispatch import SCMDispatch
+from ..memory import nbytes
 from ..schedule import StepInfo
 
 
@@ -159,3 +160,36 @@ class CrossCallReuse(Accelerator):
 
     def sees_sequences(self, dispatch) -> bool:
         return dispatch.step is None or not self.state(dispatch).aside
+
+
+class ReuseEntry:
+    """One (block, axis) of a cross-call reuse: the cached output, the input subsample each part
+    was computed from, and the call index at which each part was last computed."""
+
+    __slots__ = ("out", "ref", "computed_at")
+
+    def __init__(self, out, ref, computed_at):
+        self.out, self.ref, self.computed_at = out, ref, computed_at
+
+    def nbytes(self) -> int:
+        return sum(nbytes(t) for t in (self.out, self.ref, self.computed_at) if isinstance(t, torch.Tensor))
+
+
+class ReuseState:
+    """A cross-call reuse's state of one stream: its entries by (block, axis), and the index of the
+    last call the network ran and whether this call stands aside (see outside_reuse_horizon)."""
+
+    def __init__(self):
+        self.entries: dict = {}
+        self.last_ran = None
+        self.aside = False
+
+    def reset(self) -> None:
+        self.entries.clear()
+        self.last_ran, self.aside = None, False
+
+    def drop_cached(self) -> None:
+        self.entries.clear()
+
+    def nbytes(self) -> int:
+        return sum(e.nbytes() for e in self.entries.values())

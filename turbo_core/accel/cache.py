@@ -30,10 +30,10 @@ from typing import Optional
 import torch
 
 from ..layout import AXES
-from .base import CrossCallReuse
+from .base import CrossCallReuse, ReuseEntry, ReuseState
 from .config import MechanismConfig
 from .signals import relative_l1, subsample_tokens
-from .storage import TensorStore, nbytes
+from .storage import TensorStore
 
 NAME = "cache"
 
@@ -67,36 +67,9 @@ PRESETS = {
 }
 
 
-class _Entry:
-    """One (block, axis): the cached output, the input subsample each part was computed from,
-    and the call index at which each group was last computed."""
-
-    __slots__ = ("out", "ref", "computed_at")
-
-    def __init__(self, out, ref, computed_at):
-        self.out, self.ref, self.computed_at = out, ref, computed_at
-
-
-class RollingCacheState:
-    def __init__(self):
-        self.entries: dict = {}
-        self.last_ran = None  # index of the last call the network ran (see outside_reuse_horizon)
-        self.aside = False    # this call is past every entry's age bound: stand aside
-
-    def reset(self) -> None:
-        self.entries.clear()
-        self.last_ran, self.aside = None, False
-
-    def drop_cached(self) -> None:
-        self.entries.clear()
-
-    def nbytes(self) -> int:
-        return sum(nbytes(e.out) + nbytes(e.ref) for e in self.entries.values())
-
-
 class RollingCache(CrossCallReuse):
     name = NAME
-    state_class = RollingCacheState
+    state_class = ReuseState
 
     def __init__(self, config: Optional[RollingCacheConfig] = None):
         super().__init__()
@@ -185,6 +158,6 @@ class RollingCache(CrossCallReuse):
         out = nxt(seqs, None)
         if miss and stats is not None:
             stats.cache_miss()
-        st.entries[key] = _Entry(self.store.put(out), cur.clone(),
+        st.entries[key] = ReuseEntry(self.store.put(out), cur.clone(),
                                  [step.index] * layout.group_count(key[1]))
         return out

@@ -37,9 +37,9 @@ from typing import Optional
 
 import torch
 
-from .base import CrossCallReuse
+from .base import CrossCallReuse, ReuseEntry, ReuseState
 from .config import MechanismConfig
-from .storage import TensorStore, nbytes
+from .storage import TensorStore
 
 NAME = "prune"
 PRUNABLE = ("camera", "motion")
@@ -92,38 +92,26 @@ PRESETS = {
 }
 
 
-class _Entry:
-    """One (block, axis): cached outputs, the channel-subsampled input each sequence was last
-    computed from, and the call index of that computation, per sequence."""
+class TokenPrunerState(ReuseState):
+    """Entries per (block, axis) hold per-sequence outputs, channel-subsampled inputs and call
+    indices; besides them, what the keep share adapts by."""
 
-    __slots__ = ("out", "ref", "computed_at")
-
-    def __init__(self, out, ref, computed_at):
-        self.out, self.ref, self.computed_at = out, ref, computed_at
-
-
-class TokenPrunerState:
     def __init__(self):
-        self.entries: dict = {}
+        super().__init__()
         self.pending: dict = {}   # (block, axis) -> this call's measured change (device scalar)
         self.ages: dict = {}      # (block, axis) -> this call's age histogram (device, max_age + 2)
         self.trend: dict = {}     # (block, axis) -> running mean of the change (host float)
         self.ratio: dict = {}     # (block, axis) -> last change / trend, applied at the next call
         self.age_hist: dict = {}  # (block, axis) -> (call index, rows per age 0..max_age+1) on the host
-        self.last_ran = None      # index of the last call the network ran (see outside_reuse_horizon)
-        self.aside = False        # this call is past every entry's age bound: stand aside
 
     def reset(self) -> None:
-        for d in (self.entries, self.pending, self.ages, self.trend, self.ratio, self.age_hist):
+        super().reset()
+        for d in (self.pending, self.ages, self.trend, self.ratio, self.age_hist):
             d.clear()
-        self.last_ran, self.aside = None, False
 
     def drop_cached(self) -> None:
-        self.entries.clear()
+        super().drop_cached()
         self.age_hist.clear()
-
-    def nbytes(self) -> int:
-        return sum(nbytes(e.out) + nbytes(e.ref) + nbytes(e.computed_at) for e in self.entries.values())
 
 
 class TokenPruner(CrossCallReuse):
@@ -165,9 +153,9 @@ class TokenPruner(CrossCallReuse):
         if entry is None:
             out = nxt(seqs, index)
             if index is None:  # only a full view can start an entry; a subset passes through
-                entry = st.entries[key] = _Entry(self.store.put(out), xs.clone(),
-                                                 torch.full((total,), step.index, dtype=torch.long,
-                                                            device=seqs.device))
+                entry = st.entries[key] = ReuseEntry(self.store.put(out), xs.clone(),
+                                                     torch.full((total,), step.index, dtype=torch.long,
+                                                                device=seqs.device))
                 self._record_ages(st, key, entry, step.index)
             return out
         s = seqs.shape[0]
