@@ -4,20 +4,21 @@ the model's options and a calibration writes to JSON.
 A mechanism's config is a frozen dataclass deriving from `MechanismConfig`. Construction checks the
 fields most mechanisms have (the percent window of the schedule, where cached activations are
 stored, subsampling strides) and then the config's own `validate()`; lists given for tuple fields
-(from JSON) become tuples. `to_dict` / `from_dict` round-trip through plain data, and unknown
-settings are an error that names the known ones.
+(from JSON) become tuples. `to_dict` / `from_dict` (plain.PlainData) round-trip through plain data,
+and unknown settings are an error that names the known ones.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
+from ..plain import PlainData
 from .storage import check_storage
 
 STRIDES = ("signal_stride", "channel_stride")
 
 
 @dataclass(frozen=True)
-class MechanismConfig:
+class MechanismConfig(PlainData):
     def __post_init__(self):
         for f in fields(self):
             if isinstance(getattr(self, f.name), list):
@@ -44,22 +45,3 @@ class MechanismConfig:
         for name in STRIDES:
             if name in names and int(getattr(self, name)) < 1:
                 raise ValueError(f"{owner}.{name} must be >= 1, got {getattr(self, name)}")
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d):
-        """A config from plain data (JSON, a node's stored options), or the config itself; None gives
-        the defaults; unknown keys are an error."""
-        if d is None:
-            return cls()
-        if isinstance(d, cls):
-            return d
-        if not isinstance(d, dict):
-            raise TypeError(f"{cls.__name__}: expected a {cls.__name__} or a dict, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown settings {unknown}; known: {sorted(known)}")
-        return cls(**d)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -60,6 +60,7 @@ import torch.nn.functional as F
 from ..dispatch import FullCompute, SCMDispatch
 from ..layout import SCMLayout
 from ..memory import TRANSFORMER_ELEMENTS, MemoryConfig, piece_budget, run_in_pieces, units_per_piece
+from ..plain import PlainData
 from .io import CheckpointError, read_metadata
 from .sv4d_blocks import (AlphaBlender, CameraAxis, Downsample, GroupNorm32, MixBlock, SpatialBlock,
                           Upsample, VideoResBlock, mlp, timestep_embedding)
@@ -70,7 +71,7 @@ FORMAT = "turbo4d-sv4d-unet"
 
 
 @dataclass(frozen=True)
-class SV4DConfig:
+class SV4DConfig(PlainData):
     version: str = "sv4d2"            # "sv4d" | "sv4d2"
     model_channels: int = 320         # override for reduced-width checkpoints (multiple of 32)
     channel_mult: tuple = (1, 2, 4, 4)
@@ -120,19 +121,6 @@ class SV4DConfig:
     def motion_mixer(self) -> str:
         """Name of the motion blend's parameter module."""
         return "time_mixer_motion" if self.version == "sv4d2" else "time_mixer"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mult"], d["attention_levels"] = list(self.channel_mult), list(self.attention_levels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SV4DConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown SV4DConfig fields {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def reduced(cls, version: str = "sv4d2", model_channels: int = 32, head_dim: int = 16, **kw) -> "SV4DConfig":

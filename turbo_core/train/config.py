@@ -1,9 +1,10 @@
 """What a training run is: the model config it trains, the optimiser, the noise and the data."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 from ..models.scm_net import CONFIGS, SCMNetConfig
+from ..plain import PlainData
 
 DATA_DESCRIPTION = (
     "turbo_core.data.synth4d procedural scenes (floor disc, sky gradient, 1-3 moving textured "
@@ -14,7 +15,7 @@ DATA_DESCRIPTION = (
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(PlainData):
     model: str = "default"            # key of models.scm_net.CONFIGS
     images_per_step: int = 512        # scenes per step = images_per_step // (V * F), at least 1
     total_steps: int = 20_000         # length of the learning-rate schedule; training stops there
@@ -40,17 +41,6 @@ class TrainConfig:
             raise ValueError(f"unknown model config {self.model!r}; pick one of {sorted(CONFIGS)}")
         if self.images_per_step < 1 or self.total_steps < 1:
             raise ValueError("images_per_step (--batch) and total_steps (--steps) must be >= 1")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name: f for f in fields(cls)}
-        unknown = set(d) - set(known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def describe_data(self) -> str:
         return DATA_DESCRIPTION.format(views=list(self.views), frames=list(self.frames),
