@@ -136,3 +136,43 @@ def test_the_row_gets_a_generated_node(with_toy):
     off, line = cls.execute(model=out, preset="off", every=5, start_percent=0.0, end_percent=1.0,
                             storage="native").result
     assert glue.accelerator_specs(off) == [] and line == "Toy Reuse: off"
+
+
+def test_chain_bypass_node_takes_calibrations_of_its_two_mechanisms(tmp_path):
+    """The Chain Bypass node sets the step skip and the per-block bypass. A calibration of either
+    applies; one written before the two were split (mechanism "bypass", the settings of both in one
+    config) still applies to both, with the settings line it had; another node's is refused."""
+    import json
+
+    from turbo_core.accel.bypass import ChainBypassConfig
+    from turbo_core.accel.calibrate import Calibration, save_calibration
+    from turbo_core.accel.step_skip import StepSkipConfig
+
+    pack = import_pack_nodes()
+    acc, glue = pack("accelerators"), pack("model")
+    model = glue.make_model_patcher(random_net(), torch.float32)
+    both = {"threshold": 0.0, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive": 2, "storage": "native",
+            "signal_stride": 8, "step_threshold": 0.1, "step_max_skips": 10000, "forecast_order": 0, "kappa_prior": 0.19}
+    files = {"before_the_split": Calibration("bypass", "step_threshold", 0.1, 35.0, both),
+             "step": Calibration("step", "step_threshold", 0.05, 35.0, StepSkipConfig(step_threshold=0.05).to_dict()),
+             "bypass": Calibration("bypass", "threshold", 0.04, 40.0, ChainBypassConfig(threshold=0.04).to_dict()),
+             "cache": Calibration("cache", "threshold", 0.2, 35.0, {"threshold": 0.2})}
+    for name, cal in files.items():
+        save_calibration(cal, str(tmp_path / f"{name}.json"))
+
+    def run(name):
+        return acc.ChainBypass.execute(model=model, preset="balanced", threshold=0.08, max_consecutive=2,
+                                       step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2,
+                                       end_percent=0.95, storage="native",
+                                       calibration_file=str(tmp_path / f"{name}.json")).result
+
+    out, line = run("before_the_split")
+    assert dict(glue.accelerator_specs(out)) == {
+        "bypass": ChainBypassConfig(threshold=0.0, start_percent=0.0, end_percent=1.0),
+        "step": StepSkipConfig(step_threshold=0.1, step_max_skips=10000, kappa_prior=0.19, start_percent=0.0,
+                               end_percent=1.0)}
+    assert line == f"Chain Bypass: custom {json.dumps(both, sort_keys=True)}"
+    assert glue.accelerator_specs(run("step")[0]) == [("step", StepSkipConfig(step_threshold=0.05))]
+    assert glue.accelerator_specs(run("bypass")[0]) == [("bypass", ChainBypassConfig(threshold=0.04))]
+    with pytest.raises(ValueError, match="calibrates 'cache', not Chain Bypass"):
+        run("cache")

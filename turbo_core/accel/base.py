@@ -155,7 +155,8 @@ class CrossCallReuse(Accelerator):
             if outside_reuse_horizon(st, dispatch.step.index, self.config.max_age):
                 st.drop_cached()  # all past max_age: free it now
                 if dispatch.stats is not None:
-                    dispatch.stats.calls_aside[self.name] += 1
+                    aside = dispatch.stats.calls_aside
+                    aside[self.name] = aside.get(self.name, 0) + 1
         return nxt()
 
     def sees_sequences(self, dispatch) -> bool:
