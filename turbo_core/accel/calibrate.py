@@ -189,7 +189,8 @@ def load_calibration(path: str) -> Calibration:
 
 def _mechanism_of(field_name: Optional[str]) -> str:
     """bypass, unless only another calibrated mechanism has the setting `field_name`."""
-    having = [n for n in calibrated() if field_name in {f.name for f in dataclasses.fields(mechanisms.mechanism(n).config)}]
+    having = [n for n in calibrated()
+              if field_name in {f.name for f in dataclasses.fields(mechanisms.mechanism(n).config)}]
     return having[0] if field_name and "bypass" not in having and len(having) == 1 else "bypass"
 
 
