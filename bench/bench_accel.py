@@ -39,19 +39,22 @@ from typing import Optional
 
 import torch
 
-from turbo_core.accel.base import Accelerator, Turbo4DRun
+from turbo_core.accel.base import Accelerator
 from turbo_core.accel.bypass import ChainBypassConfig
 from turbo_core.accel.cache import RollingCacheConfig
-from turbo_core.accel.presets import PRESETS, TURBO4D_PRESETS, apply_preset, turbo4d_specs
+from turbo_core.accel.presets import apply_preset, turbo4d_specs
 from turbo_core.accel.prune import TokenPrunerConfig
 from turbo_core.accel.registry import build_run
-from turbo_core.accel.script import sample_accelerated, scene_samples
+from turbo_core.accel.run import Turbo4DRun
+from turbo_core.accel.step_skip import StepSkipConfig
+from turbo_core.accel.script import sample_accelerated
+from turbo_core.data.scenes import EVAL_SEED_START, scene_samples
 from turbo_core.diffusion import EDM, karras_sigmas
 from turbo_core.metrics import finite_mean, measure, psnr, ssim
 from turbo_core.models import CONFIGS, SCMNet
 
 DEFAULT_MODEL = "models/turbo4d_default.safetensors"
-HELD_OUT_SEED = 1_000_000
+HELD_OUT_SEED = EVAL_SEED_START
 
 
 # --- baselines ------------------------------------------------------------------------------------
@@ -84,7 +87,7 @@ class FixedIntervalAttention(Accelerator):
         if (e is not None and self.start <= step.percent <= self.end and step.index - e[0] < self.k
                 and e[1].shape == seqs.shape and index is None):
             if d.stats is not None:
-                d.stats.attention_reused(block, axis, seqs.shape[0], whole=True, source="cache")
+                d.stats.attention_reused(block, axis, seqs.shape[0], source="cache")
             return e[1].clone()
         out = nxt(seqs, index)
         if index is None and step.percent <= self.end:
@@ -109,7 +112,7 @@ class FixedIntervalChain(Accelerator):
         if (block > 0 and e is not None and self.start <= step.percent <= self.end
                 and step.index - e[0] < self.k and e[1].shape == x.shape):
             if d.stats is not None:
-                d.stats.chain_bypassed(step, block, x.shape[0])
+                d.stats.chain_bypassed(block)
             return x + e[1]
         x_in = x.clone()
         y = nxt(x)
@@ -161,9 +164,10 @@ def configurations(args, calibration=None) -> list[dict]:
     """name, family, and either specs or a factory of a prebuilt run (baselines)."""
     rows = [{"name": "full", "family": "full", "specs": []}]
     levels = ("balanced",) if args.tiny else ("quality", "balanced", "fast")
-    for mech in ("cache", "prune", "bypass"):
+    for mech in ("cache", "prune", "bypass"):  # bypass: the Chain Bypass node's presets (whole steps)
         for lv in levels:
-            rows.append({"name": f"{mech}-{lv}", "family": mech, "specs": apply_preset([], mech, lv)})
+            rows.append({"name": f"{mech}-{lv}", "family": mech,
+                         "specs": apply_preset([], "step" if mech == "bypass" else mech, lv)})
     for lv in levels:
         rows.append({"name": f"turbo4d-{lv}", "family": "turbo4d", "specs": turbo4d_specs(lv)})
     for k in ((2,) if args.tiny else (2, 3)):
@@ -217,16 +221,16 @@ def configurations(args, calibration=None) -> list[dict]:
             for t in ((0.01, 0.03, 0.1, 0.3) if order else (0.03, 0.1, 0.3)):
                 for mx in (3, 6, 12):
                     rows.append({"name": f"sweep-step-o{order}-t{t}-m{mx}", "family": "sweep-step",
-                                 "specs": [("bypass", ChainBypassConfig(threshold=0.0, step_threshold=t,
-                                                                        step_max_skips=mx, forecast_order=order,
-                                                                        start_percent=0.0))]})
+                                 "specs": [("step", StepSkipConfig(step_threshold=t, step_max_skips=mx,
+                                                                   forecast_order=order, start_percent=0.0))]})
         for t, mx in ((0.03, 6), (0.1, 6), (0.3, 12)):
-            combos[f"s{t}m{mx}+b.08+c.2"] = [("bypass", ChainBypassConfig(threshold=0.08, step_threshold=t,
-                                                                          step_max_skips=mx, start_percent=0.0)),
+            combos[f"s{t}m{mx}+b.08+c.2"] = [("step", StepSkipConfig(step_threshold=t, step_max_skips=mx,
+                                                                     start_percent=0.0)),
+                                             ("bypass", ChainBypassConfig(threshold=0.08, start_percent=0.0)),
                                              ("cache", RollingCacheConfig(threshold=0.2))]
             combos[f"s{t}m{mx}+b.12+c.3+p.3"] = [
-                ("bypass", ChainBypassConfig(threshold=0.12, max_consecutive=3, step_threshold=t, step_max_skips=mx,
-                                             start_percent=0.0)),
+                ("step", StepSkipConfig(step_threshold=t, step_max_skips=mx, start_percent=0.0)),
+                ("bypass", ChainBypassConfig(threshold=0.12, max_consecutive=3, start_percent=0.0)),
                 ("cache", RollingCacheConfig(threshold=0.3, max_age=5)),
                 ("prune", TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1))]
         for name, specs in combos.items():
@@ -434,7 +438,7 @@ def main(argv=None) -> int:
         for mech in ("cache", "prune"):
             rows.append({"name": f"{mech}-balanced", "family": mech, "specs": apply_preset([], mech, "balanced")})
         for lv in ("quality", "balanced", "fast"):  # presets set on the embedded model, as they ship
-            rows.append({"name": f"bypass-{lv}", "family": "bypass", "specs": apply_preset([], "bypass", lv)})
+            rows.append({"name": f"bypass-{lv}", "family": "bypass", "specs": apply_preset([], "step", lv)})
             rows.append({"name": f"turbo4d-{lv}", "family": "turbo4d", "specs": turbo4d_specs(lv)})
         for n in (25, 10, 5, 3):
             rows.append({"name": f"fewer-steps-{n}", "family": "fewer-steps", "steps": n, "specs": []})

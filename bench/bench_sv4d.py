@@ -35,10 +35,10 @@ import torch
 
 from turbo_core.accel.presets import turbo4d_specs
 from turbo_core.accel.registry import build_run
-from turbo_core.dispatch import FullCompute
+from turbo_core.dispatch import FullCompute, chunked_sdpa
 from turbo_core.models.sv4d import SV4DConfig, build_sv4d
 from turbo_core.models.sv4d_blocks import Downsample, Upsample, VideoResBlock
-from turbo_core.train import broadcast_attention, chunked_sdpa
+from turbo_core.train.attention import broadcast_attention
 
 GRIDS = {"sv4d2": (12, 4), "sv4d": (5, 8)}
 
@@ -309,7 +309,7 @@ def one_pass(net, frames, views, side, dev, dtype, memory=None, specs=(), calls=
     """Peak memory and ms per call of `calls` CFG-batched calls; None when out of memory."""
     import gc
 
-    from turbo_core.accel.storage import cache_budget
+    from turbo_core.memory import cache_budget
 
     if dev == "cuda":
         gc.collect()
@@ -500,7 +500,7 @@ def main():
                         times.append((time.perf_counter() - t0) * 1000)
                 stats = run.end(torch.cuda.max_memory_allocated())
                 acc = {"version": version, "accel": args.accel, "backend": args.backends[-1],
-                       "ms_per_step": [round(t, 1) for t in times], "accelerators": stats.accelerators,
+                       "ms_per_step": [round(t, 1) for t in times], "accelerators": stats.configs,
                        "cache_mb": stats.summary()["cache_memory_peak_mb"]}
                 print(json.dumps(acc, default=str), flush=True)
                 results.append(acc)

@@ -5,8 +5,8 @@
 
 - "turbo4d.step": {"node", "prompt_id", "call", "step", "percent", "stream", "row", "blocks",
   "total_steps", "summary", "elapsed"} after each model call (row = one letter per block, see
-  turbo_core.report.STATE_CODES);
-- "turbo4d.done": {"node", "prompt_id", "payload": turbo_core.report.run_payload(stats)} at the end.
+  turbo_core.run_report.STATE_CODES);
+- "turbo4d.done": {"node", "prompt_id", "payload": turbo_core.run_report.run_payload(stats)} at the end.
 
 "node" is the id of the node that runs the sampling (ComfyUI's execution context gives it, so the
 stock KSampler is covered too), which is the id of that node in the browser's graph.
@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Optional
 
-from turbo_core.report import row_code, run_payload
+from turbo_core.run_report import row_code, run_payload
 
 log = logging.getLogger("turbo4d")
 

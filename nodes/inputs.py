@@ -29,8 +29,9 @@ EXAMPLE_SOURCE = os.path.join(PACK_DIR, "workflows", "assets", EXAMPLE_VIDEO)
 
 
 def install_example_video(input_dir: str | None = None) -> str | None:
-    """Copies the shipped example video into ComfyUI's input folder once, so the example workflow
-    finds it; never overwrites a user's file of the same name."""
+    """Copies the shipped example video into ComfyUI's input folder once (when the list of input
+    videos is first read, not on import), so the example workflow finds it; never overwrites a
+    user's file of the same name."""
     input_dir = input_dir or folder_paths.get_input_directory()
     dst = os.path.join(input_dir, EXAMPLE_VIDEO)
     try:
@@ -43,10 +44,14 @@ def install_example_video(input_dir: str | None = None) -> str | None:
         return None
 
 
-install_example_video()
+_example_installed = False
 
 
 def input_videos() -> list[str]:
+    global _example_installed
+    if not _example_installed:  # once a process, like the copy on import it replaces
+        install_example_video()
+        _example_installed = True
     d = folder_paths.get_input_directory()
     try:
         names = [f for f in os.listdir(d) if os.path.isfile(os.path.join(d, f))]

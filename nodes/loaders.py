@@ -22,7 +22,8 @@ DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": to
 
 
 def register_model_folder() -> str:
-    """models/turbo4d/ in ComfyUI's models directory (and wherever extra_model_paths.yaml adds one)."""
+    """models/turbo4d/ in ComfyUI's models directory (and wherever extra_model_paths.yaml adds one).
+    Done when the folder is first needed, not on import; doing it again changes nothing."""
     path = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = ([path], {".safetensors", ".sft"})
@@ -33,11 +34,9 @@ def register_model_folder() -> str:
     return path
 
 
-register_model_folder()
-
-
 def model_files() -> list[str]:
     """models/turbo4d/, then the SV4D files of ComfyUI's diffusion_models and checkpoints folders."""
+    register_model_folder()
     try:
         names = list(folder_paths.get_filename_list(FOLDER))
     except OSError:  # the folder was removed while ComfyUI runs
@@ -50,6 +49,7 @@ def weights_path(model_name: str) -> str:
     (nodes/files.py refuses a name or a link leading out of those folders)."""
     if model_name == EMBEDDED:
         return DEFAULT_WEIGHTS
+    register_model_folder()
     path = files.model_file(NODE, "model_name", FOLDER, model_name) or sv4d.sv4d_path(model_name, NODE)
     if path is not None:
         return path
@@ -73,6 +73,7 @@ def scm_configs() -> dict:
     read from the files' headers (cached by size and mtime: the grid nodes' schema and prompt
     validation ask for their limits)."""
     out = {}
+    register_model_folder()
     try:
         names = list(folder_paths.get_filename_list(FOLDER))
     except OSError:  # the folder was removed while ComfyUI runs

@@ -20,7 +20,6 @@ Accelerator contract: accelerator nodes clone the MODEL and store their specs wi
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Optional
 
@@ -36,7 +35,7 @@ import comfy.supported_models_base
 from comfy.patcher_extension import WrappersMP
 
 from turbo_core.accel.registry import build_run
-from turbo_core.diffusion import EDM
+from turbo_core.diffusion import EDM, call_sigma, per_image_sigma
 from turbo_core.models.scm_net import SCMNet
 
 log = logging.getLogger("turbo4d")
@@ -102,37 +101,21 @@ def call_dispatch(transformer_options: dict, layout, timesteps, x: torch.Tensor,
     run = transformer_options.get(RUN_KEY)
     if run is None:
         return None, None
-    sigmas = transformer_options.get("sigmas")
-    sigma = float(sigmas.flatten()[0]) if sigmas is not None else math.exp(4.0 * float(timesteps.flatten()[0]))
+    sigma = call_sigma(transformer_options.get("sigmas"), timesteps)
     stream = str(tuple(transformer_options.get("cond_or_uncond") or ())) + stream_tag
     d = run.dispatch(layout, sigma, transformer_options.get("sample_sigmas"), stream=stream, dtype=x.dtype,
                      device=x.device, blocks=blocks, cost=cost, work=work)
     return run, d
 
 
-def call_sigmas(x: torch.Tensor, transformer_options: dict) -> Optional[torch.Tensor]:
-    """This call's sigma per image of x (float32), or None when ComfyUI passed none."""
-    sigmas = transformer_options.get("sigmas")
-    if sigmas is None:
-        return None
-    sigma = sigmas.flatten().to(device=x.device, dtype=torch.float32)
-    if sigma.numel() != x.shape[0]:
-        # One sigma per call: ComfyUI batches cond and uncond (CFG) under the sampler's sigma.
-        sigma = sigma[:1].expand(x.shape[0])
-    return sigma
-
-
 def denoised_space(net: SCMNet, x: torch.Tensor, transformer_options: dict):
     """The EDM map from this call's raw output to the denoised images (Turbo4DModel declares
     ModelType.EDM with the network's sigma_data, and ComfyUI hands the network c_in * x_noisy in
     the first channels), for accelerators that stand in for a whole call; None without sigmas."""
-    sigma = call_sigmas(x, transformer_options)
+    sigma = per_image_sigma(transformer_options.get("sigmas"), x)
     if sigma is None:
         return None
-    edm = EDM(sigma_data=net.cfg.sigma_data)
-    _, _, c_in, _ = edm.coefficients(sigma)
-    noisy = x[:, :net.cfg.out_channels].float() / c_in.view(-1, 1, 1, 1)
-    return edm.output_space(noisy, sigma)
+    return EDM(sigma_data=net.cfg.sigma_data).input_space(x, sigma, net.cfg.out_channels)
 
 
 class Turbo4DDiffusionModel(ExecutorDiffusionModel):

@@ -28,11 +28,11 @@ import comfy.model_base
 import comfy.supported_models_base
 from comfy.ldm.modules.diffusionmodules.openaimodel import Timestep
 
-from turbo_core.diffusion import DenoisedSpace
-from turbo_core.layout import AXES
+from turbo_core.diffusion import call_sigma, per_image_sigma, v_prediction_space
 from turbo_core.memory import MemoryConfig
 from turbo_core.models.sv4d import SV4DUNet
-from turbo_core.sampling_plans import SIGMA_MAX, SIGMA_MIN, frame_permutation, step_index
+from turbo_core.sampling_plans import (SIGMA_MAX, SIGMA_MIN, batch_frame_permutation, reference_latents, reversed_at,
+                                       step_index)
 
 from . import model as m
 
@@ -58,19 +58,11 @@ class SV4DModelConfig(comfy.supported_models_base.BASE):
         super().__init__({"disable_unet_model_creation": True})
 
 
-def v_denoised_space(x: torch.Tensor, transformer_options: dict, sigma_data: float = 1.0):
-    """ComfyUI's V_PREDICTION_EDM map from this call's raw output to the denoised latents
-    (D = c_skip * x_noisy + c_out * F, with c_out negative), for accelerators that stand in for a
-    whole call; the network's first LATENT_CHANNELS input channels are c_in * x_noisy. None
-    without sigmas."""
-    sigma = m.call_sigmas(x, transformer_options)
-    if sigma is None:
-        return None
-    sigma = sigma.view(-1, 1, 1, 1)
-    sd2 = sigma_data ** 2
-    norm = (sigma ** 2 + sd2).sqrt()
-    noisy = x[:, :LATENT_CHANNELS].float() * norm
-    return DenoisedSpace(noisy, sd2 / (sigma ** 2 + sd2), -sigma * sigma_data / norm, sigma_data)
+def v_denoised_space(x: torch.Tensor, transformer_options: dict):
+    """ComfyUI's V_PREDICTION_EDM map from this call's raw output to the denoised latents, for
+    accelerators that stand in for a whole call; None without sigmas."""
+    sigma = per_image_sigma(transformer_options.get("sigmas"), x)
+    return None if sigma is None else v_prediction_space(x, sigma, LATENT_CHANNELS)
 
 
 class SV4DDiffusionModel(m.ExecutorDiffusionModel):
@@ -82,14 +74,6 @@ class SV4DDiffusionModel(m.ExecutorDiffusionModel):
     def dtype(self) -> torch.dtype:
         return self.net.out[2].weight.dtype
 
-    def _dispatch(self, transformer_options, layout, timesteps, x, stream_tag):
-        # Each attention layer is counted at its own level's grid (four grids in the UNet); `cost`
-        # (the average per sequence) only serves readers of RunStats.cost.
-        work = self.net.block_work(layout)
-        cost = {a: sum(n * f for (_, ax), (n, f) in work.items() if ax == a)
-                / max(sum(n for (_, ax), (n, _f) in work.items() if ax == a), 1) for a in AXES}
-        return m.call_dispatch(transformer_options, layout, timesteps, x, self.net.blocks, cost, stream_tag, work=work)
-
     def _forward(self, x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
         views, frames, cond_view = kwargs.get("views"), kwargs.get("frames"), kwargs.get("cond_view")
         if views is None or frames is None or cond_view is None or y is None or context is None:
@@ -100,24 +84,22 @@ class SV4DDiffusionModel(m.ExecutorDiffusionModel):
         if n % per:
             raise ValueError(f"the SV4D model got {n} images, not a multiple of frames x views = {frames} x {views}")
         b = n // per
-        reverse = False
-        if kwargs.get("alternate"):
-            sigmas = transformer_options.get("sigmas")
-            sigma = float(sigmas.flatten()[0]) if sigmas is not None else float(torch.exp(4.0 * timesteps.flatten()[0]))
-            reverse = step_index(sigma, transformer_options.get("sample_sigmas")) % 2 == 0
+        alternate, reverse = bool(kwargs.get("alternate")), False
+        if alternate:
+            step = step_index(call_sigma(transformer_options.get("sigmas"), timesteps),
+                              transformer_options.get("sample_sigmas"))
+            reverse = reversed_at(alternate, step)
         t = torch.as_tensor(timesteps, device=x.device).reshape(-1)
         t = t.expand(n) if t.numel() == 1 else t
         if reverse:
-            perm = (frame_permutation(frames, views, True)[None] + per * torch.arange(b)[:, None]).flatten().to(x.device)
+            perm = batch_frame_permutation(frames, views, b, True).to(x.device)
             x, t, context, y, cond_view = x[perm], t[perm], context[perm], y[perm], cond_view[perm]
-        k = cond_view.shape[1] // LATENT_CHANNELS
-        # every image of a batch item carries the item's V reference latents; take frame 0's rows
-        cv = cond_view.view(b, frames, views, k, LATENT_CHANNELS, *cond_view.shape[-2:])[:, 0]
-        cv = cv[:, :, 1 if (reverse and k > 1) else 0].reshape(b * views, LATENT_CHANNELS, *cond_view.shape[-2:])
-        hh, ww = x.shape[-2:]
-        layout = self.net.token_layout(n, views, frames, hh, ww)
-        tag = ("|reversed" if reverse else "|forward") if kwargs.get("alternate") else ""
-        run, d = self._dispatch(transformer_options, layout, timesteps, x, tag)
+        cv = reference_latents(cond_view, b, frames, views, LATENT_CHANNELS, reverse)
+        layout = self.net.token_layout(n, views, frames, *x.shape[-2:])
+        tag = ("|reversed" if reverse else "|forward") if alternate else ""
+        # Each attention layer is counted at its own level's grid (four grids in the UNet).
+        run, d = m.call_dispatch(transformer_options, layout, timesteps, x, self.net.blocks, self.net.cost(layout),
+                                 tag, work=self.net.block_work(layout))
         memory = transformer_options.get(MEMORY_KEY)
         if memory is None and x.is_cuda:
             memory = MemoryConfig()
@@ -145,7 +127,7 @@ class SV4DModel(comfy.model_base.BaseModel):
         (SV4DUNet.activation_bytes) plus room for a piece, not ComfyUI's area-based guess."""
         n, h, w = int(input_shape[0]), int(input_shape[-2]), int(input_shape[-1])
         dtype = self.manual_cast_dtype or self.get_dtype()
-        return self.diffusion_model.net.activation_bytes(n, h, w, torch.empty((), dtype=dtype).element_size()) + PIECE_ROOM
+        return self.diffusion_model.net.activation_bytes(n, h, w, dtype.itemsize) + PIECE_ROOM
 
     def extra_conds(self, **kwargs):
         out = {}

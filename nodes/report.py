@@ -1,6 +1,6 @@
 """Turbo4D Report: the plots of one accelerated run as an IMAGE (and a preview on the node).
 
-The plots are drawn by turbo_core/report.py: the model calls x blocks map, the change signals
+The plots are drawn by turbo_core/run_report.py: the model calls x blocks map, the change signals
 against their thresholds, and quality against speed when the full-compute result of the same seed
 is wired in.
 """
@@ -13,8 +13,8 @@ import torch
 from comfy_api.latest import io, ui
 
 from turbo_core.accel.stats import RunStats
-from turbo_core.metrics import psnr, ssim
-from turbo_core.report import headline, report_image, run_payload
+from turbo_core.metrics import mean_quality
+from turbo_core.run_report import headline, report_image, run_payload
 
 from .events import UI_KEY
 from .types import Turbo4DStats
@@ -35,14 +35,7 @@ def image_quality(reference: torch.Tensor, images: torch.Tensor) -> dict:
         raise ValueError(f"{NODE}: 'reference' has shape {tuple(reference.shape)} but 'images' has "
                          f"{tuple(images.shape)}. Wire the full-compute and the accelerated images of the "
                          f"same grid (same views, frames and size).")
-    a = reference[..., :3].movedim(-1, -3).float()
-    b = images[..., :3].movedim(-1, -3).float()
-    p = psnr(a, b, data_range=1.0).double()
-    mean_psnr = float("inf") if torch.isinf(p).all() else float(p[torch.isfinite(p)].mean())
-    s = None
-    if min(a.shape[-2:]) >= 11:
-        s = float(ssim(a, b, data_range=1.0).mean())
-    return {"psnr": mean_psnr, "ssim": s}
+    return mean_quality(reference[..., :3].movedim(-1, -3), images[..., :3].movedim(-1, -3), data_range=1.0)
 
 
 class Turbo4DReport(io.ComfyNode):

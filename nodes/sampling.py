@@ -12,11 +12,11 @@ import comfy.utils
 import latent_preview
 from comfy_api.latest import io
 
+from turbo_core.data.scenes import relative_cameras
 from turbo_core.data.synth4d import SceneConfig, camera_angles
 from turbo_core.diffusion import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_SCHEDULER, DEFAULT_STEPS
 from turbo_core.models.scm_net import SCMNet, SCMNetConfig
 from turbo_core.words import count
-from turbo_core.train import relative_cameras
 from turbo_core.multiview import check_grid, frame_major_to_view_major, grid_condition, square_resize, to_unit
 
 from . import events, loaders

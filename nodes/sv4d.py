@@ -30,16 +30,14 @@ import folder_paths
 import latent_preview
 from comfy_api.latest import io
 
-from turbo_core.accel.stats import RunStats
-from turbo_core.accel.storage import cache_budget
-from turbo_core.memory import plan
+from turbo_core.accel.stats import MemoryReport, RunStats
+from turbo_core.memory import cache_budget, plan
 from turbo_core.models.io import CheckpointError
 from turbo_core.models.sv4d import (LOADER_VARIANTS, detect_sv4d, load_sv4d, parameter_count, read_sv4d_config,
                                     sv4d_variant_note)
 from turbo_core.sv4d_input import describe as describe_prep, prepare_sv4d_input
-from turbo_core.sampling_plans import (Pass, VARIANTS, camera_radians, check_plan, frame_permutation,
-                                       guidance_scales, plan_for, step_index, sv3d_reference_views,
-                                       sv4d_frame_counts, variant_for)
+from turbo_core.sampling_plans import (Pass, PassGuidance, VARIANTS, camera_radians, check_plan, guidance_scales,
+                                       plan_for, sv3d_reference_views, sv4d_frame_counts, variant_for)
 from turbo_core.words import count
 
 from . import events
@@ -47,7 +45,7 @@ from . import files
 from . import model as m
 from . import model_sv4d as g
 from .layout import layout_output, remember
-from .memory import cache_limit_bytes
+from .memory_limit import cache_limit_bytes
 from .types import Turbo4DStats
 
 log = logging.getLogger("turbo4d")
@@ -191,75 +189,15 @@ def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return img[..., :3].clamp(0, 1)
 
 
-def _cfg_function(scales: torch.Tensor, views: int, p: Pass):
-    """ComfyUI's sampler_cfg_function for one pass: the reference guider's scale per image
-    position; in reversed steps image (t, v) sits at position (T-1-t, v)."""
-    frames = len(p.frames)
-    rev = scales[frame_permutation(frames, views, True)]
+def _cfg_function(guidance: PassGuidance):
+    """ComfyUI's sampler_cfg_function for one pass: its reference guider."""
 
     def cfg(args):
-        cond, uncond = args["cond"], args["uncond"]
-        sigma = float(torch.as_tensor(args["sigma"]).flatten()[0])
         to = args.get("model_options", {}).get("transformer_options", {})
-        s = rev if p.reversed_at(step_index(sigma, to.get("sample_sigmas"))) else scales
-        s = s.to(cond.device, cond.dtype).repeat(cond.shape[0] // s.numel()).view(-1, *([1] * (cond.dim() - 1)))
-        return uncond + (cond - uncond) * s
+        return guidance(args["cond"], args["uncond"], float(torch.as_tensor(args["sigma"]).flatten()[0]),
+                        to.get("sample_sigmas"))
 
     return cfg
-
-
-def merge_stats(items: list) -> Optional[RunStats]:
-    """One RunStats for the node's passes (each pass is one sampling run)."""
-    items = [s for s in items if s is not None]
-    if not items:
-        return None
-    out = RunStats(blocks=items[0].blocks, cost=dict(items[0].cost))
-    for s in items:
-        for k in ("calls", "chains_ran", "chains_bypassed", "cache_hits", "cache_misses"):
-            setattr(out, k, getattr(out, k) + getattr(s, k))
-        for k in ("sequences_total", "sequences_computed", "sequences_reused"):
-            for a, v in getattr(s, k).items():
-                getattr(out, k)[a] += v
-        for key, cell in s.per_block.items():
-            merged = out.per_block[key]
-            for i, v in enumerate(cell):
-                merged[i] += v
-        for src, per in s.reused_by.items():
-            for a, v in per.items():
-                out.reused_by[src][a] += v
-        out.flops_full += s.flops_full
-        out.flops_done += s.flops_done
-        out.cache_bytes_peak = max(out.cache_bytes_peak, s.cache_bytes_peak)
-        out.timeline.extend(s.timeline)
-        out.seconds += s.seconds
-        out.notes += [n for n in s.notes if n not in out.notes]
-        if s.peak_memory_bytes is not None:
-            out.peak_memory_bytes = max(out.peak_memory_bytes or 0, s.peak_memory_bytes)
-        accs = s.__dict__.get("accelerators")
-        if accs:
-            out.__dict__.setdefault("accelerators", {}).update(accs)
-        mem = s.__dict__.get("memory")
-        if mem:
-            acc = out.__dict__.setdefault("memory", {"retries": 0})
-            acc["retries"] += mem.get("retries", 0)
-            for k in ("gpu_limit_mb", "gpu_peak_mb", "cpu_peak_mb"):
-                if mem.get(k) is not None:
-                    acc[k] = max(acc.get(k) or 0, mem[k])
-    out.started = min(s.started for s in items)
-    return out
-
-
-def memory_line(mem: Optional[dict]) -> str:
-    """Where the accelerators' cache was, and the out-of-memory retries, for the stats line."""
-    if not mem:
-        return ""
-    out = ""
-    if mem.get("gpu_limit_mb") is not None:
-        out += (f"; cache on GPU {mem['gpu_peak_mb'] / 1024:.1f} of {mem['gpu_limit_mb'] / 1024:.1f} GB allowed, "
-                f"in CPU memory {mem['cpu_peak_mb'] / 1024:.1f} GB")
-    if mem.get("retries"):
-        out += f"; {mem['retries']} out-of-memory retries in smaller pieces"
-    return out
 
 
 def plan_memory(model_patcher, net, images: int, latent: int):
@@ -269,14 +207,13 @@ def plan_memory(model_patcher, net, images: int, latent: int):
     device = comfy.model_management.get_torch_device()
     if getattr(device, "type", str(device)) != "cuda":
         return None, None
-    dtype = net.out[2].weight.dtype
     try:
         to_load = max(int(model_patcher.model_size()) - int(model_patcher.loaded_size()), 0)
     except Exception:  # a patcher without the size API: plan as if loaded
         to_load = 0
-    elt = torch.empty((), dtype=model_patcher.model.get_dtype()).element_size()
-    return plan(device, net.activation_bytes(images, latent, latent, elt), cache_limit_bytes(model_patcher),
-                model_patcher.model.get_dtype(), weights_to_load=to_load)
+    dtype = model_patcher.model.get_dtype()
+    return plan(device, net.activation_bytes(images, latent, latent, dtype.itemsize), cache_limit_bytes(model_patcher),
+                dtype, weights_to_load=to_load)
 
 
 class SV4DSampler(io.ComfyNode):
@@ -419,12 +356,10 @@ class SV4DSampler(io.ComfyNode):
             for j, f in enumerate(p.frames):
                 image_matrix[f, 1:] = decoded[j]
                 latents[f] = samples.view(t, V, *samples.shape[1:])[j]
-        stats = merge_stats(reports)
+        stats = RunStats.merge(reports)
         passes = f"{len(plan)} pass" + ("es" if len(plan) != 1 else "")
         line = (stats.format_line(f"Turbo4D {variant.title}, {passes}") if stats is not None
                 else "Turbo4D: no stats (the sampling runs did not report)")
-        if stats is not None:
-            line += memory_line(stats.__dict__.get("memory"))
         line += f"; {settings}"
         images = image_matrix.permute(1, 0, 2, 3, 4).reshape(-1, size, size, 3)
         return io.NodeOutput(images, {"samples": latents.reshape(-1, *latents.shape[2:])}, line, stats,
@@ -459,7 +394,8 @@ class SV4DSampler(io.ComfyNode):
         to[events.LISTENERS_KEY] = [events.RunEvents(total_steps=steps)]
         scales = guidance_scales(variant.guider, T, V, cfg, min_cfg)
         if not torch.allclose(scales, torch.ones_like(scales)):
-            mp.set_model_sampler_cfg_function(_cfg_function(scales, V, p), disable_cfg1_optimization=True)
+            mp.set_model_sampler_cfg_function(_cfg_function(PassGuidance(scales, V, p)),
+                                              disable_cfg1_optimization=True)
         x = torch.zeros(T * V, g.LATENT_CHANNELS, hw, hw)
         noise = comfy.sample.prepare_noise(x, seed)
         with cache_budget(budget):
@@ -468,9 +404,10 @@ class SV4DSampler(io.ComfyNode):
                                           callback=latent_preview.prepare_callback(mp, steps),
                                           disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         if memory is not None:
-            mem = {"retries": memory.retries, **(budget.summary() if budget is not None else {})}
+            placed = budget.summary() if budget is not None else {}
             for st in sink.items:
-                st.__dict__["memory"] = mem
+                st.memory = MemoryReport(memory.retries, placed.get("gpu_limit_mb"), placed.get("gpu_peak_mb"),
+                                         placed.get("cpu_peak_mb"))
             if memory.retries:
                 log.warning("Turbo4D %s: %d out-of-memory retries in smaller pieces (%s)", variant.title,
                             memory.retries, memory.messages[-1])

@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from accel_fixtures import full, net, rel_err, sample
-from turbo_core.accel.bypass import ChainBypass, ChainBypassConfig, apply_chain_bypass
+from turbo_core.accel.bypass import ChainBypass, ChainBypassConfig
 from turbo_core.accel.registry import build_run
+from turbo_core.accel.step_skip import StepSkipConfig
 from turbo_core.layout import SCMLayout
 
 
 @pytest.mark.parametrize("threshold", [0.0, 1e-12])
 def test_never_bypassing_equals_full_compute(net, full, threshold):
-    x, st = sample(net, apply_chain_bypass([], ChainBypassConfig(threshold=threshold, start_percent=0.0)))
+    x, st = sample(net, [("bypass", ChainBypassConfig(threshold=threshold, start_percent=0.0))])
     assert torch.equal(x, full)
     assert st.chains_bypassed == 0
 
@@ -123,15 +124,14 @@ def test_held_output_equals_sampling_with_fewer_steps(net):
 
     calls, hook = _counting_forward(net)
     try:
-        cfg = ChainBypassConfig(threshold=0.0, step_threshold=0.5, step_max_skips=2, forecast_order=0,
-                                start_percent=0.0)
-        x, st = sample(net, [("bypass", cfg)], steps=16)
+        cfg = StepSkipConfig(step_threshold=0.5, step_max_skips=2, forecast_order=0, start_percent=0.0)
+        x, st = sample(net, [("step", cfg)], steps=16)
     finally:
         hook.remove()
     ran = [t for t in st.timeline if any(c != "bypassed" for c in t["cells"].values())]
     skipped = st.summary()["steps_fully_bypassed"]
     assert skipped > 0 and len(calls) == len(ran) == 16 - skipped
-    assert st.accelerators["bypass"]["steps_skipped"] == skipped
+    assert st.steps_skipped == skipped
 
     noise, cond, cam = grid_inputs(net)
     sig = [t["sigma"] for t in ran] + [0.0]
@@ -145,39 +145,38 @@ def test_step_skip_forecast_within_bound_and_state_freed(net, full):
 
     calls, hook = _counting_forward(net)
     try:
-        cfg = ChainBypassConfig(threshold=0.0, step_threshold=0.1, step_max_skips=3, start_percent=0.0)
-        run = build_run([("bypass", cfg)])
+        cfg = StepSkipConfig(step_threshold=0.1, step_max_skips=3, start_percent=0.0)
+        run = build_run([("step", cfg)])
         x, st = sample(net, None, run=run)
     finally:
         hook.remove()
-    skipped = st.accelerators["bypass"]["steps_skipped"]
+    skipped = st.steps_skipped
     assert skipped > 0 and len(calls) == STEPS - skipped
     assert st.chains_bypassed == skipped * net.cfg.depth
     assert 0 < rel_err(x, full) < 3e-2
     assert run.accelerators[0].cache_bytes() == 0  # the held outputs are gone after the run
     assert "bypass.step" in {k for t in st.timeline for k in t["signal"]}
     # The same settings again: the same result (nothing carried over from the first run).
-    assert torch.equal(sample(net, [("bypass", cfg)])[0], x)
+    assert torch.equal(sample(net, [("step", cfg)])[0], x)
 
 
 def test_step_skip_config_errors():
     for bad in ({"step_threshold": -1.0}, {"step_max_skips": -1}, {"forecast_order": 2}, {"kappa_prior": -0.1}):
-        with pytest.raises(ValueError, match="ChainBypassConfig"):
-            ChainBypassConfig(**bad)
+        with pytest.raises(ValueError, match="StepSkipConfig"):
+            StepSkipConfig(**bad)
 
 
 def test_kappa_prior_lets_the_second_call_be_skipped(net, full):
     """Without a prior the second call always runs (kappa is measured from it); with one, the
     first jump can be long, and the measured rate the run reports is what a prior should be."""
     def run(prior):
-        cfg = ChainBypassConfig(threshold=0.0, step_threshold=0.1, step_max_skips=6, start_percent=0.0,
-                                kappa_prior=prior)
-        x, st = sample(net, [("bypass", cfg)])
+        cfg = StepSkipConfig(step_threshold=0.1, step_max_skips=6, start_percent=0.0, kappa_prior=prior)
+        x, st = sample(net, [("step", cfg)])
         skipped = [t["step"] for t in st.timeline if t["cells"] and all(c == "bypassed" for c in t["cells"].values())]
-        return x, skipped, st.accelerators["bypass"]
+        return x, skipped, st.kappa_measured
 
-    _, skipped, summary = run(0.0)
-    assert 1 not in skipped and summary["kappa_measured"] > 0
-    x, skipped, _ = run(summary["kappa_measured"])
+    _, skipped, kappa = run(0.0)
+    assert 1 not in skipped and kappa > 0
+    x, skipped, _ = run(kappa)
     assert 1 in skipped
     assert 0 < rel_err(x, full) < 5e-2

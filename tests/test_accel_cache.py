@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from accel_fixtures import full, net, rel_err, sample, CountingAttention
-from turbo_core.accel.cache import RollingCache, RollingCacheConfig, apply_rolling_cache
+from turbo_core.accel.cache import RollingCache, RollingCacheConfig
 from turbo_core.accel.registry import build_run
 from turbo_core.layout import AXES, SCMLayout
 
@@ -15,7 +15,7 @@ from turbo_core.layout import AXES, SCMLayout
 @pytest.mark.parametrize("threshold", [0.0, 1e-12])
 def test_never_reusing_equals_full_compute(net, full, threshold):
     # 1e-12 runs the whole machinery (signals, storage) without ever reusing; 0 is the off switch.
-    x, st = sample(net, apply_rolling_cache([], RollingCacheConfig(threshold=threshold, start_percent=0.0)))
+    x, st = sample(net, [("cache", RollingCacheConfig(threshold=threshold, start_percent=0.0))])
     assert torch.equal(x, full)
     assert st.cache_hits == 0
 
@@ -23,7 +23,7 @@ def test_never_reusing_equals_full_compute(net, full, threshold):
 def test_reuse_skips_work_and_bounds_the_change(net, full):
     counting = CountingAttention()
     cfg = RollingCacheConfig(threshold=0.3, max_age=3, start_percent=0.1)
-    x, st = sample(net, apply_rolling_cache([], cfg), backend=counting)
+    x, st = sample(net, [("cache", cfg)], backend=counting)
     ref_count = CountingAttention()
     sample(net, [], backend=ref_count)
     done, all_ = counting.by_axis(net), ref_count.by_axis(net)

@@ -10,9 +10,10 @@ import torch
 
 from accel_fixtures import EDM_, F, V, grid_inputs, net
 from turbo_core.accel.calibrate import Calibration, calibrate, load_calibration, save_calibration
-from turbo_core.accel.presets import PRESET_NAMES, PRESETS, apply_preset, turbo4d_specs
+from turbo_core.accel.mechanisms import names
+from turbo_core.accel.presets import PRESET_NAMES, apply_preset, turbo4d_specs
 from turbo_core.accel.registry import build_run
-from turbo_core.accel.script import scene_samples
+from turbo_core.data.scenes import scene_samples
 from turbo_core.diffusion import karras_sigmas
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,17 +45,17 @@ def test_step_calibration_measures_its_kappa_prior(net):
     """Calibrating whole steps first measures the model's forecast-error rate on the samples and
     runs every candidate with it as kappa_prior; the chosen config keeps it."""
     from turbo_core.accel.script import sample_accelerated
-    from turbo_core.accel.bypass import ChainBypassConfig
+    from turbo_core.accel.step_skip import StepSkipConfig
 
     noise, cond, cam = grid_inputs(net)
     samples = [{"noise": noise, "cond": cond, "camera": cam}]
     sigmas = karras_sigmas(12)
-    cal = calibrate(net, EDM_, samples, sigmas, V, F, mechanism="bypass", field_name="step_threshold",
+    cal = calibrate(net, EDM_, samples, sigmas, V, F, mechanism="step", field_name="step_threshold",
                     candidates=[0.01, 0.05, 0.2], target_psnr=30.0,
-                    base_config={"threshold": 0.0, "start_percent": 0.0, "step_max_skips": 6})
-    probe = ChainBypassConfig(threshold=0.0, start_percent=0.0, step_max_skips=6, step_threshold=1e-12)
-    _, st = sample_accelerated(net, EDM_, [("bypass", probe)], noise, sigmas, cond, cam, V, F)
-    measured = st.accelerators["bypass"]["kappa_measured"]
+                    base_config={"start_percent": 0.0, "step_max_skips": 6})
+    probe = StepSkipConfig(start_percent=0.0, step_max_skips=6, step_threshold=1e-12)
+    _, st = sample_accelerated(net, EDM_, [("step", probe)], noise, sigmas, cond, cam, V, F)
+    measured = st.kappa_measured
     assert measured > 0 and cal.value is not None
     assert cal.config["kappa_prior"] == pytest.approx(measured)
     assert cal.points[-1]["compute_fraction"] < cal.points[0]["compute_fraction"]
@@ -84,9 +85,9 @@ def test_presets_build_runs():
     for name in PRESET_NAMES:
         specs = turbo4d_specs(name)
         assert (len(specs) == 0) == (name == "off")
-        assert name == "off" or {"bypass", "cache"} <= {n for n, _ in specs}
+        assert name == "off" or {"step", "cache"} <= {n for n, _ in specs}
         build_run(specs)
-        for mech in PRESETS:
+        for mech in names():
             s = apply_preset([(mech, None)], mech, name)
             assert (len(s) == 0) == (name == "off")
     with pytest.raises(ValueError, match="unknown preset 'turbo'"):

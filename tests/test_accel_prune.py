@@ -8,15 +8,14 @@ import torch
 
 from accel_fixtures import full, net, rel_err, sample, CountingAttention
 from turbo_core.accel.base import Accelerator
-from turbo_core.accel.prune import TokenPruner, TokenPrunerConfig, apply_token_pruning
+from turbo_core.accel.prune import TokenPruner, TokenPrunerConfig
 from turbo_core.accel.registry import build_run
-from turbo_core.accel.base import Turbo4DRun
+from turbo_core.accel.run import Turbo4DRun
 from turbo_core.layout import SCMLayout
 
 
 def test_keep_one_equals_full_compute(net, full):
-    x, st = sample(net, apply_token_pruning([], TokenPrunerConfig(keep_start=1.0, keep_end=1.0, adapt=0.0,
-                                                                  start_percent=0.0)))
+    x, st = sample(net, [("prune", TokenPrunerConfig(keep_start=1.0, keep_end=1.0, adapt=0.0, start_percent=0.0))])
     assert torch.equal(x, full)
     assert not st.reused_by["prune"]
 

@@ -5,7 +5,8 @@ import torch
 
 from accel_fixtures import net, sample  # noqa: F401  (fixture)
 from turbo_core.accel.presets import turbo4d_specs
-from turbo_core.accel.storage import CacheBudget, TensorStore, cache_budget
+from turbo_core.accel.storage import TensorStore
+from turbo_core.memory import CacheBudget, cache_budget
 
 
 def test_budget_places_the_cache_and_keeps_the_result(net):

@@ -3,7 +3,8 @@ level order whatever the spec order, clear errors for unknown names."""
 import pytest
 import torch
 
-from turbo_core.accel.base import Accelerator, Turbo4DRun
+from turbo_core.accel.base import Accelerator
+from turbo_core.accel.run import Turbo4DRun
 from turbo_core.accel.registry import build_run, merge_spec
 from turbo_core.dispatch import SCMDispatch, naive_attention, sdpa
 from turbo_core.layout import SCMLayout
@@ -74,7 +75,7 @@ def test_schedule_position_on_lists_and_tensors():
     0 is never evaluated), interpolated between entries; a tensor schedule gives the same."""
     import torch
 
-    from turbo_core.run import schedule_position
+    from turbo_core.schedule import schedule_position
 
     sched = [10.0, 5.0, 2.0, 1.0, 0.0]
     assert schedule_position(10.0, sched) == (0.0, 4)

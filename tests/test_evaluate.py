@@ -10,7 +10,10 @@ import torch
 from turbo_core.data.synth4d import SceneConfig, render_batch
 from turbo_core.evaluate import generate, main, mean_image, nfe, scores
 from turbo_core.models.io import load_model
-from turbo_core.train import EVAL_SEED_START, TrainConfig, export, train
+from turbo_core.data.scenes import EVAL_SEED_START
+from turbo_core.train.config import TrainConfig
+from turbo_core.train.export import export
+from turbo_core.train.loop import train
 
 
 @pytest.fixture(scope="module")

@@ -139,21 +139,21 @@ def test_whole_steps_with_other_comfy_samplers(glue, sampler):
     result stays finite and of the same image (a sanity bound: this tiny random network on random
     references is no test of fidelity, which the benchmarks measure on the trained model)."""
     from comfy.patcher_extension import WrappersMP
-    from turbo_core.accel.presets import BYPASS_PRESETS
+    from turbo_core.accel.presets import preset_config
     from turbo_core.accel.registry import merge_spec
 
     base = glue.make_model_patcher(_net(), torch.float32)
     full = _sample(glue, base.clone(), views=2, frames=3, steps=10, sampler=sampler)
     m = base.clone()
-    glue.set_accelerator_specs(m, merge_spec([], "bypass", BYPASS_PRESETS["balanced"]))
+    glue.set_accelerator_specs(m, merge_spec([], "step", preset_config("step", "balanced")))
     batches = []
     m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, "test-count",
                            lambda executor, *a, **k: (batches.append(1), executor(*a, **k))[1])
     sink = glue.StatsSink()
     m.model_options["transformer_options"][glue.REPORTS_KEY] = sink
     out = _sample(glue, m, views=2, frames=3, steps=10, sampler=sampler)
-    summary = sink.items[0].accelerators["bypass"]
-    assert summary["steps_skipped"] > 0 and len(batches) == summary["steps_ran"]
+    st = sink.items[0]
+    assert st.steps_skipped > 0 and len(batches) == st.steps_ran
     assert torch.isfinite(out).all()
     assert (out - full).abs().mean() < 0.5 * full.abs().mean()
 
@@ -165,14 +165,14 @@ def test_skipped_whole_steps_skip_comfys_per_step_work(glue, cfg):
     stats as a call with every block bypassed, and the result equals ComfyUI's own Euler sampling
     over just the sigmas whose steps ran (holding the denoised image is a longer Euler step)."""
     from comfy.patcher_extension import WrappersMP
-    from turbo_core.accel.bypass import ChainBypassConfig
     from turbo_core.accel.registry import merge_spec
+    from turbo_core.accel.step_skip import StepSkipConfig
 
     steps = 10
     base = glue.make_model_patcher(_net(), torch.float32)
     m = base.clone()
-    glue.set_accelerator_specs(m, merge_spec([], "bypass", ChainBypassConfig(
-        threshold=0.0, start_percent=0.0, end_percent=1.0, step_threshold=0.3, step_max_skips=100, kappa_prior=0.4)))
+    glue.set_accelerator_specs(m, merge_spec([], "step", StepSkipConfig(
+        start_percent=0.0, end_percent=1.0, step_threshold=0.3, step_max_skips=100, kappa_prior=0.4)))
     batches = []
     m.add_wrapper_with_key(WrappersMP.CALC_COND_BATCH, "test-count",
                            lambda executor, *a, **k: (batches.append(1), executor(*a, **k))[1])
@@ -180,13 +180,12 @@ def test_skipped_whole_steps_skip_comfys_per_step_work(glue, cfg):
     m.model_options["transformer_options"][glue.REPORTS_KEY] = sink
     out = _sample(glue, m, views=2, frames=3, steps=steps, cfg=cfg)
     st = sink.items[0]
-    summary = st.accelerators["bypass"]
-    assert 2 <= summary["steps_ran"] < steps and summary["steps_skipped"] == steps - summary["steps_ran"]
-    assert len(batches) == summary["steps_ran"], "a skipped step must not reach ComfyUI's cond batching"
+    assert 2 <= st.steps_ran < steps and st.steps_skipped == steps - st.steps_ran
+    assert len(batches) == st.steps_ran, "a skipped step must not reach ComfyUI's cond batching"
     assert st.calls == steps and len(st.timeline) == steps
     ran = [t for t in st.timeline if any(c != "bypassed" for c in t["cells"].values())]
-    assert len(ran) == summary["steps_ran"]
-    assert st.chains_bypassed == summary["steps_skipped"] * st.blocks
+    assert len(ran) == st.steps_ran
+    assert st.chains_bypassed == st.steps_skipped * st.blocks
     assert all("bypass.step" in t["signal"] for t in st.timeline[1:])
 
     plain = _sample(glue, base.clone(), views=2, frames=3, cfg=cfg,
@@ -198,12 +197,12 @@ def test_outer_sample_wrapper_runs_accelerators_and_reports(glue):
     """The accelerator contract through ComfyUI's real sampler: specs stored with merge_spec on a
     cloned MODEL become a fresh run per sampling; its RunStats reach a StatsSink; the model without
     specs computes everything."""
-    from turbo_core.accel.presets import PRUNE_PRESETS
+    from turbo_core.accel.presets import preset_config
     from turbo_core.accel.registry import merge_spec
 
     base = glue.make_model_patcher(_net(), torch.float32)
     runs = {}
-    for label, specs in (("full", []), ("pruned", merge_spec([], "prune", PRUNE_PRESETS["fast"]))):
+    for label, specs in (("full", []), ("pruned", merge_spec([], "prune", preset_config("prune", "fast")))):
         m = base.clone()
         glue.set_accelerator_specs(m, specs)
         sink = glue.StatsSink()

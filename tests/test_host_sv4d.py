@@ -196,7 +196,7 @@ def test_accelerated_alternating_pass_keeps_state_per_frame_order(pack):
     """Through ComfyUI's sampler with the Turbo4D cache: every call's stream names its frame order,
     orders alternate starting reversed, the counts are per level (nothing counted as skipped without
     an accelerator), and the cache answers from the same order's earlier call."""
-    from turbo_core.accel.presets import CACHE_PRESETS
+    from turbo_core.accel.presets import preset_config
     from turbo_core.accel.registry import merge_spec
 
     g, m = pack("model_sv4d"), pack("model")
@@ -210,7 +210,7 @@ def test_accelerated_alternating_pass_keeps_state_per_frame_order(pack):
     assert s["tokens_pruned_camera_motion"] == 0 and s["sequences_computed"] == s["sequences_total"]
     assert st.compute_fraction == pytest.approx(1.0)
     fast = base.clone()
-    m.set_accelerator_specs(fast, merge_spec([], "cache", CACHE_PRESETS["fast"]))
+    m.set_accelerator_specs(fast, merge_spec([], "cache", preset_config("cache", "fast")))
     out, acc = _sample_pass(pack, fast, T=3, V=2, hw=8, alternate=True, steps=8)
     assert torch.isfinite(out).all()
     assert acc[0].cache_hits > 0 and acc[0].compute_fraction < 1.0, acc[0].format_line()

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from turbo_core.accel.base import Accelerator, Turbo4DRun
+from turbo_core.accel.base import Accelerator
+from turbo_core.accel.run import Turbo4DRun
 from turbo_core.dispatch import FullCompute, SCMDispatch
 from turbo_core.kernels import short_axis as sa
 from turbo_core.layout import SCMLayout

@@ -12,7 +12,7 @@ from turbo_core.accel.bypass import ChainBypassConfig
 from turbo_core.accel.cache import RollingCacheConfig
 from turbo_core.accel.prune import TokenPrunerConfig
 from turbo_core.accel.registry import build_run
-from turbo_core.report import (STATE_CODES, STATE_COLOURS, draw_map, report_image, row_code, run_payload,
+from turbo_core.run_report import (STATE_CODES, STATE_COLOURS, draw_map, report_image, row_code, run_payload,
                                state_counts)
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import import_pack_nodes
-from turbo_core.accel.stats import RunStats
+from turbo_core.accel.stats import MemoryReport, RunStats
 from turbo_core.layout import SCMLayout
 from turbo_core.models.sv4d import SV4DConfig, SV4DUNet
-from turbo_core.run import StepInfo
+from turbo_core.schedule import StepInfo
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def pack():
 
 
 def test_memory_node_sets_the_cache_bound(pack):
-    mem, g = pack("memory"), pack("model_sv4d")
+    mem, g = pack("memory_limit"), pack("model_sv4d")
     mp = g.make_sv4d_model_patcher(SV4DUNet(SV4DConfig.reduced()))
     assert mem.cache_limit_bytes(mp) is None
     bounded = mem.Turbo4DMemory.execute(mp, 12.5).result[0]
@@ -42,7 +42,7 @@ def _stats(work, computed):
     st = RunStats(blocks=2)
     st.begin_call(StepInfo(0, 1.0, 0.0, 1, "s"), SCMLayout(1, 2, 2, 4, 4), work)
     for (b, a), n in computed.items():
-        st.attention_ran(None, b, a, n, work[(b, a)][0])
+        st.attention_ran(b, a, n, work[(b, a)][0])
     return st
 
 
@@ -50,15 +50,15 @@ def test_sampler_merges_per_level_counts_and_memory(pack):
     sv = pack("sv4d")
     work = {(0, "camera"): (32, 10.0), (1, "camera"): (8, 40.0)}
     a, b = _stats(work, {(0, "camera"): 32, (1, "camera"): 4}), _stats(work, {(0, "camera"): 16})
-    a.__dict__["memory"] = {"retries": 1, "gpu_limit_mb": 100.0, "gpu_peak_mb": 80.0, "cpu_peak_mb": 0.0}
-    b.__dict__["memory"] = {"retries": 2, "gpu_limit_mb": 100.0, "gpu_peak_mb": 100.0, "cpu_peak_mb": 50.0}
-    m = sv.merge_stats([a, b])
+    a.memory = MemoryReport(retries=1, gpu_limit_mb=100.0, gpu_peak_mb=80.0, cpu_peak_mb=0.0)
+    b.memory = MemoryReport(retries=2, gpu_limit_mb=100.0, gpu_peak_mb=100.0, cpu_peak_mb=50.0)
+    m = RunStats.merge([a, b])
     counts = m.block_counts()["camera"]
     assert counts[0]["computed"] == 48 and counts[0]["total"] == 64
     assert counts[1]["computed"] == 4 and counts[1]["total"] == 16
     assert m.flops_done == pytest.approx(48 * 10 + 4 * 40) and m.flops_full == pytest.approx(64 * 10 + 16 * 40)
-    assert m.__dict__["memory"] == {"retries": 3, "gpu_limit_mb": 100.0, "gpu_peak_mb": 100.0, "cpu_peak_mb": 50.0}
-    line = sv.memory_line(m.__dict__["memory"])
+    assert m.memory == MemoryReport(retries=3, gpu_limit_mb=100.0, gpu_peak_mb=100.0, cpu_peak_mb=50.0)
+    line = m.format_line()
     assert "cache on GPU 0.1 of 0.1 GB allowed, in CPU memory 0.0 GB" in line and "3 out-of-memory retries" in line
     assert sv.plan_memory(None, None, 12, 16) == (None, None)  # the host runs on the CPU: no plan
 

@@ -9,8 +9,12 @@ from safetensors import safe_open
 
 from turbo_core.models import CONFIGS, SCMNet
 from turbo_core.models.io import load_model, read_metadata
-from turbo_core.train import (EVAL_SEED_START, TRAIN_SEEDS, TrainConfig, Trainer, export, load_sharded, main,
-                              make_batch, save_sharded, train)
+from turbo_core.data.scenes import EVAL_SEED_START, TRAIN_SEEDS
+from turbo_core.train.batches import make_batch
+from turbo_core.train.cli import main
+from turbo_core.train.config import TrainConfig
+from turbo_core.train.loop import Trainer, train
+from turbo_core.train.shards import load_sharded, save_sharded
 
 TOY = dict(model="tiny", images_per_step=24, views=(2, 3), frames=(2, 4), warmup_steps=2)
 
@@ -151,7 +155,7 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
 
 def test_training_attention_candidates_agree_and_tuning_picks_one():
     from turbo_core.dispatch import naive_attention
-    from turbo_core.train import ATTENTION_CANDIDATES, TrainingAttention
+    from turbo_core.train.attention import ATTENTION_CANDIDATES, TrainingAttention
 
     g = torch.Generator().manual_seed(3)
     for L in (2, 5, 12):

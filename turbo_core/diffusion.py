@@ -2,7 +2,7 @@
 
 ComfyUI's `ModelType.EDM` with `ModelSamplingContinuousEDM` applies exactly this preconditioning
 (c_in, c_noise = log(sigma)/4, c_skip, c_out with sigma_data), so the network trained here samples
-the same through ComfyUI's samplers; `tests/test_diffusion.py` checks the two agree.
+the same through ComfyUI's samplers; tests/test_host_model.py checks the two agree.
 """
 from __future__ import annotations
 
@@ -55,6 +55,12 @@ class EDM:
         c_skip, c_out, _, _ = (c.view(-1, 1, 1, 1) for c in self.coefficients(sigma))
         return DenoisedSpace(x, c_skip, c_out, self.sigma_data)
 
+    def input_space(self, x_in: torch.Tensor, sigma: torch.Tensor, channels: int) -> "DenoisedSpace":
+        """The output space of a call whose network input holds c_in * x_noisy in its first
+        `channels` channels (how ComfyUI's EDM model calls the network); sigma per image."""
+        _, _, c_in, _ = self.coefficients(sigma)
+        return self.output_space(x_in[:, :channels].float() / c_in.view(-1, 1, 1, 1), sigma)
+
     def sample_sigma(self, n: int, device=None, generator=None) -> torch.Tensor:
         z = torch.randn(n, device=device, generator=generator)
         return (z * self.p_std + self.p_mean).exp()
@@ -90,6 +96,37 @@ class DenoisedSpace:
             out = d.float()
             return out.clone() if out is d else out
         return (d.float() - self.c_skip * self.x.float()) / self.c_out
+
+
+def v_prediction_space(x_in: torch.Tensor, sigma: torch.Tensor, channels: int,
+                       sigma_data: float = 1.0) -> DenoisedSpace:
+    """The output space of a v-prediction EDM call (ComfyUI's V_PREDICTION_EDM: D = c_skip * x_noisy
+    + c_out * F with c_out negative) whose network input holds c_in * x_noisy in its first
+    `channels` channels; sigma per image."""
+    sigma = sigma.view(-1, 1, 1, 1)
+    sd2 = sigma_data ** 2
+    norm = (sigma ** 2 + sd2).sqrt()
+    noisy = x_in[:, :channels].float() * norm
+    return DenoisedSpace(noisy, sd2 / (sigma ** 2 + sd2), -sigma * sigma_data / norm, sigma_data)
+
+
+def call_sigma(sigmas: Optional[torch.Tensor], c_noise: torch.Tensor) -> float:
+    """A model call's sigma: the first of the sigmas its host passed, else recovered from the
+    network's noise input c_noise = log(sigma) / 4 (EDM's, and SV4D's v-parameterisation's)."""
+    if sigmas is not None:
+        return float(sigmas.flatten()[0])
+    return math.exp(4.0 * float(c_noise.flatten()[0]))
+
+
+def per_image_sigma(sigmas: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A call's sigma per image of x (float32), from the sigmas its host passed (one per image, or
+    one for the call: ComfyUI batches cond and uncond under the sampler's sigma); None without."""
+    if sigmas is None:
+        return None
+    sigma = sigmas.flatten().to(device=x.device, dtype=torch.float32)
+    if sigma.numel() != x.shape[0]:
+        sigma = sigma[:1].expand(x.shape[0])
+    return sigma
 
 
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,

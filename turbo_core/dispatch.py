@@ -10,9 +10,14 @@ among all sequences of the axis (None = all of them, in order).
 `attend_grid` is the camera/motion entry: the block also hands over the same sub-attention
 computed on the image-major tokens where they lie, which runs (through the short-axis kernel of
 `kernels/`) when no accelerator looks at that axis's sequences, sparing the sequence copies.
+
+Execution policy: a dispatch with `pieces` (a memory.MemoryConfig, see `in_pieces`) runs each
+sub-attention's sequences a piece at a time under the accelerators, sized from the free GPU memory,
+and falls back from a grid path that runs out of memory to the sequence path in pieces.
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -21,7 +26,8 @@ import torch.nn.functional as F
 from .kernels import short_axis
 from .kernels.short_axis import grid_attention, short_axis_sdpa
 from .layout import AXES, SCMLayout
-from .run import StepInfo
+from .memory import MemoryConfig, attend_in_pieces, note_retry, piece_budget
+from .schedule import StepInfo
 
 Compute = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 Chain = Callable[[torch.Tensor], torch.Tensor]
@@ -30,6 +36,21 @@ Chain = Callable[[torch.Tensor], torch.Tensor]
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """(S, heads, L, d) -> (S, heads, L, d) with PyTorch's fused kernels (CPU and CUDA)."""
     return F.scaled_dot_product_attention(q, k, v)
+
+
+MAX_ATTENTION_BATCH = 32768
+
+
+def chunked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sdpa over at most MAX_ATTENTION_BATCH sequences per kernel: the fused CUDA kernels put the
+    sequence count in a grid dimension capped at 65535, and the camera and motion axes of a
+    training batch or of many scenes evaluated together hold far more sequences (one per token of
+    each frame or view)."""
+    n = q.shape[0]
+    if n <= MAX_ATTENTION_BATCH:
+        return sdpa(q, k, v)
+    return torch.cat([sdpa(q[i:i + MAX_ATTENTION_BATCH], k[i:i + MAX_ATTENTION_BATCH], v[i:i + MAX_ATTENTION_BATCH])
+                      for i in range(0, n, MAX_ATTENTION_BATCH)])
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -77,13 +98,25 @@ class SCMDispatch:
         # image-major tokens (attend_grid) when no gradients are wanted and TURBO4D_SHORT_AXIS is
         # not "torch"; False keeps them as sequences. Where the kernel cannot run (no Triton, a
         # custom backend) the grid path's attention transposes q, k, v and o (four copies) where
-        # the sequence path copies the input and the output once: on an H100 (SV4D 2.0, batch 2,
-        # 72 x 72 latents) a call took 969 ms that way against 957 ms as sequences, and 847 ms
-        # with the kernel.
+        # the sequence path copies the input and the output once, so it is a little slower than
+        # sequences there and clearly faster with the kernel (BENCHMARKS.md, SV4D 2.0 on a GPU).
         self.grid = grid
-        # False when the adapter decides whole steps ahead of the model calls (Turbo4DRun.step),
-        # so an accelerator's per-call whole-step decision (ChainBypass.call) stands down.
-        self.whole_steps = True
+        self.pieces: Optional[MemoryConfig] = None  # the execution policy set by in_pieces
+
+    def in_pieces(self, config: MemoryConfig, device=None, largest_bytes: Optional[int] = None) -> "SCMDispatch":
+        """This dispatch (same step, accelerators, stats, backend) with its sub-attentions run in
+        pieces of `config`. `largest_bytes`: the transient memory of the call's largest
+        sub-attention in one piece; when it is over the budget now, or a grid path of the run has
+        already run out of memory, camera and motion leave the grid path (which runs them whole)
+        for the sequence path, in pieces."""
+        view = copy.copy(self)
+        view.pieces = config
+        if view.grid:
+            budget = piece_budget(config, device)
+            if config.caps.get("grid") is False or (
+                    largest_bytes is not None and budget is not None and largest_bytes > budget):
+                view.grid = False
+        return view
 
     def attend(self, block: int, axis: str, seqs: torch.Tensor, compute: Compute) -> torch.Tensor:
         if axis not in self.layout.axes:  # SCMLayout: spatial/camera/motion; JointLayout: joint/perceiver
@@ -93,7 +126,10 @@ class SCMDispatch:
 
         def run_from(i: int, s: torch.Tensor, index):
             if i == len(self.accelerators):
-                return counted(s, index)
+                if self.pieces is None:
+                    return counted(s, index)
+                return attend_in_pieces(s, index, counted, self.pieces, block, axis,
+                                        on_retry=lambda a, b: self._uncount(block, axis, b - a))
             acc = self.accelerators[i]
             return acc.attend(self, block, axis, s, index, lambda s2, idx2: run_from(i + 1, s2, idx2))
 
@@ -106,14 +142,26 @@ class SCMDispatch:
         output. `grid(x)` is the same sub-attention computed on x where it lies (projections per
         token, attention through `grid_attention`); it runs when no accelerator looks at this
         axis's sequences, so no sequence copy of x is made. Otherwise the sequences
-        (`to_axis`, default the layout's) go through `attend` and come back through `from_axis`."""
+        (`to_axis`, default the layout's) go through `attend` and come back through `from_axis`.
+        In pieces, a grid path that runs out of memory runs again on the sequence path."""
         if grid is not None and self._grid_applies(x) and not any(_sees_sequences(a, self) for a in self.accelerators):
             if axis not in AXES:
                 raise ValueError(f"unknown SCM axis {axis!r}")
+            total = self.layout.axis_shape(axis)[0]
             if self.stats is not None:
-                total = self.layout.axis_shape(axis)[0]
-                self.stats.attention_ran(self.step, block, axis, computed=total, total=total)
-            return grid(x)
+                self.stats.attention_ran(block, axis, computed=total, total=total)
+            if self.pieces is None:
+                return grid(x)
+            failed = False
+            try:
+                return grid(x)
+            except torch.cuda.OutOfMemoryError:
+                failed = True  # handled outside the except clause: the traceback holds the grid path's tensors
+            if failed:
+                self._uncount(block, axis, total)  # counted above before it ran; the sequences count again
+                note_retry(self.pieces, f"Turbo4D: out of GPU memory in {axis} attention of block {block} run "
+                                        f"whole; running it in pieces of sequences from now on")
+                self.pieces.caps["grid"] = False
         seqs = to_axis(x) if to_axis is not None else self.layout.to_axis(x, axis)
         out = self.attend(block, axis, seqs, compute)
         return from_axis(out) if from_axis is not None else self.layout.from_axis(out, axis)
@@ -133,11 +181,17 @@ class SCMDispatch:
         def run_from(i: int, h: torch.Tensor):
             if i == len(self.accelerators):
                 if self.stats is not None:
-                    self.stats.chain_ran(self.step, block)
+                    self.stats.chain_ran(block, h.shape[0])
                 return chain(h)
             return self.accelerators[i].chain(self, block, h, lambda h2: run_from(i + 1, h2))
 
         return run_from(0, x)
+
+    def _uncount(self, block: int, axis: str, sequences: int) -> None:
+        """Takes back the count of work that ran out of memory before it finished; it is counted
+        again when it runs."""
+        if self.stats is not None:
+            self.stats.attention_retried(block, axis, sequences)
 
     def _counted(self, block: int, axis: str, compute: Compute) -> Compute:
         if self.stats is None:
@@ -145,7 +199,7 @@ class SCMDispatch:
         total = self.layout.axis_shape(axis)[0]
 
         def wrapped(s, index):
-            self.stats.attention_ran(self.step, block, axis, computed=s.shape[0], total=total)
+            self.stats.attention_ran(block, axis, computed=s.shape[0], total=total)
             return compute(s, index)
 
         return wrapped

@@ -35,10 +35,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from .data.scenes import EVAL_SEED_START, MEAN_SEED_START, relative_cameras
 from .data.synth4d import SceneConfig, render_batch
 from .diffusion import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, EDM, karras_sigmas, sample_euler
+from .dispatch import FullCompute, chunked_sdpa
 from .metrics import psnr, ssim, synchronize
-from .train import EVAL_SEED_START, MEAN_SEED_START, relative_cameras, training_dispatch
 
 SAMPLERS = ("euler", "heun")
 
@@ -95,9 +96,11 @@ def generate(net, ref: torch.Tensor, cameras: torch.Tensor, steps: int = 20, cfg
             cond_all, cam_all = torch.cat([cond, torch.zeros_like(cond)]), torch.cat([cam, cam])
 
         def den(x, s, _i):
+            # sdpa in chunks: many scenes exceed a CUDA grid limit
             if cfg == 1.0:
-                return edm.denoise(net, x, s, cond, cam, V, F, dispatch=training_dispatch(net, len(x), V, F))
-            d = training_dispatch(net, 2 * len(x), V, F)  # sdpa in chunks: many scenes exceed a CUDA grid limit
+                d = FullCompute(net.token_layout(len(x), V, F), backend=chunked_sdpa)
+                return edm.denoise(net, x, s, cond, cam, V, F, dispatch=d)
+            d = FullCompute(net.token_layout(2 * len(x), V, F), backend=chunked_sdpa)
             dc, du = edm.denoise(net, torch.cat([x, x]), s, cond_all, cam_all, V, F, dispatch=d).chunk(2)
             return du + cfg * (dc - du)
 

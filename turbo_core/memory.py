@@ -4,10 +4,11 @@ free memory, a smaller piece when one still runs out of memory, and the cache's 
 Pieces never change the result. The dispatch's contract is that every sequence of a sub-attention
 is independent of the others and `compute` accepts any subset of them, so a sub-attention can run
 its sequences a piece at a time: spatial attention a few images at a time, camera and motion
-attention a few pixels at a time, each sequence still seeing all of its views or frames.
-`SequencePieces` does that as the innermost middleware of the dispatch, under the accelerators, so
-they see the same calls as without it. Work outside the dispatch (a model's res blocks) uses
-`run_in_pieces` over whatever unit is independent there (SV4D: batch items, i.e. the CFG halves).
+attention a few pixels at a time, each sequence still seeing all of its views or frames. A
+dispatch with a `MemoryConfig` as its execution policy (`SCMDispatch.in_pieces`) does that under
+the accelerators (`attend_in_pieces`), so they see the same calls as without it. Work outside the
+dispatch (a model's res blocks) uses `run_in_pieces` over whatever unit is independent there
+(SV4D: batch items, i.e. the CFG halves).
 
 A piece's size comes from an estimate of its transient memory (`TRANSFORMER_ELEMENTS` activation
 elements per token and channel, the feed-forward's 8x-wide GEGLU projection dominating) and the
@@ -16,18 +17,22 @@ call. The estimate can be wrong: a piece that runs out of memory is retried at h
 with a log message, down to `min_piece`; only then does the call fail, with a message that says
 what to lower.
 
+Where the accelerators' cached activations go is planned here too (`CacheBudget`, `plan`): on the
+GPU up to what stays free beside the sampling, the rest in CPU memory.
+
 Plain PyTorch, no ComfyUI import. On the CPU nothing is split unless `MemoryConfig.piece_bytes`
 asks for it (tests do, to check that pieces give the same result).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
-
-from .accel.base import Accelerator
 
 log = logging.getLogger("turbo4d")
 
@@ -63,6 +68,10 @@ class MemoryConfig:
             raise ValueError(f"MemoryConfig.piece_bytes must be >= 1 byte or None, got {self.piece_bytes}")
         if int(self.min_piece) < 1:
             raise ValueError(f"MemoryConfig.min_piece must be >= 1, got {self.min_piece}")
+
+
+def nbytes(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
 
 
 def free_bytes(device) -> Optional[int]:
@@ -119,13 +128,8 @@ def run_in_pieces(fn: Callable[[int, int], torch.Tensor], total: int, piece: int
             if on_retry is not None:
                 on_retry(start, stop)
             smaller = max((stop - start) // 2, cfg.min_piece)
-            msg = (f"Turbo4D: out of GPU memory in {what} ({stop - start} at a time, units {start}..{stop - 1} "
-                   f"of {total}); retrying {smaller} at a time")
-            log.warning(msg)
-            cfg.retries += 1
-            cfg.messages.append(msg)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            note_retry(cfg, f"Turbo4D: out of GPU memory in {what} ({stop - start} at a time, units "
+                            f"{start}..{stop - 1} of {total}); retrying {smaller} at a time")
             piece = smaller
             if key is not None:
                 cfg.caps[key] = smaller
@@ -142,110 +146,90 @@ def run_in_pieces(fn: Callable[[int, int], torch.Tensor], total: int, piece: int
     return out
 
 
-class SequencePieces(Accelerator):
-    """Innermost dispatch middleware: runs a sub-attention's sequences a piece at a time, sized
-    from the free memory, retrying a piece that runs out of memory at half its size.
-
-    `attend` is bound per instance, not overridden on the class: the dispatch keeps its grid path
-    for camera and motion attention (no sequence copies) unless an accelerator's class acts on
-    sequences, and pieces alone are no reason to lose it. `with_pieces` turns the grid path off
-    when the camera and motion work itself has to run in pieces."""
-
-    name = "memory"
-
-    def __init__(self, config: MemoryConfig, elements: int = TRANSFORMER_ELEMENTS):
-        super().__init__()
-        self.config = config
-        self.elements = elements
-        self.attend = self._attend_in_pieces
-
-    def _attend_in_pieces(self, dispatch, block, axis, seqs, index, nxt):
-        s, length, width = seqs.shape
-        per_seq = length * width * seqs.element_size() * self.elements
-        piece = units_per_piece(piece_budget(self.config, seqs.device), per_seq, s, self.config.min_piece)
-        rows = [index]
-
-        def part(a, b):
-            if a == 0 and b == s:
-                return nxt(seqs, index)
-            if rows[0] is None:
-                rows[0] = torch.arange(s, device=seqs.device)
-            return nxt(seqs[a:b], rows[0][a:b])
-
-        def retract(a, b):
-            # The dispatch counts a piece before it runs; a retried piece is counted again.
-            if dispatch.stats is not None:
-                dispatch.stats.attention_retried(block, axis, b - a)
-
-        return run_in_pieces(part, s, piece, f"{axis} attention of block {block}", self.config, on_retry=retract,
-                             key=("attention", axis, s, length, width))
-
-    def chain(self, dispatch, block, x, nxt):
-        return nxt(x)
+def note_retry(cfg: MemoryConfig, msg: str) -> None:
+    """Records an out-of-memory retry (logged, counted and kept for the run's report) and frees
+    the allocator's cached blocks before the retry."""
+    log.warning(msg)
+    cfg.retries += 1
+    cfg.messages.append(msg)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
-class _GridFallback:
-    """Mixed into a dispatch view by `with_pieces`: a camera/motion sub-attention whose grid path
-    (run whole, no sequence copies) runs out of memory is run again on the sequence path, in
-    pieces, and the run's later calls start on the sequence path."""
+def attend_in_pieces(seqs: torch.Tensor, index: Optional[torch.Tensor], compute, cfg: MemoryConfig, block: int,
+                     axis: str, on_retry: Optional[Callable[[int, int], None]] = None) -> torch.Tensor:
+    """compute(seqs, index) over the sequences of one sub-attention (`axis` of `block`) a piece at a
+    time, sized from the free memory (TRANSFORMER_ELEMENTS per token and channel); a piece that runs
+    out of memory is retried at half its size (run_in_pieces). `index`: the rows of `seqs` in the
+    axis (None = all)."""
+    s, length, width = seqs.shape
+    per_seq = length * width * seqs.element_size() * TRANSFORMER_ELEMENTS
+    piece = units_per_piece(piece_budget(cfg, seqs.device), per_seq, s, cfg.min_piece)
+    rows = [index]
 
-    pieces_config: MemoryConfig
+    def part(a, b):
+        if a == 0 and b == s:
+            return compute(seqs, index)
+        if rows[0] is None:
+            rows[0] = torch.arange(s, device=seqs.device)
+        return compute(seqs[a:b], rows[0][a:b])
 
-    def attend_grid(self, block, axis, x, compute, grid=None, to_axis=None, from_axis=None):
-        if grid is None:
-            return super().attend_grid(block, axis, x, compute, None, to_axis, from_axis)
-        ran = []
-
-        def grid_once(t):
-            ran.append(True)
-            return grid(t)
-
-        failed = False
-        try:
-            return super().attend_grid(block, axis, x, compute, grid_once, to_axis, from_axis)
-        except torch.cuda.OutOfMemoryError:
-            if not ran:
-                raise  # the sequence path, already in pieces, failed at its smallest piece
-            failed = True  # retried outside the handler: the traceback holds the grid path's tensors
-        if failed:
-            cfg = self.pieces_config
-            if self.stats is not None:  # the grid path counted the whole sub-attention before it ran
-                self.stats.attention_retried(block, axis, self.layout.axis_shape(axis)[0])
-            msg = (f"Turbo4D: out of GPU memory in {axis} attention of block {block} run whole; running it "
-                   f"in pieces of sequences from now on")
-            log.warning(msg)
-            cfg.retries += 1
-            cfg.messages.append(msg)
-            cfg.caps["grid"] = False
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        return super().attend_grid(block, axis, x, compute, None, to_axis, from_axis)
+    return run_in_pieces(part, s, piece, f"{axis} attention of block {block}", cfg, on_retry=on_retry,
+                         key=("attention", axis, s, length, width))
 
 
-_FALLBACK_CLASSES: dict = {}
+class CacheBudget:
+    """Where stored tensors go while a budget is active (`cache_budget`), whatever a store's mode
+    but "cpu": the tensor's own device ("gpu") while the stored bytes there stay within
+    `gpu_bytes`, then CPU memory (pinned for GPU tensors, so reuses copy back asynchronously).
+    `half` stores float32 tensors in that 16-bit dtype (bf16 keeps fp32's range; None keeps the
+    mode's dtype). It counts the bytes each place
+    holds now and at most: a tensor leaves the count when its accelerator drops it."""
+
+    def __init__(self, gpu_bytes: int, half: Optional[torch.dtype] = None):
+        if int(gpu_bytes) < 0:
+            raise ValueError(f"CacheBudget.gpu_bytes must be >= 0, got {gpu_bytes}")
+        if half not in (None, torch.float16, torch.bfloat16):
+            raise ValueError(f"CacheBudget.half must be None, torch.float16 or torch.bfloat16, got {half}")
+        self.gpu_bytes, self.half = int(gpu_bytes), half
+        self.live = {"gpu": 0, "cpu": 0}
+        self.peak = {"gpu": 0, "cpu": 0}
+
+    def _track(self, t: torch.Tensor, place: str) -> torch.Tensor:
+        n = nbytes(t)
+        self.live[place] += n
+        self.peak[place] = max(self.peak[place], self.live[place])
+        weakref.finalize(t, self._release, place, n)
+        return t
+
+    def _release(self, place: str, n: int) -> None:
+        self.live[place] -= n
+
+    def fits_gpu(self, n: int) -> bool:
+        return self.live["gpu"] + n <= self.gpu_bytes
+
+    def summary(self) -> dict:
+        return {"gpu_limit_mb": round(self.gpu_bytes / 2**20, 1),
+                "gpu_peak_mb": round(self.peak["gpu"] / 2**20, 1), "cpu_peak_mb": round(self.peak["cpu"] / 2**20, 1),
+                "half": None if self.half is None else str(self.half).replace("torch.", "")}
 
 
-def with_pieces(dispatch, config: MemoryConfig, device=None, largest_bytes: Optional[int] = None):
-    """A view of `dispatch` (same step, accelerators, stats, backend) whose sub-attentions run in
-    pieces, `SequencePieces` innermost. `largest_bytes`: the transient memory of the call's
-    largest sub-attention in one piece; when it is over the budget now, camera and motion leave
-    the dispatch's grid path (which runs them whole) for the sequence path, in pieces."""
-    import copy
+_BUDGET: contextvars.ContextVar = contextvars.ContextVar("turbo4d_cache_budget", default=None)
 
-    view = copy.copy(dispatch)
-    view.accelerators = list(dispatch.accelerators) + [SequencePieces(config)]
-    if hasattr(view, "attend_grid"):
-        cls = type(dispatch)
-        if cls not in _FALLBACK_CLASSES:
-            _FALLBACK_CLASSES[cls] = type(f"Pieces{cls.__name__}", (_GridFallback, cls), {})
-        view.__class__ = _FALLBACK_CLASSES[cls]
-        view.pieces_config = config
-    if getattr(view, "grid", False):
-        budget = piece_budget(config, device)
-        if config.caps.get("grid") is False or (
-                largest_bytes is not None and budget is not None and largest_bytes > budget):
-            view.grid = False
-    return view
+
+@contextlib.contextmanager
+def cache_budget(budget: Optional[CacheBudget]):
+    """Stores placed by `budget` inside the block (None: as their modes say)."""
+    token = _BUDGET.set(budget)
+    try:
+        yield budget
+    finally:
+        _BUDGET.reset(token)
+
+
+def active_budget() -> Optional[CacheBudget]:
+    """The budget of the enclosing `cache_budget` block, or None."""
+    return _BUDGET.get()
 
 
 def plan(device, forward_bytes: int, cache_limit: Optional[int] = None, model_dtype=None,
@@ -256,8 +240,6 @@ def plan(device, forward_bytes: int, cache_limit: Optional[int] = None, model_dt
     its pieces, capped by `cache_limit` (the user's bound, bytes); beyond it the cache goes to CPU
     memory. A float32 model's cache is kept in bf16 (half the bytes, float32's range). Off the
     GPU: no budget (the cache stays where the model is)."""
-    from .accel.storage import CacheBudget
-
     cfg = MemoryConfig()
     free = free_bytes(device)
     if free is None:

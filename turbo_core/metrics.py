@@ -135,3 +135,14 @@ def finite_mean(values) -> float:
     vals = [float(v) for v in (values.flatten().tolist() if torch.is_tensor(values) else values)]
     vals = [v for v in vals if math.isfinite(v)]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+def mean_quality(reference: torch.Tensor, images: torch.Tensor, data_range: float = 2.0) -> dict:
+    """{"psnr": mean per-image PSNR (dB; inf when all are identical), "ssim": mean SSIM (None for
+    images under the 11-pixel window)} of (..., C, H, W) images against their references."""
+    p = psnr(reference.float(), images.float(), data_range=data_range).double()
+    mean_psnr = float("inf") if torch.isinf(p).all() else float(p[torch.isfinite(p)].mean())
+    s = None
+    if min(reference.shape[-2:]) >= 11:
+        s = float(ssim(reference.float(), images.float(), data_range=data_range).mean())
+    return {"psnr": mean_psnr, "ssim": s}

@@ -56,15 +56,6 @@ def frame_major_to_view_major(x: torch.Tensor, views: int, frames: int) -> torch
     return x.reshape(b, frames, views, *x.shape[1:]).transpose(1, 2).reshape(n, *x.shape[1:])
 
 
-def view_major_to_frame_major(x: torch.Tensor, views: int, frames: int) -> torch.Tensor:
-    """Inverse of `frame_major_to_view_major`."""
-    n = x.shape[0]
-    if n % (views * frames):
-        raise ValueError(f"{n} images are not a whole number of {views} x {frames} grids")
-    b = n // (views * frames)
-    return x.reshape(b, views, frames, *x.shape[1:]).transpose(1, 2).reshape(n, *x.shape[1:])
-
-
 def grid_condition(video: torch.Tensor, cameras: torch.Tensor, views: int, frames: int) -> dict:
     """The per-image condition of one V x F grid, frame-major like the latents.
 

@@ -99,6 +99,12 @@ def variant_for(version: str, use_3d_attention: bool) -> Variant:
     raise ValueError(f"unknown SV4D version {version!r}; expected 'sv4d' or 'sv4d2'")
 
 
+def reversed_at(alternate: bool, step: int) -> bool:
+    """Whether the network sees a pass's frames reversed at `step`: an alternating pass (SV4D's dense
+    windows) reverses them at even steps, starting with step 0, as the reference script does."""
+    return bool(alternate) and step % 2 == 0
+
+
 @dataclass(frozen=True)
 class Pass:
     kind: str                         # "anchor" | "dense" | "chunk"
@@ -108,9 +114,7 @@ class Pass:
     alternate: bool = False           # the frame order alternates every step
 
     def reversed_at(self, step: int) -> bool:
-        """Whether the network sees the frames reversed at `step` (the reference script reverses
-        at even steps, starting with step 0)."""
-        return self.alternate and step % 2 == 0
+        return reversed_at(self.alternate, step)
 
     def order_at(self, step: int) -> tuple:
         return tuple(reversed(self.frames)) if self.reversed_at(step) else self.frames
@@ -219,6 +223,38 @@ def frame_permutation(frames: int, views: int, reverse: bool) -> torch.Tensor:
     """Image indices (frame-major) that put a pass's images in the order the network sees them."""
     idx = torch.arange(frames * views).view(frames, views)
     return (idx.flip(0) if reverse else idx).flatten()
+
+
+def batch_frame_permutation(frames: int, views: int, batch: int, reverse: bool) -> torch.Tensor:
+    """frame_permutation for `batch` passes stacked (the CFG halves of one call)."""
+    per = frames * views
+    return (frame_permutation(frames, views, reverse)[None] + per * torch.arange(batch)[:, None]).flatten()
+
+
+def reference_latents(cond_view: torch.Tensor, batch: int, frames: int, views: int, channels: int,
+                      reverse: bool) -> torch.Tensor:
+    """(batch * views, channels, h, w): the views' reference latents a pass conditions on, in the
+    frame order the network sees. `cond_view` (N, channels * k, h, w) repeats a batch item's
+    references on each of its images; k = 2 for alternating passes (forward | reversed reference)."""
+    k = cond_view.shape[1] // channels
+    cv = cond_view.view(batch, frames, views, k, channels, *cond_view.shape[-2:])[:, 0]
+    return cv[:, :, 1 if (reverse and k > 1) else 0].reshape(batch * views, channels, *cond_view.shape[-2:])
+
+
+class PassGuidance:
+    """The reference guider of one pass: classifier-free guidance with a scale per image position
+    (`guidance_scales`). In a step whose frames the network sees reversed, image (t, v) of the
+    sampler's frame order sits at position (T-1-t, v)."""
+
+    def __init__(self, scales: torch.Tensor, views: int, p: "Pass"):
+        self.p = p
+        self.scales = scales
+        self.reversed_scales = scales[frame_permutation(len(p.frames), views, True)]
+
+    def __call__(self, cond: torch.Tensor, uncond: torch.Tensor, sigma: float, sample_sigmas) -> torch.Tensor:
+        s = self.reversed_scales if self.p.reversed_at(step_index(sigma, sample_sigmas)) else self.scales
+        s = s.to(cond.device, cond.dtype).repeat(cond.shape[0] // s.numel()).view(-1, *([1] * (cond.dim() - 1)))
+        return uncond + (cond - uncond) * s
 
 
 def edm_sigmas(steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO) -> torch.Tensor:

@@ -1,5 +1,5 @@
 // Shared by the Turbo4D frontend extensions: cell colours, figures text, map drawing.
-// Letters and colours match turbo_core/report.py (STATE_CODES, STATE_COLOURS); the server sends
+// Letters and colours match turbo_core/run_report.py (STATE_CODES, STATE_COLOURS); the server sends
 // its legend with every run and that one wins.
 
 export const DEFAULT_LEGEND = [

@@ -3,7 +3,7 @@
 // node upstream of it shows the figures of its own mechanism; the Report node shows the quality.
 //
 // Data flow: nodes/events.py sends "turbo4d.step" after every model call and "turbo4d.done" at
-// the end of the run (payload = turbo_core/report.py run_payload); the sampler's ui output carries
+// the end of the run (payload = turbo_core/run_report.py run_payload); the sampler's ui output carries
 // the same payload ("turbo4d"), which is what /history keeps. The last payload is stored in the
 // node's properties, so a saved workflow reopens with its last map.
 //
@@ -173,7 +173,7 @@ function renderMap(node) {
   }
 }
 
-// A finished run's payload (turbo_core/report.py run_payload) on a sampler and its accelerators.
+// A finished run's payload (turbo_core/run_report.py run_payload) on a sampler and its accelerators.
 // A new run forgets the wall-clock figure of the last one (a Report that measures this run runs
 // after it and hands the new one over); a restored workflow keeps the one stored with its run.
 function applyPayload(node, payload, { persist = true } = {}) {

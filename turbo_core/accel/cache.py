@@ -24,22 +24,22 @@ steps lay out the structure and change fast, and entries are freed once past the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from ..layout import AXES
-from .base import CrossCallReuse
-from .registry import merge_spec, register
+from .base import CrossCallReuse, ReuseEntry, ReuseState
+from .config import MechanismConfig
 from .signals import relative_l1, subsample_tokens
-from .storage import TensorStore, check_storage, nbytes
+from .storage import TensorStore
 
 NAME = "cache"
 
 
 @dataclass(frozen=True)
-class RollingCacheConfig:
+class RollingCacheConfig(MechanismConfig):
     threshold: float = 0.15     # relative L1 input change at which an entry is recomputed in full
     max_age: int = 3            # calls a part of an entry may be reused after it was computed
     start_percent: float = 0.15
@@ -48,9 +48,7 @@ class RollingCacheConfig:
     storage: str = "native"     # "native", "fp16" or "cpu" (see storage.py)
     signal_stride: int = 8      # every n-th token enters the change signal
 
-    def __post_init__(self):
-        object.__setattr__(self, "axes", tuple(self.axes))
-        _check_common(self, "RollingCacheConfig")
+    def validate(self) -> None:
         if self.threshold < 0:
             raise ValueError(f"RollingCacheConfig.threshold must be >= 0 (0 = never reuse), got {self.threshold}")
         if int(self.max_age) < 1:
@@ -59,88 +57,29 @@ class RollingCacheConfig:
         if bad:
             raise ValueError(f"RollingCacheConfig.axes: unknown axes {bad}; pick from {AXES}")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["axes"] = list(self.axes)
-        return d
 
-    @classmethod
-    def from_dict(cls, d: Optional[dict]) -> "RollingCacheConfig":
-        return _from_dict(cls, d)
-
-
-def _check_common(cfg, owner: str) -> None:
-    """Checks shared by the three configs: percent window, storage, strides."""
-    for name in ("start_percent", "end_percent"):
-        v = getattr(cfg, name)
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"{owner}.{name} must be within [0, 1], got {v}")
-    if cfg.start_percent > cfg.end_percent:
-        raise ValueError(f"{owner}.start_percent ({cfg.start_percent}) is after end_percent ({cfg.end_percent})")
-    if hasattr(cfg, "storage"):
-        check_storage(cfg.storage, owner)
-    for name in ("signal_stride", "channel_stride"):
-        if hasattr(cfg, name) and int(getattr(cfg, name)) < 1:
-            raise ValueError(f"{owner}.{name} must be >= 1, got {getattr(cfg, name)}")
-
-
-def _from_dict(cls, d):
-    """A config from plain data (JSON, a node's stored options); unknown keys are an error."""
-    if d is None:
-        return cls()
-    if isinstance(d, cls):
-        return d
-    if not isinstance(d, dict):
-        raise TypeError(f"{cls.__name__}: expected a {cls.__name__} or a dict, got {type(d).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown settings {unknown}; known: {sorted(known)}")
-    return cls(**d)
-
-
-class _Entry:
-    """One (block, axis): the cached output, the input subsample each part was computed from,
-    and the call index at which each group was last computed."""
-
-    __slots__ = ("out", "ref", "computed_at")
-
-    def __init__(self, out, ref, computed_at):
-        self.out, self.ref, self.computed_at = out, ref, computed_at
-
-
-class RollingCacheState:
-    def __init__(self):
-        self.entries: dict = {}
-        self.last_ran = None  # index of the last call the network ran (see outside_reuse_horizon)
-        self.aside = False    # this call is past every entry's age bound: stand aside
-
-    def reset(self) -> None:
-        self.entries.clear()
-        self.last_ran, self.aside = None, False
-
-    def drop_cached(self) -> None:
-        self.entries.clear()
-
-    def nbytes(self) -> int:
-        return sum(nbytes(e.out) + nbytes(e.ref) for e in self.entries.values())
+# Measured on the embedded model: BENCHMARKS.md ("Accelerators on the embedded model").
+PRESETS = {
+    "off": None,
+    "quality": RollingCacheConfig(threshold=0.1, max_age=3, start_percent=0.15),
+    "balanced": RollingCacheConfig(threshold=0.2, max_age=3, start_percent=0.15),
+    "fast": RollingCacheConfig(threshold=0.3, max_age=5, start_percent=0.1),
+}
 
 
 class RollingCache(CrossCallReuse):
     name = NAME
-    state_class = RollingCacheState
+    state_class = ReuseState
 
     def __init__(self, config: Optional[RollingCacheConfig] = None):
         super().__init__()
         self.config = RollingCacheConfig.from_dict(config)
         self.store = TensorStore(self.config.storage)
         self._groups: dict = {}  # (layout, axis, device) -> group tables; shapes only, no activations
-        self.hits = self.misses = 0
 
     def reset(self) -> None:
         super().reset()
         self._groups.clear()
-        self.hits = self.misses = 0
 
     # --- group tables ---------------------------------------------------------------------
     def _tables(self, layout, axis: str, device) -> dict:
@@ -211,30 +150,14 @@ class RollingCache(CrossCallReuse):
         entry.ref = torch.where(mask.view(-1, *([1] * (cur.dim() - 1))), cur, entry.ref)
         for i in chosen:
             entry.computed_at[i] = step.index
-        self.hits += 1
         if stats is not None:
-            stats.attention_reused(block, axis, seqs.shape[0] - sel.shape[0], whole=False, source="cache")
+            stats.attention_reused(block, axis, seqs.shape[0] - sel.shape[0], source="cache")
         return out
 
     def _compute_all(self, st, key, seqs, cur, step, nxt, stats, layout, miss: bool):
         out = nxt(seqs, None)
-        if miss:
-            self.misses += 1
-            if stats is not None:
-                stats.cache_miss()
-        st.entries[key] = _Entry(self.store.put(out), cur.clone(),
+        if miss and stats is not None:
+            stats.cache_miss()
+        st.entries[key] = ReuseEntry(self.store.put(out), cur.clone(),
                                  [step.index] * layout.group_count(key[1]))
         return out
-
-    def summary(self) -> dict:
-        return {"config": self.config.to_dict(), "hits": self.hits, "misses": self.misses,
-                "calls_aside": self.calls_aside}
-
-
-def apply_rolling_cache(specs, config: Optional[RollingCacheConfig] = None) -> list:
-    """The spec list with the rolling cache set to `config` (defaults if None); None config
-    entries from JSON are accepted as dicts."""
-    return merge_spec(specs, NAME, RollingCacheConfig.from_dict(config))
-
-
-register(NAME, 1, RollingCache)

@@ -10,10 +10,13 @@ The result is saved as JSON and loaded back into a config / spec list.
 
     python -m turbo_core.accel.calibrate --model models/turbo4d_default.safetensors \
         --mechanism bypass --candidates 0.02,0.04,0.08,0.12,0.2 --target-psnr 35 --out calibrated.json
+
+Which mechanisms can be calibrated, and the setting each fits by default, is in the mechanism table.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -24,20 +27,20 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..data.scenes import scene_samples
 from ..diffusion import EDM, karras_sigmas
 from ..metrics import psnr
-from .bypass import ChainBypassConfig, apply_chain_bypass
-from .cache import RollingCacheConfig, apply_rolling_cache
-from .prune import TokenPrunerConfig, apply_token_pruning
-from .registry import merge_spec
-from .script import sample_accelerated, scene_samples
+from . import mechanisms
+from .mechanisms import Mechanism, nodes, split_settings
+from .registry import merge_spec, without
+from .script import sample_accelerated
 
 FORMAT = "turbo4d-calibration"
-MECHANISMS = {
-    "bypass": (ChainBypassConfig, apply_chain_bypass, "threshold"),
-    "cache": (RollingCacheConfig, apply_rolling_cache, "threshold"),
-    "prune": (TokenPrunerConfig, apply_token_pruning, "keep_end"),
-}
+
+
+def calibrated() -> list[str]:
+    """The mechanisms with a setting to calibrate (the table's `calibrate`)."""
+    return sorted(m.name for m in mechanisms.MECHANISMS if m.calibrate)
 
 
 @dataclass
@@ -50,14 +53,24 @@ class Calibration:
     points: list = field(default_factory=list)  # per candidate: value, psnr_min, psnr_mean, compute_fraction, seconds
     meta: dict = field(default_factory=dict)
 
-    def config_object(self):
-        return None if self.config is None else MECHANISMS[self.mechanism][0].from_dict(self.config)
+    def configs(self) -> dict:
+        """{mechanism: config or None (off)} that this calibration sets. A Chain Bypass calibration
+        written before the step skip became a mechanism of its own holds the settings of both in
+        one config: they are split between the two, as the node splits its inputs."""
+        m = mechanisms.mechanism(self.mechanism)
+        if self.config is None:
+            return {m.name: None}
+        node = next(ms for _, ms in nodes() if m in ms)
+        if len(node) > 1 and set(self.config) - {f.name for f in dataclasses.fields(m.config)}:
+            return split_settings(node, self.config)
+        return {m.name: m.config.from_dict(self.config)}
 
     def specs(self, specs: Sequence = ()) -> list:
-        """`specs` with this mechanism set to the calibrated config (removed if it is off)."""
-        if self.config is None:
-            return [(n, c) for n, c in specs if n != self.mechanism]
-        return merge_spec(specs, self.mechanism, self.config_object())
+        """`specs` with the calibrated mechanisms set to their configs (removed if off)."""
+        out = list(specs)
+        for name, cfg in self.configs().items():
+            out = without(out, [name]) if cfg is None else merge_spec(out, name, cfg)
+        return out
 
 
 def _finite_min(t: torch.Tensor) -> float:
@@ -70,18 +83,19 @@ def calibrate(net, edm: EDM, samples: Sequence[dict], sigmas: torch.Tensor, view
               mechanism: str = "bypass", candidates: Sequence[float], target_psnr: float = 35.0,
               field_name: Optional[str] = None, base_config=None, other_specs: Sequence = (),
               backend="sdpa", log=None) -> Calibration:
-    """samples: dicts with noise, cond, camera (see script.scene_samples). `candidates` are values
+    """samples: dicts with noise, cond, camera (see data.scenes.scene_samples). `candidates` are values
     of `field_name` (default: the mechanism's main knob) ordered from safest to fastest.
     `other_specs` stay on in every run, reference included (calibrate one mechanism on top of
     others)."""
-    if mechanism not in MECHANISMS:
-        raise ValueError(f"unknown accelerator {mechanism!r}; pick one of {sorted(MECHANISMS)}")
+    if mechanism not in calibrated():
+        raise ValueError(f"unknown accelerator {mechanism!r}; pick one of {calibrated()}")
     if not candidates:
         raise ValueError("calibrate: give at least one candidate value")
     if not samples:
         raise ValueError("calibrate: give at least one sample")
-    cls, apply, default_field = MECHANISMS[mechanism]
-    fname = field_name or default_field
+    m: Mechanism = mechanisms.mechanism(mechanism)
+    cls = m.config
+    fname = field_name or m.calibrate
     base = cls.from_dict(base_config)
     base_dict = base.to_dict()
     if fname not in base_dict:
@@ -99,15 +113,15 @@ def calibrate(net, edm: EDM, samples: Sequence[dict], sigmas: torch.Tensor, view
             torch.cuda.synchronize(outs[0].device)
         return outs, sum(fractions) / len(fractions), time.perf_counter() - t0
 
-    others = [(n, c) for n, c in other_specs if n != mechanism]
-    if mechanism == "bypass" and fname == "step_threshold" and not base_dict.get("kappa_prior"):
+    others = without(other_specs, [mechanism])
+    if mechanism == "step" and fname == "step_threshold" and not base_dict.get("kappa_prior"):
         # Whole steps: the model's own forecast-error rate is the prior the candidates run with.
         probe = cls.from_dict({**base_dict, "step_threshold": 1e-12})
         kappas = []
         for s in samples:
-            _, st = sample_accelerated(net, edm, apply(others, probe), s["noise"], sigmas, s["cond"], s["camera"],
-                                       views, frames, backend=backend)
-            k = st.accelerators["bypass"].get("kappa_measured")
+            _, st = sample_accelerated(net, edm, merge_spec(others, mechanism, probe), s["noise"], sigmas, s["cond"],
+                                       s["camera"], views, frames, backend=backend)
+            k = st.kappa_measured
             if k is not None:
                 kappas.append(k)
         if kappas:
@@ -119,7 +133,7 @@ def calibrate(net, edm: EDM, samples: Sequence[dict], sigmas: torch.Tensor, view
     failed = False
     for v in candidates:
         cfg = cls.from_dict({**base_dict, fname: v})
-        outs, fraction, seconds = run(apply(others, cfg))
+        outs, fraction, seconds = run(merge_spec(others, mechanism, cfg))
         ps = torch.cat([psnr(o, r).flatten() for o, r in zip(outs, refs)])
         p_min = _finite_min(ps)
         finite = ps[torch.isfinite(ps)]
@@ -168,17 +182,29 @@ def load_calibration(path: str) -> Calibration:
         cal = Calibration(**d)
     except TypeError as e:
         raise ValueError(f"{path}: unexpected content ({e}); calibrate again.") from e
-    if cal.mechanism not in MECHANISMS:
+    if cal.mechanism not in calibrated():
         raise ValueError(f"{path}: unknown accelerator {cal.mechanism!r}")
-    cal.config_object()  # validates the stored settings
+    try:
+        cal.configs()  # validates the stored settings
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}; calibrate again.") from e
     return cal
+
+
+def _mechanism_of(field_name: Optional[str]) -> str:
+    """bypass, unless only another calibrated mechanism has the setting `field_name`."""
+    having = [n for n in calibrated()
+              if field_name in {f.name for f in dataclasses.fields(mechanisms.mechanism(n).config)}]
+    return having[0] if field_name and "bypass" not in having and len(having) == 1 else "bypass"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="models/turbo4d_default.safetensors")
-    ap.add_argument("--mechanism", default="bypass", choices=sorted(MECHANISMS))
-    ap.add_argument("--field", default=None, help="setting to calibrate (default: threshold, keep_end for prune)")
+    ap.add_argument("--mechanism", default=None, choices=calibrated(),
+                    help="default: bypass, or the mechanism that has --field")
+    ap.add_argument("--field", default=None,
+                    help="setting to calibrate (default: the mechanism's, e.g. threshold, keep_end for prune)")
     ap.add_argument("--candidates", default="0.02,0.04,0.06,0.08,0.12,0.16,0.24",
                     help="comma-separated values, safest first")
     ap.add_argument("--target-psnr", type=float, default=35.0)
@@ -188,10 +214,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--base", default=None,
-                    help="JSON of the other settings; default: the config's defaults, or with --mechanism bypass "
-                         "--field step_threshold the Chain Bypass presets' whole-step settings (kappa_prior measured)")
+                    help="JSON of the other settings; default: the config's defaults, or for the step skip the "
+                         "presets' whole-step settings (kappa_prior measured)")
     ap.add_argument("--out", default="calibrated.json")
     args = ap.parse_args(argv)
+    args.mechanism = args.mechanism or _mechanism_of(args.field)
 
     from ..models.io import load_model
 
@@ -202,12 +229,10 @@ def main(argv=None) -> int:
     sigmas = karras_sigmas(args.steps, edm.sigma_min, edm.sigma_max, device=args.device)
     cands = [float(c) for c in args.candidates.split(",")]
     base = json.loads(args.base) if args.base else None
-    if base is None and args.mechanism == "bypass" and args.field == "step_threshold":
+    if base is None and args.mechanism == "step":
         # Calibrate in the regime the presets use (no count limit, tail skippable), with this
         # model's own forecast-error rate measured first instead of the embedded model's.
-        from .presets import BYPASS_PRESETS
-
-        base = {**BYPASS_PRESETS["balanced"].to_dict(), "kappa_prior": 0.0}
+        base = {**mechanisms.mechanism("step").presets["balanced"].to_dict(), "kappa_prior": 0.0}
     cal = calibrate(net, edm, samples, sigmas, args.views, args.frames, mechanism=args.mechanism,
                     candidates=cands, target_psnr=args.target_psnr, field_name=args.field,
                     base_config=base, log=print)

@@ -32,15 +32,14 @@ sub-attention. Full compute on the first call, outside the window, and wherever 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from .base import CrossCallReuse
-from .cache import _check_common, _from_dict
-from .registry import merge_spec, register
-from .storage import TensorStore, nbytes
+from .base import CrossCallReuse, ReuseEntry, ReuseState
+from .config import MechanismConfig
+from .storage import TensorStore
 
 NAME = "prune"
 PRUNABLE = ("camera", "motion")
@@ -48,7 +47,7 @@ _FORCED = 1e6  # added to the score of a sequence older than max_age: always in 
 
 
 @dataclass(frozen=True)
-class TokenPrunerConfig:
+class TokenPrunerConfig(MechanismConfig):
     keep_start: float = 0.5     # share of sequences computed at start_percent
     keep_end: float = 0.3       # ... and at end_percent, linear in between
     start_percent: float = 0.1
@@ -62,9 +61,7 @@ class TokenPrunerConfig:
     channel_stride: int = 4     # every n-th channel enters the scores
     size_buckets: int = 16      # distinct subset sizes per axis (0 = exact k); see _bucket
 
-    def __post_init__(self):
-        object.__setattr__(self, "axes", tuple(self.axes))
-        _check_common(self, "TokenPrunerConfig")
+    def validate(self) -> None:
         for name in ("keep_start", "keep_end", "keep_min"):
             v = getattr(self, name)
             if not 0.0 < v <= 1.0:
@@ -80,53 +77,41 @@ class TokenPrunerConfig:
             raise ValueError(f"TokenPrunerConfig.axes: {bad} cannot be pruned; pick from {PRUNABLE} "
                              f"(spatial attention is cached by the rolling cache instead)")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["axes"] = list(self.axes)
-        return d
-
-    @classmethod
-    def from_dict(cls, d) -> "TokenPrunerConfig":
-        return _from_dict(cls, d)
-
     def scheduled_keep(self, percent: float) -> float:
         span = self.end_percent - self.start_percent
         t = 1.0 if span <= 0 else min(max((percent - self.start_percent) / span, 0.0), 1.0)
         return self.keep_start + (self.keep_end - self.keep_start) * t
 
 
-class _Entry:
-    """One (block, axis): cached outputs, the channel-subsampled input each sequence was last
-    computed from, and the call index of that computation, per sequence."""
+# Measured on the embedded model: BENCHMARKS.md ("Accelerators on the embedded model").
+PRESETS = {
+    "off": None,
+    "quality": TokenPrunerConfig(keep_start=0.75, keep_end=0.5, start_percent=0.1),
+    "balanced": TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1),
+    "fast": TokenPrunerConfig(keep_start=0.3, keep_end=0.15, start_percent=0.1),
+}
 
-    __slots__ = ("out", "ref", "computed_at")
 
-    def __init__(self, out, ref, computed_at):
-        self.out, self.ref, self.computed_at = out, ref, computed_at
+class TokenPrunerState(ReuseState):
+    """Entries per (block, axis) hold per-sequence outputs, channel-subsampled inputs and call
+    indices; besides them, what the keep share adapts by."""
 
-
-class TokenPrunerState:
     def __init__(self):
-        self.entries: dict = {}
+        super().__init__()
         self.pending: dict = {}   # (block, axis) -> this call's measured change (device scalar)
         self.ages: dict = {}      # (block, axis) -> this call's age histogram (device, max_age + 2)
         self.trend: dict = {}     # (block, axis) -> running mean of the change (host float)
         self.ratio: dict = {}     # (block, axis) -> last change / trend, applied at the next call
         self.age_hist: dict = {}  # (block, axis) -> (call index, rows per age 0..max_age+1) on the host
-        self.last_ran = None      # index of the last call the network ran (see outside_reuse_horizon)
-        self.aside = False        # this call is past every entry's age bound: stand aside
 
     def reset(self) -> None:
-        for d in (self.entries, self.pending, self.ages, self.trend, self.ratio, self.age_hist):
+        super().reset()
+        for d in (self.pending, self.ages, self.trend, self.ratio, self.age_hist):
             d.clear()
-        self.last_ran, self.aside = None, False
 
     def drop_cached(self) -> None:
-        self.entries.clear()
+        super().drop_cached()
         self.age_hist.clear()
-
-    def nbytes(self) -> int:
-        return sum(nbytes(e.out) + nbytes(e.ref) + nbytes(e.computed_at) for e in self.entries.values())
 
 
 class TokenPruner(CrossCallReuse):
@@ -137,11 +122,6 @@ class TokenPruner(CrossCallReuse):
         super().__init__()
         self.config = TokenPrunerConfig.from_dict(config)
         self.store = TensorStore(self.config.storage)
-        self.computed = self.offered = 0
-
-    def reset(self) -> None:
-        super().reset()
-        self.computed = self.offered = 0
 
     def keep_share(self, st: TokenPrunerState, key, percent: float) -> float:
         cfg = self.config
@@ -173,16 +153,15 @@ class TokenPruner(CrossCallReuse):
         if entry is None:
             out = nxt(seqs, index)
             if index is None:  # only a full view can start an entry; a subset passes through
-                entry = st.entries[key] = _Entry(self.store.put(out), xs.clone(),
-                                                 torch.full((total,), step.index, dtype=torch.long,
-                                                            device=seqs.device))
+                entry = st.entries[key] = ReuseEntry(self.store.put(out), xs.clone(),
+                                                     torch.full((total,), step.index, dtype=torch.long,
+                                                                device=seqs.device))
                 self._record_ages(st, key, entry, step.index)
             return out
         s = seqs.shape[0]
         k = s if step.percent < cfg.start_percent else math.ceil(self.keep_share(st, key, step.percent) * s)
         k = max(k, min(self._overdue(st, key, step.index), s))
         k = _bucket(k, s, cfg.size_buckets)
-        self.offered += s
         ref = entry.ref if index is None else entry.ref.index_select(0, index)
         diff = (xs.float() - ref.float()).abs().mean(dim=(1, 2))              # (s,)
         scale = ref.float().abs().mean().clamp_min(1e-12)
@@ -191,7 +170,6 @@ class TokenPruner(CrossCallReuse):
             out = nxt(seqs, index)
             self._write(entry, index, None, out, xs, step)
             self._record_ages(st, key, entry, step.index)
-            self.computed += s
             return out
         score = diff / diff.mean().clamp_min(1e-12)
         if cfg.saliency > 0 and xs.shape[1] > 1:  # one token (one frame / one view) has no spread: saliency 0
@@ -207,9 +185,8 @@ class TokenPruner(CrossCallReuse):
         out.index_copy_(0, top, new.to(out.dtype))
         self._write(entry, gidx, top, new, xs, step)
         self._record_ages(st, key, entry, step.index)
-        self.computed += k
         if dispatch.stats is not None:
-            dispatch.stats.attention_reused(block, axis, s - k, whole=False, source="prune")
+            dispatch.stats.attention_reused(block, axis, s - k, source="prune")
         return out
 
     def _overdue(self, st: TokenPrunerState, key, call: int) -> int:
@@ -264,26 +241,14 @@ class TokenPruner(CrossCallReuse):
             if dispatch.stats is not None:
                 dispatch.stats.signal(f"prune.{k[1]}.b{k[0]}", v, None)
 
-    def summary(self) -> dict:
-        return {"config": self.config.to_dict(), "sequences_offered": self.offered,
-                "sequences_computed": self.computed, "calls_aside": self.calls_aside}
-
 
 def _bucket(k: int, s: int, buckets: int) -> int:
     """k rounded up to one of `buckets` evenly spaced sizes of s. An adaptive k takes a new value
     almost every call, and every new gather size is a new shape for the attention and linear
-    kernels (a CPU run of 50 steps saw 265 distinct attention shapes in 579 calls); on a GPU each
-    can cost a kernel plan (cuDNN attention in bf16/fp16) or an autotuning pass, so a bounded set of
+    kernels; on a GPU each can cost a kernel plan (cuDNN attention in bf16/fp16) or an autotuning pass, so a bounded set of
     sizes keeps those caches warm. Rounding up only ever computes more, never less."""
     if buckets <= 0 or k >= s:
         return k
     step = -(-s // buckets)
     return min(s, -(-k // step) * step)
 
-
-def apply_token_pruning(specs, config: Optional[TokenPrunerConfig] = None) -> list:
-    """The spec list with token pruning set to `config` (defaults if None)."""
-    return merge_spec(specs, NAME, TokenPrunerConfig.from_dict(config))
-
-
-register(NAME, 2, TokenPruner)

@@ -8,7 +8,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..diffusion import EDM, sample_euler
-from .base import Turbo4DRun
+from .run import Turbo4DRun
 from .registry import build_run
 from .stats import RunStats
 
@@ -54,24 +54,3 @@ def sample_accelerated(net, edm: EDM, specs: Sequence, noise: torch.Tensor, sigm
         stats = run.end(peak)
     return x, stats
 
-
-def scene_samples(seeds: Sequence[int], views: int, frames: int, size: int, device="cpu",
-                  elevation_deg: float = 20.0) -> list[dict]:
-    """Held-out procedural scenes as sampler inputs, one dict per seed: noise (seeded by the scene
-    seed, drawn on the CPU so every device samples the same), cond (view 0's frame f for every view
-    of frame f), camera (azimuth relative to view 0, as the model is trained), ground truth, all
-    (F*V, ...) frame-major. Use seeds >= 1_000_000: training never draws them."""
-    from ..data.synth4d import SceneConfig, render_batch
-
-    cfg = SceneConfig(size=size, views=views, frames=frames, elevation_deg=elevation_deg)
-    data = render_batch(list(seeds), cfg, device)
-    cams = data["cameras"].float().clone()
-    cams[:, 0] = cams[:, 0] - cams[0, 0]
-    out = []
-    for i, seed in enumerate(seeds):
-        gt = data["images"][i]                                         # (F, V, 3, H, W)
-        cond = gt[:, 0:1].expand(-1, views, -1, -1, -1).reshape(-1, 3, size, size)
-        noise = torch.randn(frames * views, 3, size, size, generator=torch.Generator().manual_seed(int(seed)))
-        out.append({"seed": int(seed), "noise": noise.to(device), "cond": cond.contiguous(),
-                    "camera": cams.repeat(frames, 1), "gt": gt.reshape(-1, 3, size, size)})
-    return out

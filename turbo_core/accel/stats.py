@@ -1,10 +1,12 @@
 """What happened in one sampling run, for the log, the nodes' outputs and the GUI.
 
-Counts are taken where the work happens (the dispatch and the accelerators), so the figures a user
-sees are the work that was really done, not a prediction.
+RunStats is the one account of a run: the dispatch, the plug-ins, the run and the memory planning
+record into it, and nothing else keeps a count. Counts are taken where the work happens, so the
+figures a user sees are the work that was really done, not a prediction.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -13,8 +15,51 @@ from typing import Optional
 from ..layout import AXES
 from ..words import count
 
-# Cell states of the steps x blocks map, in order of precedence.
+# Cell states of the steps x blocks map. A block both cached (one sub-attention from the cache) and
+# pruned (another on fewer tokens) is CACHED_PRUNED.
 RAN, PRUNED, CACHED, BYPASSED = "ran", "pruned", "cached", "bypassed"
+CACHED_PRUNED = "cached+pruned"
+
+
+def cell_state(parts: set) -> str:
+    """The map state of a block from every state it had in one call: bypassed (none of it ran), else
+    what was skipped in it (cached, pruned, or both), else ran."""
+    if BYPASSED in parts:
+        return BYPASSED
+    if CACHED in parts and PRUNED in parts:
+        return CACHED_PRUNED
+    for s in (CACHED, PRUNED):
+        if s in parts:
+            return s
+    return RAN
+
+
+@dataclass
+class MemoryReport:
+    """Where a run's cached activations were and its out-of-memory retries (the SV4D sampler's
+    memory planning, turbo_core.memory): the cache's GPU budget and peaks in MB (None without a
+    budget)."""
+
+    retries: int = 0
+    gpu_limit_mb: Optional[float] = None
+    gpu_peak_mb: Optional[float] = None
+    cpu_peak_mb: Optional[float] = None
+
+    def merge(self, other: "MemoryReport") -> "MemoryReport":
+        def peak(a, b):
+            return a if b is None else b if a is None else max(a, b)
+
+        return MemoryReport(self.retries + other.retries, peak(self.gpu_limit_mb, other.gpu_limit_mb),
+                            peak(self.gpu_peak_mb, other.gpu_peak_mb), peak(self.cpu_peak_mb, other.cpu_peak_mb))
+
+    def line(self) -> str:
+        out = ""
+        if self.gpu_limit_mb is not None:
+            out += (f"; cache on GPU {self.gpu_peak_mb / 1024:.1f} of {self.gpu_limit_mb / 1024:.1f} GB allowed, "
+                    f"in CPU memory {self.cpu_peak_mb / 1024:.1f} GB")
+        if self.retries:
+            out += f"; {self.retries} out-of-memory retries in smaller pieces"
+        return out
 
 
 @dataclass
@@ -49,6 +94,15 @@ class RunStats:
     # A model whose blocks sit on different token grids (SV4D's four levels) hands begin_call the
     # call's work per (block, axis); otherwise every block counts the call's layout at `cost`.
     per_block: dict = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0.0, 0.0]))
+    # What the plug-ins report beyond the work: the settings of the run's mechanisms (by name), the
+    # calls a cross-call reuse stood aside on (by mechanism, see base.outside_reuse_horizon), whole
+    # steps the step skip skipped and ran, and the forecast-error rates it measured.
+    configs: dict = field(default_factory=dict)
+    calls_aside: dict = field(default_factory=dict)
+    steps_skipped: int = 0
+    steps_ran: int = 0
+    kappas: list = field(default_factory=list)
+    memory: Optional[MemoryReport] = None
     _call_work: dict = field(default_factory=dict, repr=False)
     _call_computed: dict = field(default_factory=dict, repr=False)
 
@@ -76,27 +130,22 @@ class RunStats:
     def _cell(self, block: int, state: str) -> None:
         if not self.timeline:
             return
-        cells = self.timeline[-1]["cells"]
-        # Every state a block had in this call (the GUI's map shows a block both cached and pruned).
-        self.timeline[-1]["parts"].setdefault(block, set()).add(state)
-        order = (RAN, PRUNED, CACHED, BYPASSED)
-        old = cells.get(block)
-        # A block that ran some sub-attention in full stays "ran"; "pruned" and "cached" mark a
-        # block where part of the work was skipped; "bypassed" means none of it ran.
-        if old is None or order.index(state) < order.index(old):
-            cells[block] = state
+        # Every state a block had in this call, and the map's cell from them.
+        parts = self.timeline[-1]["parts"].setdefault(block, set())
+        parts.add(state)
+        self.timeline[-1]["cells"][block] = cell_state(parts)
 
-    def chain_ran(self, step, block: int) -> None:
+    def chain_ran(self, block: int, images: int) -> None:
+        """A block's whole chain ran on `images` images: its per-image work (`cost["mlp"]`: the MLP
+        and the time projection) counts; its attentions report through attention_ran."""
         self.chains_ran += 1
+        self.flops_done += images * self.cost.get("mlp", 0.0)
 
-    def chain_bypassed(self, step, block: int, images: int) -> None:
+    def chain_bypassed(self, block: int) -> None:
         self.chains_bypassed += 1
         self._cell(block, BYPASSED)
 
-    def mlp_ran(self, images: int) -> None:
-        self.flops_done += images * self.cost.get("mlp", 0.0)
-
-    def attention_ran(self, step, block: int, axis: str, computed: int, total: int) -> None:
+    def attention_ran(self, block: int, axis: str, computed: int, total: int) -> None:
         """`computed` of the `total` sequences of (block, axis) at its own grid ran; one
         sub-attention may report in several pieces (memory chunks)."""
         self.sequences_computed[axis] += computed
@@ -124,10 +173,9 @@ class RunStats:
         cell[2] -= computed * per_seq
         self._call_computed[(block, axis)] = self._call_computed.get((block, axis), 0) - computed
 
-    def attention_reused(self, block: int, axis: str, sequences: int, whole: bool, source: str = "cache") -> None:
+    def attention_reused(self, block: int, axis: str, sequences: int, source: str = "cache") -> None:
         """`sequences` of this sub-attention were answered from a cache instead of computed.
-        source "cache": the block-level rolling cache (a cache hit, whether some groups were
-        refreshed or none, `whole`); "prune": the token pruner."""
+        source "cache": the block-level rolling cache (a cache hit); "prune": the token pruner."""
         self.sequences_reused[axis] += sequences
         self.reused_by[source][axis] += sequences
         if source == "cache":
@@ -154,6 +202,47 @@ class RunStats:
         self.seconds = time.perf_counter() - self.started
         self.peak_memory_bytes = peak_memory_bytes
         return self
+
+    @property
+    def kappa_measured(self) -> Optional[float]:
+        """The median forecast-error rate the step skip measured (what its kappa_prior should be)."""
+        return statistics.median_high(self.kappas) if self.kappas else None
+
+    @classmethod
+    def merge(cls, items) -> Optional["RunStats"]:
+        """One RunStats for several runs (the SV4D sampler's passes): counts add up, peaks take the
+        maximum, timelines follow one another; None when there is nothing to merge."""
+        items = [s for s in items if s is not None]
+        if not items:
+            return None
+        out = cls(blocks=items[0].blocks, cost=dict(items[0].cost))
+        for s in items:
+            for k in ("calls", "chains_ran", "chains_bypassed", "cache_hits", "cache_misses", "flops_full",
+                      "flops_done", "seconds", "steps_skipped", "steps_ran"):
+                setattr(out, k, getattr(out, k) + getattr(s, k))
+            for k in ("sequences_total", "sequences_computed", "sequences_reused"):
+                for a, v in getattr(s, k).items():
+                    getattr(out, k)[a] += v
+            for src, per in s.reused_by.items():
+                for a, v in per.items():
+                    out.reused_by[src][a] += v
+            for key, cell in s.per_block.items():
+                merged = out.per_block[key]
+                for i, v in enumerate(cell):
+                    merged[i] += v
+            for name, n in s.calls_aside.items():
+                out.calls_aside[name] = out.calls_aside.get(name, 0) + n
+            out.configs.update(s.configs)
+            out.kappas.extend(s.kappas)
+            out.notes += [n for n in s.notes if n not in out.notes]
+            out.timeline.extend(s.timeline)
+            out.cache_bytes_peak = max(out.cache_bytes_peak, s.cache_bytes_peak)
+            if s.peak_memory_bytes is not None:
+                out.peak_memory_bytes = max(out.peak_memory_bytes or 0, s.peak_memory_bytes)
+            if s.memory is not None:
+                out.memory = s.memory if out.memory is None else out.memory.merge(s.memory)
+        out.started = min(s.started for s in items)
+        return out
 
     @property
     def compute_fraction(self) -> float:
@@ -203,7 +292,7 @@ class RunStats:
 
     def timeline_grid(self) -> list[list[str]]:
         """steps x blocks of cell states, for the map."""
-        return [[t["cells"].get(b, BYPASSED if False else RAN) for b in range(self.blocks)] for t in self.timeline]
+        return [[t["cells"].get(b, RAN) for b in range(self.blocks)] for t in self.timeline]
 
     def format_line(self, label: str = "Turbo4D") -> str:
         s = self.summary()
@@ -215,13 +304,13 @@ class RunStats:
                 f"{s['cache_hits']} cache hits, cache {s['cache_memory_peak_mb']:.1f} MB, "
                 f"compute {s['compute_fraction'] * 100:.1f}% of full ({sp if sp is None else f'{sp:.2f}'}x), "
                 f"{s['seconds']:.2f}s")
-        accs = getattr(self, "accelerators", None) or {}
-        aside = {n: accs[n].get("calls_aside", 0) for n in ("cache", "prune") if n in accs}
-        if any(aside.values()):  # where they had nothing valid to reuse (see outside_reuse_horizon)
-            line += ", stood aside on " + ", ".join(f"{count(v, 'call')} ({n})" for n, v in aside.items())
-        kappa = accs.get("bypass", {}).get("kappa_measured")
+        if any(self.calls_aside.values()):  # where they had nothing valid to reuse
+            line += ", stood aside on " + ", ".join(f"{count(v, 'call')} ({n})" for n, v in self.calls_aside.items())
+        kappa = self.kappa_measured
         if kappa is not None:  # what a Chain Bypass kappa_prior for this model should be
             line += f", kappa_measured {kappa:.3g}"
+        if self.memory is not None:
+            line += self.memory.line()
         if self.notes:
             line += "; " + "; ".join(self.notes)
         return line

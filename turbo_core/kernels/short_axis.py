@@ -15,8 +15,8 @@ output through the same kind of view, so it lands in the image-major layout.
 Two kernel variants compute the same function: `fma` (elementwise products and an online softmax
 over the keys, on the CUDA cores, no padding of the key axis) and `dot` (batched tensor-core
 products, each sequence padded to 16). bench/bench_kernels.py times both; `_choose` holds the pick
-(fma up to length 4, dot above). On an H100 both came within 1.1x of the memory floor (a copy of
-the same bytes) at SV4D 2.0's top level, where SDPA took 9.7 ms (camera) and 3.2 ms (motion).
+(fma up to length 4, dot above). Both run close to the memory floor (a copy of the same bytes),
+several times faster than SDPA on these short sequences (BENCHMARKS.md).
 
 Where the kernel does not apply (no Triton, a CPU tensor, gradients wanted, an unsupported
 length, head size or dtype) the same views go through SDPA with explicit transposes: the same
@@ -146,10 +146,9 @@ def _pow2(n: int) -> int:
 
 
 def _choose(length: int, head_dim: int, dtype: torch.dtype, variant: Optional[str]) -> dict:
-    """Kernel variant and tile for a length / head size, from bench/bench_kernels.py's sweep on an
-    H100 (bf16, d = 64; results/kernels_sweep_h100.json): `fma` with 8 sequences x 2 warps a
-    program was fastest for length 4 (0.45 ms for SV4D 2.0's top-level camera axis, dot 0.52),
-    `dot` with 4 sequences x 4 warps for lengths 5..12 (length 12: 0.45 ms, fma 2.7: the fma
+    """Kernel variant and tile for a length / head size, from bench/bench_kernels.py's sweep on a GPU
+    (bf16, d = 64; bench/results/kernels_sweep_h100.json): `fma` with 8 sequences x 2 warps a
+    program was fastest up to length 4, `dot` with 4 sequences x 4 warps for lengths 5..12 (the fma
     variant's fp32 registers grow with length^2). fp32 stays on `fma`: the tensor-core products
     would round to tf32."""
     if variant is None:

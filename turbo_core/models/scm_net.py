@@ -13,7 +13,7 @@ the contract ComfyUI's `ModelType.EDM` uses as well, so the same weights sample 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -21,10 +21,11 @@ import torch.nn as nn
 
 from ..dispatch import FullCompute, SCMDispatch
 from ..layout import SCMLayout
+from ..plain import PlainData
 
 
 @dataclass(frozen=True)
-class SCMNetConfig:
+class SCMNetConfig(PlainData):
     image_size: int = 32       # pixels, square
     patch_size: int = 2        # pixels per token side
     out_channels: int = 3      # the denoised image
@@ -50,17 +51,6 @@ class SCMNetConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SCMNetConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown SCMNetConfig fields {sorted(unknown)}")
-        return cls(**d)
 
 
 CONFIGS = {
@@ -150,8 +140,6 @@ class SCMBlock(nn.Module):
                                   lambda x: self.camera.forward_grid(x, d.grid_attention(cam_view)))
             h = h + d.attend_grid(i, "motion", h + frm[:, None], lambda s, idx: self.motion(s, attn),
                                   lambda x: self.motion.forward_grid(x, d.grid_attention(mot_view)))
-            if d.stats is not None:
-                d.stats.mlp_ran(h.shape[0])
             return h + self.mlp(h)
 
         return d.chain(i, x, chain)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -61,8 +61,8 @@ import torch.nn.functional as F
 
 from ..dispatch import FullCompute, SCMDispatch
 from ..layout import SCMLayout
-from ..memory import (TRANSFORMER_ELEMENTS, MemoryConfig, piece_budget, run_in_pieces, units_per_piece,
-                      with_pieces)
+from ..memory import TRANSFORMER_ELEMENTS, MemoryConfig, piece_budget, run_in_pieces, units_per_piece
+from ..plain import PlainData
 from .io import CheckpointError, read_metadata
 from .sv4d_blocks import (AlphaBlender, CameraAxis, Downsample, GroupNorm32, MixBlock, SpatialBlock,
                           Upsample, VideoResBlock, mlp, timestep_embedding)
@@ -73,7 +73,7 @@ FORMAT = "turbo4d-sv4d-unet"
 
 
 @dataclass(frozen=True)
-class SV4DConfig:
+class SV4DConfig(PlainData):
     version: str = "sv4d2"            # "sv4d" | "sv4d2"
     model_channels: int = 320         # override for reduced-width checkpoints (multiple of 32)
     channel_mult: tuple = (1, 2, 4, 4)
@@ -123,19 +123,6 @@ class SV4DConfig:
     def motion_mixer(self) -> str:
         """Name of the motion blend's parameter module."""
         return "time_mixer_motion" if self.version == "sv4d2" else "time_mixer"
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_mult"], d["attention_levels"] = list(self.channel_mult), list(self.attention_levels)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "SV4DConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown SV4DConfig fields {sorted(unknown)}")
-        return cls(**d)
 
     @classmethod
     def reduced(cls, version: str = "sv4d2", model_channels: int = 32, head_dim: int = 16, **kw) -> "SV4DConfig":
@@ -397,6 +384,12 @@ class SV4DUNet(nn.Module):
             flops[axis] += n * per_seq
         return seqs, flops
 
+    def cost(self, layout: SCMLayout) -> dict:
+        """FLOPs per sequence of each axis, averaged over the attention layers' grids (RunStats
+        counts each layer at its own grid from `block_work`; this only serves readers of its cost)."""
+        seqs, flops = self.call_work(layout)
+        return {a: flops[a] / max(seqs[a], 1) for a in seqs}
+
     def activation_bytes(self, images: int, height: int, width: int, element_size: int = 2) -> int:
         """Memory a forward of `images` latents of height x width holds beside the transient work
         of its pieces (turbo_core.memory): the skip connections (every input block's output, kept
@@ -462,7 +455,7 @@ class SV4DUNet(nn.Module):
                                                                                    *x.shape[-2:]))
             n, _, hh, ww = x.shape
             largest = n * hh * ww * self.cfg.model_channels * TRANSFORMER_ELEMENTS * self.out[2].weight.element_size()
-            dispatch = with_pieces(d, memory, x.device, largest)
+            dispatch = d.in_pieces(memory, x.device, largest)
         call = self.condition(x, timesteps, context, y, cond_view, views, frames, dispatch)
         emb, per_item = call.emb, frames * views
 

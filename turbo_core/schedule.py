@@ -1,4 +1,4 @@
-"""What one model call knows about where it is in a sampling run."""
+"""Where one model call sits in a sampling run: its StepInfo, and its position in the schedule."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -12,10 +12,9 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from .accel.stats import BYPASSED, CACHED, PRUNED, RAN
+from .accel import mechanisms
+from .accel.stats import BYPASSED, CACHED, CACHED_PRUNED, PRUNED, RAN
 
-# A block both cached (one sub-attention from the cache) and pruned (another on fewer tokens).
-CACHED_PRUNED = "cached+pruned"
 # One letter per map cell; the frontend (web/turbo4d_draw.js) uses the same letters and colours.
 STATE_CODES = {RAN: "r", PRUNED: "p", CACHED: "c", CACHED_PRUNED: "x", BYPASSED: "b"}
 CODE_STATES = {v: k for k, v in STATE_CODES.items()}
@@ -26,8 +25,12 @@ STATE_COLOURS = {RAN: (46, 84, 150), CACHED: (80, 180, 90), PRUNED: (240, 190, 5
 SPLIT = {CACHED_PRUNED: (CACHED, PRUNED)}
 STATE_COLOURS[CACHED_PRUNED] = STATE_COLOURS[CACHED]
 UNKNOWN_COLOUR = (40, 40, 40)
-SIGNAL_FAMILIES = ("cache", "bypass", "prune")
-FAMILY_COLOURS = {"cache": (60, 150, 70), "bypass": (120, 120, 120), "prune": (210, 150, 20)}
+
+
+def signal_plots() -> dict:
+    """{family: SignalPlot}: a mechanism's change signals are named "<mechanism>.<...>", and the
+    mechanism table says how to plot them."""
+    return {m.name: m.plot for m in mechanisms.MECHANISMS if m.plot is not None}
 
 
 def hex_colour(rgb: Sequence[int]) -> str:
@@ -44,27 +47,10 @@ def legend() -> list[dict]:
     return out
 
 
-def cell_state(parts: set, fallback: str = RAN) -> str:
-    """The map state of a block from every state it had in one call: bypassed (none of it ran), else
-    what was skipped in it (cached, pruned, or both), else ran."""
-    if not parts:
-        return fallback
-    if BYPASSED in parts:
-        return BYPASSED
-    if CACHED in parts and PRUNED in parts:
-        return CACHED_PRUNED
-    for s in (CACHED, PRUNED):
-        if s in parts:
-            return s
-    return RAN
-
-
 def row_code(entry: dict, blocks: int) -> str:
     """One timeline entry as a string of `blocks` letters (a block with no mark ran)."""
-    parts, cells = entry.get("parts"), entry.get("cells", {})
-    if parts is None:  # stats without per-block parts: the cell state as recorded
-        return "".join(STATE_CODES.get(cells.get(b, RAN), "r") for b in range(blocks))
-    return "".join(STATE_CODES[cell_state(parts.get(b), cells.get(b, RAN))] for b in range(blocks))
+    cells = entry.get("cells", {})
+    return "".join(STATE_CODES[cells.get(b, RAN)] for b in range(blocks))
 
 
 def call_signals(entry: dict) -> dict:
@@ -115,7 +101,7 @@ def run_payload(stats) -> dict:
         "percent": [round(float(t.get("percent", 0.0)), 4) for t in timeline],
         "streams": [t.get("stream") for t in timeline],
         "signals": [call_signals(t) for t in timeline],
-        "accelerators": getattr(stats, "accelerators", None) or stats.__dict__.get("accelerators", {}),
+        "accelerators": stats.configs,
         "legend": legend(),
     })
 
@@ -131,9 +117,6 @@ def state_counts(rows: Iterable[str]) -> dict:
 
 
 # --- drawing ---------------------------------------------------------------------------------
-_FONT = None
-
-
 def _cv2():
     try:
         import cv2
@@ -217,7 +200,8 @@ def draw_signals(signals: Sequence[dict], width: int = 720, panel_height: int = 
     """Per signal family, per model call: the band min..max over blocks, the mean, and the threshold
     (dashed). Below the threshold the work was reused; above it, recomputed."""
     cv2 = _cv2()
-    fams = [f for f in SIGNAL_FAMILIES if any(f in s for s in signals)]
+    plots = signal_plots()
+    fams = [f for f in plots if any(f in s for s in signals)]
     if not fams:
         img = _canvas(40, width)
         _text(img, "no change signals recorded (no cache or bypass active)", (10, 25), 0.45, (90, 90, 90))
@@ -233,7 +217,7 @@ def draw_signals(signals: Sequence[dict], width: int = 720, panel_height: int = 
         top = max([d["max"] for _, d in pts] + ths + [1e-9]) * 1.1
         X = lambda i: L + (i + 0.5) * pw / n  # noqa: E731
         Y = lambda v: T + ph - v / top * ph  # noqa: E731
-        col = FAMILY_COLOURS[fam]
+        col = plots[fam].colour
         cv2.rectangle(img, (L - 1, T - 1), (L + pw, T + ph), (0, 0, 0), 1)
         half = max(1, int(pw / n * 0.3))
         for i, d in pts:
@@ -243,9 +227,7 @@ def draw_signals(signals: Sequence[dict], width: int = 720, panel_height: int = 
             cv2.line(img, (int(X(i0)), int(Y(d0["mean"]))), (int(X(i1)), int(Y(d1["mean"]))), col, 2, cv2.LINE_AA)
         for i, d in pts:
             cv2.circle(img, (int(X(i)), int(Y(d["mean"]))), 2, col, -1, cv2.LINE_AA)
-        label = {"cache": "cache: change of the attention input vs its cached one",
-                 "bypass": "bypass: estimated change of a block's output",
-                 "prune": "prune: token change (no threshold; sets the keep ratio)"}[fam]
+        label = plots[fam].label
         _text(img, label, (L, 15), 0.42)
         _text(img, "bar: min..max over blocks, line: mean", (L + pw - 250, panel_height - 5), 0.34, (120, 120, 120))
         if ths:
