@@ -27,13 +27,14 @@ import comfy.latent_formats
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
+import comfy.model_sampling
 import comfy.patcher_extension
 import comfy.supported_models_base
 from comfy.patcher_extension import WrappersMP
 
 from turbo_core.diffusion import DenoisedSpace
 from turbo_core.models.trajectorycrafter import TrajectoryCrafterTransformer
-from turbo_core.models.trajectorycrafter_sampling import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS
+from turbo_core.models.trajectorycrafter_sampling import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, v_coefficients
 
 from . import model as m
 
@@ -106,22 +107,36 @@ def reference_cache_wrapper(executor, *args, **kwargs):
         guider.model_options = orig
 
 
-def v_denoised_space(noisy_in: torch.Tensor, transformer_options: dict) -> Optional[DenoisedSpace]:
-    """ComfyUI's V_PREDICTION map from the network's output (v, (B, 16, T, h, w)) to the denoised
-    latents, D = x / (s^2 + 1) - v s / sqrt(s^2 + 1) with x = c_in^-1 times the network's noisy
-    input; for accelerators that stand in for a whole call. None without sigmas."""
+class ZeroSNRVPrediction(comfy.model_sampling.ModelSamplingDiscrete, comfy.model_sampling.V_PREDICTION):
+    """ComfyUI's discrete V_PREDICTION sampling with zsnr, but at its stand-in for alpha 0 (the last
+    sigma, finite) the denoiser gives the alpha-0 limit x0 = -v, as the reference computes it,
+    instead of ComfyUI's 2e-4-off value there (turbo_core's v_coefficients)."""
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        c_skip, c_out = v_coefficients(sigma, float(self.sigma_max))
+        shape = (-1,) + (1,) * (model_output.ndim - 1)
+        return model_input * c_skip.view(shape).to(model_input) + model_output * c_out.view(shape).to(model_output)
+
+
+def v_denoised_space(noisy_in: torch.Tensor, transformer_options: dict, zero_snr_sigma: float
+                     ) -> Optional[DenoisedSpace]:
+    """The model's map from the network's output (v, (B, 16, T, h, w)) to the denoised latents,
+    D = c_skip x + c_out v with x = the network's noisy input times sqrt(s^2 + 1); for
+    accelerators that stand in for a whole call. None without sigmas."""
     sigma = m.call_sigmas(noisy_in, transformer_options)
     if sigma is None:
         return None
-    s = sigma.view(-1, *([1] * (noisy_in.dim() - 1)))
-    norm = (s ** 2 + 1).sqrt()
-    return DenoisedSpace(noisy_in.float() * norm, 1 / (s ** 2 + 1), -s / norm, 1.0)
+    shape = (-1,) + (1,) * (noisy_in.dim() - 1)
+    c_skip, c_out = v_coefficients(sigma, zero_snr_sigma)
+    return DenoisedSpace(noisy_in.float() * (sigma.view(shape) ** 2 + 1).sqrt(), c_skip.view(shape),
+                         c_out.view(shape), 1.0)
 
 
 class TrajectoryCrafterDiffusionModel(m.ExecutorDiffusionModel):
     def __init__(self, net: TrajectoryCrafterTransformer):
         super().__init__()
         self.net = net
+        self.zero_snr_sigma: Optional[float] = None  # the model sampling's stand-in for alpha 0
 
     @property
     def dtype(self) -> torch.dtype:
@@ -160,7 +175,8 @@ class TrajectoryCrafterDiffusionModel(m.ExecutorDiffusionModel):
 
         if run is None:
             return network()
-        out = run.model_call(d, x, network, v_denoised_space(x[:, :LATENT_CHANNELS], transformer_options))
+        space = v_denoised_space(x[:, :LATENT_CHANNELS], transformer_options, self.zero_snr_sigma)
+        out = run.model_call(d, x, network, space)
         run.end_call(d)
         return out
 
@@ -171,6 +187,8 @@ class TrajectoryCrafterModel(comfy.model_base.BaseModel):
                          device=device)
         self.diffusion_model = TrajectoryCrafterDiffusionModel(net)
         self.diffusion_model.eval()
+        self.model_sampling = ZeroSNRVPrediction(self.model_config)
+        self.diffusion_model.zero_snr_sigma = float(self.model_sampling.sigma_max)
         # What the checkpoint's config.json says about the pipeline (add_noise_in_inpaint_model).
         self.pipeline_options: dict = {}
 
@@ -232,7 +250,11 @@ class CogVideoXVAE:
         load_device = comfy.model_management.vae_device()
         offload_device = comfy.model_management.vae_offload_device()
         vae.to(offload_device)
-        self.patcher = comfy.model_patcher.ModelPatcher(vae, load_device=load_device, offload_device=offload_device)
+        # ModelPatcher records the device on the module it holds; diffusers' models make `device` a
+        # read-only property, so it holds a plain container.
+        holder = torch.nn.Module()
+        holder.vae = vae
+        self.patcher = comfy.model_patcher.ModelPatcher(holder, load_device=load_device, offload_device=offload_device)
 
     @property
     def scaling_factor(self) -> float:

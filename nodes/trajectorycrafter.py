@@ -421,8 +421,9 @@ class TrajectoryCrafterConditioning(io.ComfyNode):
                 io.Image.Input("render", tooltip="The point-cloud render from the new camera path (TrajectoryCrafter "
                                                  "Render, or any node: holes are taken from the mask)."),
                 io.Mask.Input("mask", tooltip="1 where the render has a hole (TrajectoryCrafter Render's mask)."),
-                io.Int.Input("frames", default=DEFAULT_FRAMES, min=1, max=4096, step=4,
-                             tooltip="Frames from the start of each input: 4k + 1 (49 in the reference)."),
+                io.Int.Input("frames", default=DEFAULT_FRAMES, min=1, max=4096, step=8,
+                             tooltip="Frames from the start of each input: 8k + 1 (49 in the reference), so that "
+                                     "the VAE decodes as many frames as it encodes."),
                 io.Int.Input("width", default=DEFAULT_WIDTH, min=16, max=4096, step=16,
                              tooltip="Sampling width, a multiple of 16 (the reference: 672)."),
                 io.Int.Input("height", default=DEFAULT_HEIGHT, min=16, max=4096, step=16,
@@ -437,8 +438,11 @@ class TrajectoryCrafterConditioning(io.ComfyNode):
                                        "checkpoint's config.json sets add_noise_in_inpaint_model (as the pipeline)."),
             ],
             outputs=[
-                io.Conditioning.Output("positive", display_name="positive"),
-                io.Conditioning.Output("negative", display_name="negative"),
+                # ids differ from the inputs' (V3 wants them unique across both); names are the display names
+                io.Conditioning.Output("positive_out", display_name="positive",
+                                       tooltip="The prompt with the render, mask and reference latents."),
+                io.Conditioning.Output("negative_out", display_name="negative",
+                                       tooltip="The negative prompt with the same latents."),
                 io.Latent.Output("latent", display_name="latent",
                                  tooltip="The empty latent (1, 16, frames', height/8, width/8) to sample."),
                 io.String.Output("stats", display_name="stats", tooltip="Sizes, hole share and render noise."),
@@ -558,7 +562,8 @@ class TrajectoryCrafterSampler(io.ComfyNode):
                                        f"ComfyUI's simple equals it when steps divides 1000)."),
             ],
             outputs=[
-                io.Latent.Output("latent", display_name="latent", tooltip="The sampled latents, for TrajectoryCrafter Decode."),
+                io.Latent.Output("latent_out", display_name="latent",
+                                 tooltip="The sampled latents, for TrajectoryCrafter Decode."),
                 io.String.Output("stats", display_name="stats", tooltip="One line on what the run computed and skipped."),
                 Turbo4DStats.Output("run_stats", display_name="run_stats",
                                     tooltip="The run's counters, for the Turbo4D Report node."),
@@ -610,7 +615,8 @@ class TrajectoryCrafterDecode(io.ComfyNode):
                 CogVideoXVAEType.Input("vae", tooltip="The CogVideoX VAE (TrajectoryCrafter VAE Loader)."),
                 io.Latent.Input("latent", tooltip="TrajectoryCrafter Sampler's latent (or KSampler's)."),
             ],
-            outputs=[io.Image.Output("images", display_name="images", tooltip="The frames, 4 (T - 1) + 1 of them.")],
+            outputs=[io.Image.Output("images", display_name="images",
+                                     tooltip="The frames: 4 (T - 1) + 1 for T latent frames (49 for 13).")],
         )
 
     @classmethod

@@ -15,9 +15,10 @@ discrete V_PREDICTION model with `zsnr` (ComfyUI's "linear" beta schedule is dif
 move x0 + sigma * eps from one sigma to the next with x0 and eps held. Two things differ:
 
 - Zero terminal SNR puts the first timestep (999) at alpha 0, sigma infinite. ComfyUI stands in a
-  finite sigma there (alpha_bar 4.9e-8, sigma 4519); its samplers then start from noise * 4519 and
-  take x0 from the model's output at that sigma, which is off the reference's x0 = -v by 2e-4
-  relative. `sample_ddim` recognises that stand-in and takes the first step at alpha 0 exactly.
+  finite sigma there (alpha_bar 4.9e-8, sigma 4519); at that sigma its V_PREDICTION denoiser is
+  off the reference's x0 = -v by 2e-4 relative, and so is an Euler step's eps = (x - x0) / sigma.
+  `v_coefficients` gives the denoiser x0 = -v at the stand-in (the TrajectoryCrafter model uses
+  them), and `sample_ddim` takes eps = the sample itself there: the first step at alpha 0 exactly.
 - ComfyUI's "simple" scheduler picks the trailing timesteps only when the step count divides 1000;
   `trailing_timesteps` is diffusers' own arithmetic for any count.
 
@@ -86,6 +87,19 @@ def trailing_sigmas(sigma_table: torch.Tensor, steps: int) -> torch.Tensor:
     return torch.cat([sigma_table.detach().float().cpu()[t], torch.zeros(1)])
 
 
+def v_coefficients(sigma: torch.Tensor, zero_snr_sigma: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c_skip, c_out) of a v-prediction denoiser, x0 = c_skip * x + c_out * v for x = x0 + sigma *
+    eps: 1 / (sigma^2 + 1) and -sigma / sqrt(sigma^2 + 1); at `zero_snr_sigma` (the finite sigma a
+    host stands in for alpha 0) 0 and -1, the alpha-0 limit (x0 = -v)."""
+    s = sigma.float()
+    c_skip, c_out = 1.0 / (s * s + 1.0), -s / (s * s + 1.0).sqrt()
+    if zero_snr_sigma is not None:
+        at = (s - zero_snr_sigma).abs() <= 1e-5 * zero_snr_sigma
+        c_skip = torch.where(at, torch.zeros_like(c_skip), c_skip)
+        c_out = torch.where(at, -torch.ones_like(c_out), c_out)
+    return c_skip, c_out
+
+
 def trailing_step_sigmas(sigma_table: torch.Tensor, steps: int) -> torch.Tensor:
     """The sigma each reference DDIM step moves its sample to: timestep t - 1000 // steps (0, final
     alpha 1, below timestep 0). Equal to trailing_sigmas()[1:] when steps divides 1000."""
@@ -104,8 +118,9 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     diffusers' DDIMScheduler.step for v-prediction with eta 0.
 
     `zero_snr_sigma`: the finite sigma a host stands in for alpha 0 (ComfyUI's sigma_max under
-    zsnr). When the run starts there, the first step is taken at alpha 0 as the reference takes it:
-    x0 = -v (v recovered exactly from the denoiser's output at the stand-in) and eps = the noise.
+    zsnr), where the denoiser gives x0 = -v (`v_coefficients`). When the run starts there, the
+    first step is taken at alpha 0 as the reference takes it: eps is the sample itself (x at sigma
+    s is noise * sqrt(1 + s^2)), not (x - x0) / s.
 
     `step_sigmas` (one per step, `trailing_step_sigmas`): where each step moves the sample when
     that is not the next sigma evaluated; the sample is then read at the next sigma, as the
@@ -116,13 +131,11 @@ def sample_ddim(model: Callable, x: torch.Tensor, sigmas: torch.Tensor, extra_ar
     for i in range(len(sig) - 1):
         s, s_next = sig[i], sig[i + 1]
         den = model(x, sigmas[i] * s_in, **extra_args)
-        if i == 0 and zero_snr_sigma is not None and math.isclose(s, zero_snr_sigma, rel_tol=1e-5):
-            # v-prediction: den = x / (s^2 + 1) - v * s / sqrt(s^2 + 1), and x = noise * sqrt(s^2 + 1).
-            scale = math.sqrt(1.0 + s * s)
-            v = (x / (s * s + 1.0) - den) * (scale / s)
-            x0, eps = -v, x / scale
+        x0 = den
+        if zero_snr_sigma is not None and math.isclose(s, zero_snr_sigma, rel_tol=1e-5):
+            eps = x / math.sqrt(1.0 + s * s)
         else:
-            x0, eps = den, (x - den) / s
+            eps = (x - den) / s
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": x0})
         target = s_next if step_sigmas is None else float(step_sigmas[i])
@@ -165,8 +178,12 @@ def latent_frames(frames: int) -> int:
 
 
 def check_frames(frames: int) -> None:
-    if int(frames) < 1 or (int(frames) - 1) % VAE_TEMPORAL:
-        raise ValueError(f"frames={frames}: the CogVideoX VAE takes 4k + 1 frames (49, 45, ..., 5, 1)")
+    """8k + 1 frames: the VAE encodes 4k + 1 frames to k + 1 latent frames, but diffusers'
+    CogVideoX decoder (TrajectoryCrafter's too) upsamples the latent frames after the first in
+    pairs, so only an odd latent count (8k + 1 frames) decodes to as many frames as went in."""
+    if int(frames) < 1 or (int(frames) - 1) % (2 * VAE_TEMPORAL):
+        raise ValueError(f"frames={frames}: TrajectoryCrafter's VAE round trip takes 8k + 1 frames (49, 41, 33, 25, "
+                         f"17, 9, 1); 49 is the reference's")
 
 
 def check_size(height: int, width: int) -> None:
