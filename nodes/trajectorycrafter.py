@@ -15,6 +15,7 @@ reference's DDIM; or ComfyUI's KSampler) -> TrajectoryCrafter Decode. The maths 
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -29,7 +30,7 @@ import latent_preview
 from comfy_api.latest import io
 
 from turbo_core.models import cogvideox_vae
-from turbo_core.models.diffusers_files import read_config, weight_files
+from turbo_core.models.diffusers_files import read_config, read_shapes, weight_files
 from turbo_core.models.io import CheckpointError
 from turbo_core.models.trajectorycrafter import is_trajectorycrafter_file, load_trajectorycrafter
 from turbo_core.models.trajectorycrafter_sampling import (DEFAULT_CFG, DEFAULT_FRAMES, DEFAULT_HEIGHT, DEFAULT_SEED,
@@ -97,8 +98,6 @@ def _listed(folder: str, test) -> list[str]:
 
 
 def _is_cogvideox_vae(path: str) -> bool:
-    from turbo_core.models.diffusers_files import read_shapes
-
     keys = set(read_shapes(weight_files(path)))
     return any(p + cogvideox_vae.MARKER in keys and p + "decoder.conv_in.conv.weight" in keys
                for p in ("", cogvideox_vae.PREFIX))
@@ -169,12 +168,18 @@ class TrajectoryCrafterLoader(io.ComfyNode):
             raise ValueError(f"{node}: weight_dtype={weight_dtype!r}; pick one of {list(DTYPES)}.")
         path = _full_path("diffusion_models", model_name, node, "model_name")
         try:
-            net = load_trajectorycrafter(path, DTYPES[weight_dtype])
-            config = read_config(weight_files(path)) or {}
+            files = weight_files(path)
+            dtype = DTYPES[weight_dtype]
+            if dtype is None:  # decided before loading, so each tensor is cast as it is read (no second copy)
+                params = sum(math.prod(s) for s in read_shapes(files).values())
+                dtype = comfy.model_management.unet_dtype(comfy.model_management.get_torch_device(), params,
+                                                          g.TrajectoryCrafterModelConfig.supported_inference_dtypes)
+            net = load_trajectorycrafter(path, dtype)
+            config = read_config(files) or {}
         except CheckpointError as e:
             raise ValueError(f"{node}, model_name={model_name!r}: {e}") from e
         options = {"add_noise_in_inpaint_model": bool(config.get("add_noise_in_inpaint_model", False))}
-        patcher = g.make_model_patcher(net, DTYPES[weight_dtype], options)
+        patcher = g.make_model_patcher(net, dtype, options)
         params = sum(p.numel() for p in net.parameters())
         dtype = patcher.model.get_dtype()
         c = net.cfg
