@@ -140,7 +140,8 @@ def test_sampler_node_is_the_reference_denoising_loop(pack, steps):
     """10 steps (a divisor of 1000, like the default 50) and 7 (diffusers then steps to
     t - 1000 // steps and evaluates at the next trailing timestep): the node's latents equal the
     pipeline loop's with DDIMScheduler and CogVideoXDDIMScheduler within fp32 round-off, from the
-    same seed. ComfyUI's euler / simple misses: at 10 steps by its finite zero-SNR first step."""
+    same seed (measured 7e-7; with ComfyUI's own V_PREDICTION denoiser at the zero-SNR stand-in,
+    9e-6). ComfyUI's euler / simple misses: at 10 steps by its finite zero-SNR first step."""
     from turbo_core.models.trajectorycrafter_sampling import noise_like
 
     model = tiny_model(pack)
@@ -150,7 +151,7 @@ def test_sampler_node_is_the_reference_denoising_loop(pack, steps):
     noise = noise_like(latent["samples"], 5)
     for name, s in schedulers().items():
         want = reference_loop(net, s, steps, raw, noise)
-        assert rel(out["samples"], want) < 1e-5, (name, rel(out["samples"], want))
+        assert rel(out["samples"], want) < 3e-6, (name, rel(out["samples"], want))
     assert rel(out["samples"], noise) > 0.1
     stock = sample(pack, model, steps, "euler", "simple")[0]["samples"]
     assert rel(stock, want) > 2e-5, rel(stock, want)
