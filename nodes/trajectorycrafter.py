@@ -436,7 +436,7 @@ class TrajectoryCrafterConditioning(io.ComfyNode):
                 io.Combo.Input("reference", options=["first", "last"], default="first",
                                tooltip=f"Which {REFERENCE_FRAMES} source frames the perceiver sees: the first (the "
                                        f"reference's gradual and direct modes) or the last (its bullet-time mode)."),
-                io.Int.Input("seed", default=DEFAULT_SEED, min=0, max=0xffffffffffffffff,
+                io.Int.Input("seed", default=DEFAULT_SEED, min=0, max=0xffffffffffffffff, control_after_generate=True,
                              tooltip="Seed of the reference frames' VAE posterior sample and the render noise."),
                 io.Float.Input("noise_aug_strength", default=NOISE_AUG_STRENGTH, min=0.0, max=1.0, step=0.0001,
                                tooltip="Std of the noise added to the render before encoding, applied when the "

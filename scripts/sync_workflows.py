@@ -369,7 +369,7 @@ NODE_DEFS.update({
                                              [("model", "MODEL"), ("vae", "COGVIDEOX_VAE"),
                                               ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                               ("video", "IMAGE"), ("render", "IMAGE"), ("mask", "MASK")],
-                                             ["frames", "width", "height", "reference", "seed", "noise_aug_strength"],
+                                             ["frames", "width", "height", "reference", "seed+control", "noise_aug_strength"],
                                              [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                                               ("latent", "LATENT"), ("stats", "STRING")]),
     "Turbo4DTrajectoryCrafterSampler": ("TrajectoryCrafter Sampler",
