@@ -3,7 +3,9 @@
 - `TrajectoryCrafterModelConfig` / `TrajectoryCrafterModel`: a discrete V_PREDICTION model with
   zero terminal SNR over CogVideoX's scaled_linear betas (ComfyUI's "linear" schedule), so
   ComfyUI's samplers, its schedulers and the Turbo4D sampler all see the reference's sigmas
-  (tests/test_host_trajectorycrafter.py compares them with diffusers' scheduler). Latents are
+  (tests/test_host_trajectorycrafter.py compares them with diffusers' scheduler); at ComfyUI's
+  finite stand-in for the zero-SNR timestep the denoiser gives the reference's x0 = -v
+  (`ZeroSNRVPrediction`). Latents are
   ComfyUI's video layout (B, 16, T, h, w), already times the VAE's scaling factor (the latent
   format's scale is 1).
 - Conditioning (written by TrajectoryCrafter Conditioning, read by `extra_conds`): the T5 states

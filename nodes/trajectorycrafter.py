@@ -482,9 +482,13 @@ class TrajectoryCrafterConditioning(io.ComfyNode):
             raise ValueError(f"{node}: 'mask' is not connected (1 where the render has holes).")
         msk = mask if mask.dim() == 3 else mask.reshape(-1, *mask.shape[-2:])
         msk = _frames_of(msk, frames, node, "mask")
-        if video.shape[0] < REFERENCE_FRAMES:
-            raise ValueError(f"{node}: the video has {video.shape[0]} frames; the perceiver takes {REFERENCE_FRAMES}.")
-        ref_frames = video[:REFERENCE_FRAMES] if reference == "first" else video[-REFERENCE_FRAMES:]
+        if reference == "first":
+            ref_frames = _frames_of(video, REFERENCE_FRAMES, node, "video")[:REFERENCE_FRAMES]
+        elif frames >= REFERENCE_FRAMES:
+            ref_frames = src[-REFERENCE_FRAMES:]  # the last of the sampled frames, as the bullet-time mode
+        else:
+            raise ValueError(f"{node}: reference='last' takes the last {REFERENCE_FRAMES} of the {frames} frames; "
+                             f"raise frames to {REFERENCE_FRAMES + 7} or more, or use 'first'.")
         add_noise = bool(model.model.pipeline_options.get("add_noise_in_inpaint_model", False))
         strength = float(noise_aug_strength) if add_noise else 0.0
 

@@ -288,7 +288,6 @@ def test_conditioning_node_builds_the_pipelines_latents(pack):
     latents, masked render latents) and the reference latents the pipeline builds from the same
     tensors (VaeImageProcessor normalising the video and binarising the mask, holes set to -1,
     VAE mode for the render, a posterior sample from the same generator for the reference)."""
-    from diffusers import AutoencoderKLCogVideoX
     from diffusers.image_processor import VaeImageProcessor
 
     from turbo_core.models import cogvideox_vae
