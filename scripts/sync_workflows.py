@@ -438,6 +438,89 @@ def sv4d_video_to_4d() -> Graph:
 WORKFLOWS.update({f.__name__: f for f in (sv4d2_video_to_4d, sv4d_video_to_4d)})
 
 
+# --- TrajectoryCrafter (README, "TrajectoryCrafter": where the weights go) ------------------------
+NODE_DEFS.update({
+    "Turbo4DTrajectoryCrafterLoader": ("TrajectoryCrafter Loader", [], ["model_name", "weight_dtype"],
+                                       [("model", "MODEL")]),
+    "Turbo4DTrajectoryCrafterVAELoader": ("TrajectoryCrafter VAE Loader", [], ["vae_name", "dtype"],
+                                          [("vae", "COGVIDEOX_VAE")]),
+    "Turbo4DTrajectoryCrafterTextEncode": ("TrajectoryCrafter Text Encode", [("clip", "CLIP")], ["text"],
+                                           [("conditioning", "CONDITIONING")]),
+    "Turbo4DTrajectoryCrafterRender": ("TrajectoryCrafter Render", [("video", "IMAGE"), ("depth", "IMAGE")],
+                                       ["frames", "camera", "theta", "phi", "r", "x", "y", "radius_scale", "focal",
+                                        "depth_is_disparity", "clean_holes"],
+                                       [("render", "IMAGE"), ("mask", "MASK"), ("stats", "STRING")]),
+    "Turbo4DTrajectoryCrafterConditioning": ("TrajectoryCrafter Conditioning",
+                                             [("model", "MODEL"), ("vae", "COGVIDEOX_VAE"),
+                                              ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                              ("video", "IMAGE"), ("render", "IMAGE"), ("mask", "MASK")],
+                                             ["frames", "width", "height", "reference", "seed+control", "noise_aug_strength"],
+                                             [("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                              ("latent", "LATENT"), ("stats", "STRING")]),
+    "Turbo4DTrajectoryCrafterSampler": ("TrajectoryCrafter Sampler",
+                                        [("model", "MODEL"), ("positive", "CONDITIONING"),
+                                         ("negative", "CONDITIONING"), ("latent", "LATENT")],
+                                        ["seed+control", "steps", "cfg", "sampler_name", "scheduler"],
+                                        [("latent", "LATENT"), ("stats", "STRING"), ("run_stats", "TURBO4D_STATS")]),
+    "Turbo4DTrajectoryCrafterDecode": ("TrajectoryCrafter Decode", [("vae", "COGVIDEOX_VAE"), ("latent", "LATENT")],
+                                       [], [("images", "IMAGE")]),
+    "CLIPLoader": ("Load CLIP", [], ["clip_name", "type", "device"], [("CLIP", "CLIP")]),
+    "LoadVideo": ("Load Video", [], ["file+upload"], [("VIDEO", "VIDEO")]),
+    "GetVideoComponents": ("Get Video Components", [("video", "VIDEO")], [],
+                           [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
+    "CreateVideo": ("Create Video", [("images", "IMAGE"), ("audio", "AUDIO")], ["fps"], [("VIDEO", "VIDEO")]),
+    "SaveVideo": ("Save Video", [("video", "VIDEO")], ["filename_prefix", "format", "codec"], []),
+})
+
+# inference.py's prompts: BLIP-2's caption of the middle frame + this, and the fixed negative.
+TC_REFINE = (". The video is of high quality, and the view is very clear. High quality, masterpiece, best quality, "
+             "highres, ultra-detailed, fantastic.")
+TC_NEGATIVE = ("The video is not of a high quality, it has a low resolution. Watermark present in each frame. The "
+               "background is solid. Strange body and strange trajectory. Distortion.")
+
+
+def trajectorycrafter_redirect() -> Graph:
+    """TrajectoryCrafter at the reference's settings (49 frames at 672 x 384, 50 DDIM steps, cfg 6):
+    a source video and its depth video (any depth estimator's; or swap that Load Video for a depth
+    node) -> the point-cloud render of a camera path -> conditioning -> Chain Bypass -> sampler ->
+    decode -> an mp4. Needs the TrajectoryCrafter, CogVideoX VAE and T5 XXL weights."""
+    g = Graph()
+    model = g.add("Turbo4DTrajectoryCrafterLoader", (40, 60), (340, 110),
+                  model_name="TrajectoryCrafter/diffusion_pytorch_model.safetensors", weight_dtype="auto")
+    vae = g.add("Turbo4DTrajectoryCrafterVAELoader", (40, 210), (340, 110),
+                vae_name="cogvideox_fun_vae/diffusion_pytorch_model.safetensors", dtype="auto")
+    clip = g.add("CLIPLoader", (40, 360), (340, 110), clip_name="t5xxl_fp16.safetensors", type="sd3",
+                 device="default")
+    src = g.add("LoadVideo", (40, 510), (340, 300), file="trajectorycrafter_source.mp4")
+    src_frames = g.add("GetVideoComponents", (40, 850), (340, 90), video=src.out(0))
+    dep = g.add("LoadVideo", (40, 980), (340, 300), file="trajectorycrafter_depth.mp4")
+    dep_frames = g.add("GetVideoComponents", (40, 1320), (340, 90), video=dep.out(0))
+    render = g.add("Turbo4DTrajectoryCrafterRender", (420, 510), (340, 420), video=src_frames.out(0),
+                   depth=dep_frames.out(0), frames=49, camera="orbit_left", theta=0.0, phi=-30.0, r=0.0, x=0.0,
+                   y=0.0, radius_scale=1.0, focal=500.0 / 1024.0, depth_is_disparity=True, clean_holes=True)
+    g.add("PreviewImage", (420, 970), (340, 300), images=render.out(0))
+    pos = g.add("Turbo4DTrajectoryCrafterTextEncode", (420, 60), (340, 200), clip=clip.out(0),
+                text="A video of the scene" + TC_REFINE)
+    neg = g.add("Turbo4DTrajectoryCrafterTextEncode", (420, 290), (340, 180), clip=clip.out(0), text=TC_NEGATIVE)
+    fast = g.add("Turbo4DChainBypass", (800, 60), (340, 300), model=model.out(0), preset="quality", threshold=0.08,
+                 max_consecutive=2, step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2,
+                 end_percent=0.95, storage="native", calibration_file="")
+    cond = g.add("Turbo4DTrajectoryCrafterConditioning", (800, 400), (340, 380), model=fast.out(0), vae=vae.out(0),
+                 positive=pos.out(0), negative=neg.out(0), video=src_frames.out(0), render=render.out(0),
+                 mask=render.out(1), frames=49, width=672, height=384, reference="first", seed=43,
+                 noise_aug_strength=0.0563)
+    smp = g.add("Turbo4DTrajectoryCrafterSampler", (1180, 60), (340, 420), model=fast.out(0), positive=cond.out(0),
+                negative=cond.out(1), latent=cond.out(2), seed=43, steps=50, cfg=6.0,
+                sampler_name="trajectorycrafter_ddim", scheduler="trailing")
+    dec = g.add("Turbo4DTrajectoryCrafterDecode", (1180, 520), (340, 80), vae=vae.out(0), latent=smp.out(0))
+    video = g.add("CreateVideo", (1560, 60), (300, 100), images=dec.out(0), fps=10.0)
+    g.add("SaveVideo", (1560, 200), (420, 420), video=video.out(0), filename_prefix="turbo4d/trajectorycrafter",
+          format="auto", codec="auto")
+    return g
+
+
+WORKFLOWS.update({f.__name__: f for f in (trajectorycrafter_redirect,)})
+
 def render(name: str) -> dict[str, str]:
     """{path: text} of both files of one workflow."""
     g = WORKFLOWS[name]()

@@ -459,6 +459,24 @@ class TrajectoryCrafterTransformer(nn.Module):
         p = self.cfg.patch_size
         return JointLayout(batch, text, frames, height // p, width // p, ref_tokens)
 
+    def block_work(self, layout: JointLayout) -> dict:
+        """{(block, axis): (sequences, FLOPs per sequence)} of one call at full compute, for the
+        run's statistics: the joint chain counts its projections, attention and feed-forward over
+        the text + video tokens; the perceiver its query/output projections and attention to the
+        reference tokens (its keys/values are computed once per run)."""
+        c = self.cfg
+        dim, ff = c.inner_dim, c.ff_inner_dim or 4 * c.inner_dim
+        n, v = layout.text + layout.video_tokens, layout.video_tokens
+        joint = 2 * n * dim * 4 * dim + 4 * n * n * dim + 4 * n * dim * ff
+        inner = c.cross_attn_num_heads * c.cross_attn_dim_head
+        perceiver = 4 * v * dim * inner + 4 * v * layout.ref_tokens * inner
+        out = {}
+        for i in range(c.num_layers):
+            out[(i, "joint")] = (layout.batch, float(joint))
+            if self.perceiver_index(i) is not None:
+                out[(i, "perceiver")] = (layout.batch, float(perceiver))
+        return out
+
     def rope(self, frames: int, height: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of the 3D RoPE for a (frames, height, width) token grid; computed once per
         grid and device (they depend on nothing else)."""
@@ -617,3 +635,13 @@ def load_trajectorycrafter(path: str, dtype: Optional[torch.dtype] = None, devic
         sd = {k: v.to(sd[MARKER].dtype) if v.is_floating_point() else v for k, v in sd.items()}
     net.load_state_dict(sd, assign=True)
     return net.eval()
+
+
+def is_trajectorycrafter_file(path: str) -> bool:
+    """Whether a .safetensors file (or one shard of a sharded model) holds a CogVideoX-family
+    transformer in diffusers' layout, judged from the tensor names in its headers (no tensor read)."""
+    try:
+        keys = set(read_shapes(weight_files(path)))
+    except CheckpointError:
+        return False
+    return any(p + MARKER in keys and p + "transformer_blocks.0.attn1.norm_q.weight" in keys for p in ("", PREFIX))
