@@ -238,7 +238,7 @@ def test_comfy_path_results_counts_and_statistics_are_unchanged(pack, comfy_setu
     out = pack("sampling").MultiViewSampler.execute(
         model=m, input=data, views=VIEWS, frames=FRAMES, elevation=20.0, azimuth_span=360.0, seed=SEED,
         steps=STEPS, cfg=cfg, sampler_name="euler", scheduler="karras")
-    images, _latent, line, _stats = out.result
+    images, _latent, line, _stats, _layout = out.result
     payload = out.ui["turbo4d"][0]
     record = {
         "settings": settings,
