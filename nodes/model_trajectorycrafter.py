@@ -34,7 +34,7 @@ import comfy.patcher_extension
 import comfy.supported_models_base
 from comfy.patcher_extension import WrappersMP
 
-from turbo_core.diffusion import DenoisedSpace
+from turbo_core.diffusion import DenoisedSpace, per_image_sigma
 from turbo_core.models.trajectorycrafter import TrajectoryCrafterTransformer
 from turbo_core.models.trajectorycrafter_sampling import BETA_END, BETA_START, NUM_TRAIN_TIMESTEPS, v_coefficients
 
@@ -125,7 +125,7 @@ def v_denoised_space(noisy_in: torch.Tensor, transformer_options: dict, zero_snr
     """The model's map from the network's output (v, (B, 16, T, h, w)) to the denoised latents,
     D = c_skip x + c_out v with x = the network's noisy input times sqrt(s^2 + 1); for
     accelerators that stand in for a whole call. None without sigmas."""
-    sigma = m.call_sigmas(noisy_in, transformer_options)
+    sigma = per_image_sigma(transformer_options.get("sigmas"), noisy_in)
     if sigma is None:
         return None
     shape = (-1,) + (1,) * (noisy_in.dim() - 1)

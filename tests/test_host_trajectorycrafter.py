@@ -169,7 +169,9 @@ def test_chain_bypass_whole_steps_are_longer_ddim_steps(pack):
 
     acc = pack("accelerators")
     model = tiny_model(pack)
-    fast = acc.ChainBypass.execute(model, "balanced", 0.08, 2, 0.0, 3, 0.0, 0.2, 0.95, "native").result[0]
+    fast = acc.ChainBypass.execute(model=model, preset="balanced", threshold=0.08, max_consecutive=2, step_threshold=0.0,
+                                   step_max_skips=3, kappa_prior=0.0, start_percent=0.2, end_percent=0.95,
+                                   storage="native").result[0]
     out, line, stats = sample(pack, fast, 20)
     s = stats.summary()
     assert 0 < s["steps_fully_bypassed"] < 20 and s["model_calls"] == 20, line

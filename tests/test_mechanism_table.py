@@ -138,7 +138,7 @@ def test_the_row_gets_a_generated_node(with_toy):
     assert glue.accelerator_specs(off) == [] and line == "Toy Reuse: off"
 
 
-def test_chain_bypass_node_takes_calibrations_of_its_two_mechanisms(tmp_path):
+def test_chain_bypass_node_takes_calibrations_of_its_two_mechanisms(tmp_path, request):
     """The Chain Bypass node sets the step skip and the per-block bypass. A calibration of either
     applies; one written before the two were split (mechanism "bypass", the settings of both in one
     config) still applies to both, with the settings line it had; another node's is refused."""
@@ -160,11 +160,21 @@ def test_chain_bypass_node_takes_calibrations_of_its_two_mechanisms(tmp_path):
     for name, cal in files.items():
         save_calibration(cal, str(tmp_path / f"{name}.json"))
 
+    # Calibration files are read by name from their folder only (nodes/files.py): this test's
+    # folder joins it for the test.
+    import folder_paths
+
+    acc.register_calibration_folder()
+    paths, exts = folder_paths.folder_names_and_paths[acc.CALIBRATION_FOLDER]
+    folder_paths.folder_names_and_paths[acc.CALIBRATION_FOLDER] = (list(paths) + [str(tmp_path)], exts)
+    request.addfinalizer(lambda: folder_paths.folder_names_and_paths.__setitem__(acc.CALIBRATION_FOLDER,
+                                                                                 (paths, exts)))
+
     def run(name):
         return acc.ChainBypass.execute(model=model, preset="balanced", threshold=0.08, max_consecutive=2,
                                        step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2,
                                        end_percent=0.95, storage="native",
-                                       calibration_file=str(tmp_path / f"{name}.json")).result
+                                       calibration_file=f"{name}.json").result
 
     out, line = run("before_the_split")
     assert dict(glue.accelerator_specs(out)) == {
