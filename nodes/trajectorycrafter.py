@@ -42,6 +42,7 @@ from turbo_core.models.trajectorycrafter_sampling import (DEFAULT_CFG, DEFAULT_F
 from turbo_core.render import CAMERA_PRESETS, REFERENCE_FOCAL, disparity_to_depth, render_video
 
 from . import events
+from . import files
 from . import model as m
 from . import model_trajectorycrafter as g
 from .types import Turbo4DStats
@@ -89,10 +90,10 @@ def _listed(folder: str, test) -> list[str]:
         if path is None or not _recognised(path, test):
             continue
         try:
-            files = weight_files(path)
+            shards = weight_files(path)
         except CheckpointError:
             continue
-        if os.path.abspath(files[0]) == os.path.abspath(path):
+        if os.path.abspath(shards[0]) == os.path.abspath(path):
             out.append(name)
     return out
 
@@ -112,7 +113,9 @@ def vae_files() -> list[str]:
 
 
 def _full_path(folder: str, name: str, node: str, what: str) -> str:
-    path = folder_paths.get_full_path(folder, name) if name else None
+    """The file's path in one of ComfyUI's model folders (nodes/files.py refuses a name or a link
+    leading out of it)."""
+    path = files.model_file(node, what, folder, name) if name else None
     if path is None:
         raise ValueError(f"{node}: {what}={name!r} is not in ComfyUI's models/{folder}/ folder. Put the file there "
                          f"(README, 'TrajectoryCrafter' says which) and refresh the page.")
@@ -120,11 +123,10 @@ def _full_path(folder: str, name: str, node: str, what: str) -> str:
 
 
 def _fingerprint(folder: str, name: str, *rest) -> str:
-    path = folder_paths.get_full_path(folder, name) if name else None
     try:
-        files = weight_files(path) if path else []
-        stamp = [(f, os.path.getmtime(f)) for f in files]
-    except (CheckpointError, OSError):
+        path = files.model_file("TrajectoryCrafter", "name", folder, name) if name else None
+        stamp = [(f, os.path.getmtime(f)) for f in weight_files(path)] if path else "missing"
+    except (ValueError, OSError):  # CheckpointError, FileRefused: execute says why
         stamp = "missing"
     return f"{name}:{stamp}:{rest}"
 
@@ -168,14 +170,14 @@ class TrajectoryCrafterLoader(io.ComfyNode):
             raise ValueError(f"{node}: weight_dtype={weight_dtype!r}; pick one of {list(DTYPES)}.")
         path = _full_path("diffusion_models", model_name, node, "model_name")
         try:
-            files = weight_files(path)
+            shards = weight_files(path)
             dtype = DTYPES[weight_dtype]
             if dtype is None:  # decided before loading, so each tensor is cast as it is read (no second copy)
-                params = sum(math.prod(s) for s in read_shapes(files).values())
+                params = sum(math.prod(s) for s in read_shapes(shards).values())
                 dtype = comfy.model_management.unet_dtype(comfy.model_management.get_torch_device(), params,
                                                           g.TrajectoryCrafterModelConfig.supported_inference_dtypes)
             net = load_trajectorycrafter(path, dtype)
-            config = read_config(files) or {}
+            config = read_config(shards) or {}
         except CheckpointError as e:
             raise ValueError(f"{node}, model_name={model_name!r}: {e}") from e
         options = {"add_noise_in_inpaint_model": bool(config.get("add_noise_in_inpaint_model", False))}

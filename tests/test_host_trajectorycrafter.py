@@ -107,6 +107,19 @@ def test_node_schemas_are_valid_v3_schemas(pack):
         assert all(i.tooltip for i in schema.inputs), [i.id for i in schema.inputs if not i.tooltip]
 
 
+def test_loaders_refuse_names_leading_out_of_their_folders(pack):
+    """model_name / vae_name come from whoever posts a prompt: nodes/files.py refuses a name that
+    leads out of ComfyUI's model folder before anything is opened, naming the input and the fix."""
+    tc = pack("trajectorycrafter")
+    for name in ("../../etc/passwd", "/etc/passwd", "sub\\..\\x.safetensors", "%2e%2e/x.safetensors"):
+        with pytest.raises(ValueError, match=r"TrajectoryCrafter Loader: model_name=.* is refused"):
+            tc.TrajectoryCrafterLoader.execute(name, "auto")
+        with pytest.raises(ValueError, match=r"TrajectoryCrafter VAE Loader: vae_name=.* is refused"):
+            tc.TrajectoryCrafterVAELoader.execute(name, "auto")
+    with pytest.raises(ValueError, match="is not in ComfyUI's models/diffusion_models/ folder"):
+        tc.TrajectoryCrafterLoader.execute("no_such_model.safetensors", "auto")
+
+
 # --- schedule and sampler ------------------------------------------------------------------------
 def test_comfy_schedule_is_the_reference_scheduler(pack):
     """alphas_cumprod of ComfyUI's sampling for the model = diffusers' under CogVideoX-Fun's config

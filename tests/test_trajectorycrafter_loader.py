@@ -1,6 +1,7 @@
 """TrajectoryCrafter checkpoints as they are found: diffusers' layout, one safetensors file or
 shards with their index, keys under `transformer.` or none, fp32 or bf16, with or without the
 config.json beside them. Saved here at reduced width, loaded by turbo_core's loader."""
+import copy
 import dataclasses
 import json
 import os
@@ -135,3 +136,28 @@ def test_unusable_files_are_refused_with_the_reason(tmp_path):
     save_file({k: v.contiguous() for k, v in partial.items()}, str(tmp_path / "partial.safetensors"))
     with pytest.raises(CheckpointError, match="not a complete TrajectoryCrafter transformer"):
         load_trajectorycrafter(str(tmp_path / "partial.safetensors"))
+
+
+def test_an_index_naming_shards_outside_its_folder_is_refused(tmp_path):
+    """A shard index is data from a download: a name with '..' or a separator, or a shard that is a
+    symbolic link out of the folder, is refused before anything is opened."""
+    folder = save_diffusers(random_net(), str(tmp_path / "model"), shards=2)
+    index = os.path.join(folder, INDEX)
+    with open(index) as f:
+        good = json.load(f)
+    secret = tmp_path / "secret.safetensors"
+    save_file({"x": torch.zeros(1)}, str(secret))
+    for bad in ("../secret.safetensors", str(secret), "sub/diffusion_pytorch_model-00001-of-00002.safetensors"):
+        data = copy.deepcopy(good)
+        data["weight_map"][next(iter(data["weight_map"]))] = bad
+        with open(index, "w") as f:
+            json.dump(data, f)
+        with pytest.raises(CheckpointError, match="outside its own folder"):
+            load_trajectorycrafter(folder)
+    with open(index, "w") as f:
+        json.dump(good, f)
+    shard = os.path.join(folder, "diffusion_pytorch_model-00002-of-00002.safetensors")
+    os.replace(shard, str(tmp_path / "moved.safetensors"))
+    os.symlink(str(tmp_path / "moved.safetensors"), shard)
+    with pytest.raises(CheckpointError, match="outside its own folder"):
+        load_trajectorycrafter(folder)

@@ -59,7 +59,16 @@ def _from_index(index_path: str) -> list[str]:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{name} is not a readable shard index ({e}); download it again.") from e
     folder = os.path.dirname(os.path.abspath(index_path))
-    files = [os.path.join(folder, f) for f in sorted(set(weight_map.values()))]
+    names = sorted(set(weight_map.values()))
+    # The shards are the index's siblings (diffusers writes plain file names): a name that would
+    # lead elsewhere (a separator, '..', a link out of the folder) is refused, not opened.
+    real = os.path.realpath(folder)
+    outside = [n for n in names if not isinstance(n, str) or os.path.basename(n) != n or n in ("", ".", "..")
+               or os.path.dirname(os.path.realpath(os.path.join(folder, n))) != real]
+    if outside:
+        raise CheckpointError(f"{name} lists shards outside its own folder ({outside[:3]}); a diffusers index names "
+                              f"files beside it. Download the model again.")
+    files = [os.path.join(folder, f) for f in names]
     missing = [os.path.basename(f) for f in files if not os.path.isfile(f)]
     if missing:
         raise CheckpointError(f"{name} lists shards that are not beside it: {missing[:3]}; download every shard "
