@@ -40,6 +40,7 @@ import torch
 from .base import CrossCallReuse
 from .cache import _check_common, _from_dict
 from .registry import merge_spec, register
+from .signals import mean
 from .storage import TensorStore, nbytes
 
 NAME = "prune"
@@ -185,8 +186,8 @@ class TokenPruner(CrossCallReuse):
         self.offered += s
         ref = entry.ref if index is None else entry.ref.index_select(0, index)
         diff = (xs.float() - ref.float()).abs().mean(dim=(1, 2))              # (s,)
-        scale = ref.float().abs().mean().clamp_min(1e-12)
-        st.pending[key] = diff.mean() / scale  # relative change of this axis, read at end_call
+        scale = mean(ref.float().abs()).clamp_min(1e-12)
+        st.pending[key] = mean(diff) / scale  # relative change of this axis, read at end_call
         if k >= s:
             out = nxt(seqs, index)
             self._write(entry, index, None, out, xs, step)
