@@ -23,7 +23,7 @@ import logging
 from typing import Optional
 
 from .engine import ParallelError, ParallelGroup, parse_devices
-from .net import ParallelNet, begin_run, end_run
+from .net import ParallelNet, begin_run, end_run, set_sync_timing
 from .plan import MODES, ShardPlan, choose_plan
 from .script import sample_grid
 
@@ -39,7 +39,9 @@ def acquire(devices, sync_timing: bool = False) -> ParallelGroup:
     global _CURRENT
     devs = parse_devices(devices)
     g = _CURRENT
-    if g is not None and g.alive and g.devices == devs and g.comm.sync_timing == sync_timing:
+    if g is not None and g.alive and g.devices == devs:
+        if g.comm.sync_timing != sync_timing:
+            set_sync_timing(g, sync_timing)
         return g
     if g is not None:
         g.shutdown()
@@ -71,4 +73,4 @@ def from_env() -> Optional[ParallelGroup]:
 atexit.register(shutdown)
 
 __all__ = ["MODES", "ParallelError", "ParallelGroup", "ParallelNet", "ShardPlan", "acquire", "begin_run",
-           "choose_plan", "current", "end_run", "from_env", "parse_devices", "sample_grid", "shutdown"]
+           "choose_plan", "current", "end_run", "from_env", "parse_devices", "sample_grid", "set_sync_timing", "shutdown"]

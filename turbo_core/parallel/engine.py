@@ -111,6 +111,9 @@ class ParallelGroup:
         backend = backend_for(devs[0])
         if backend == "nccl":
             _check_cuda(devs)
+            # Read when rank 0's communicator is made, as in the workers (see _spawn_worker).
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
         store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, timeout=_timeout(), wait_for_workers=False)
         procs = []
         try:
@@ -202,32 +205,37 @@ class ParallelGroup:
                                 f"starts them again.")
 
     def _dead_workers(self) -> list[str]:
+        return [text for _, text in self._dead()]
+
+    def _dead(self) -> list[tuple[int, str]]:
         out = []
         for r, p in enumerate(self.procs, start=1):
             code = p.poll()
             if code is not None:
-                out.append(f"rank {r} ({self.devices[r]}) exited with code {code}"
-                           + (f" (signal {-code})" if code < 0 else ""))
+                out.append((r, f"rank {r} ({self.devices[r]}) exited with code {code}"
+                               + (f" (signal {-code})" if code < 0 else "")))
         return out
 
     def _worker_errors(self, wait_s: float = 0.0) -> str:
         """What the workers reported or how they ended, for the error message ('' if none of them
         failed within `wait_s`: the failure was rank 0's own). A worker writes its error before it
-        exits, so once a worker is seen dead the store holds all it will ever say."""
+        exits, so once a worker is seen dead the store holds all it will ever say. Workers that
+        died without a word (killed) come first: the others' errors are then what that broke."""
         deadline = time.monotonic() + wait_s
         while True:
-            dead = self._dead_workers()
-            found = []
+            dead = self._dead()
+            found = {}
             for r in range(1, self.world):
                 key = ERROR_KEY.format(r)
                 try:
                     if self.store.check([key]):
-                        found.append(f"rank {r} ({self.devices[r] if r < len(self.devices) else '?'}) failed: "
-                                     f"{self.store.get(key).decode(errors='replace').strip()}")
+                        found[r] = (f"rank {r} ({self.devices[r] if r < len(self.devices) else '?'}) failed: "
+                                    f"{self.store.get(key).decode(errors='replace').strip()}")
                 except Exception:  # the store went with the group: nothing more to read
                     pass
             if found or dead:
-                return "; ".join(found or dead)
+                silent = [text for r, text in dead if r not in found]
+                return "; ".join(silent + [found[r] for r in sorted(found)])
             if time.monotonic() >= deadline:
                 return ""
             time.sleep(0.05)

@@ -175,7 +175,7 @@ def end_run(group: ParallelGroup, stats=None) -> Optional[dict]:
     return out
 
 
-def _summary(group: ParallelGroup, stats, started: Optional[float]) -> dict:
+def _summary(group: ParallelGroup, stats, started: Optional[float], accelerators=()) -> dict:
     dev = group.device
     peak = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
     busy = group.state.get("busy", 0.0) if group.rank else (time.perf_counter() - started if started else 0.0)
@@ -183,7 +183,11 @@ def _summary(group: ParallelGroup, stats, started: Optional[float]) -> dict:
             "comm_bytes": group.comm.bytes, "collectives": group.comm.count, "busy_seconds": round(busy, 6),
             "peak_memory_mb": None if peak is None else round(peak / 2**20, 1),
             "cache_mb": None if stats is None else round(stats.cache_bytes_peak / 2**20, 3),
-            "done": None if stats is None else _done(stats)}
+            "done": None if stats is None else _done(stats),
+            # Each rank's own decisions and the signals they were taken on (all-reduced: the same
+            # values on every rank); small, and what a test or a report checks agreement with.
+            "accelerators": {a.name: a.summary() for a in accelerators},
+            "signals": [] if stats is None else [t["signal"] for t in stats.timeline]}
 
 
 def _done(stats) -> dict:
@@ -209,6 +213,13 @@ def _add_done(stats, done: Optional[dict]) -> None:
         cell = stats.per_block[key]
         cell[0] += computed
         cell[2] += flops
+
+
+def set_sync_timing(group: ParallelGroup, sync: bool) -> None:
+    """Rank 0: time collectives exactly (a device sync around each, on every rank) or not; see Comm.
+    Benchmarks switch it on for a run that measures the communication share, off for the timed ones."""
+    group.command({"op": "timing", "sync": bool(sync)})
+    group.comm.sync_timing = bool(sync)
 
 
 # --- rank 0's stand-in for the network -----------------------------------------------------------
@@ -296,9 +307,12 @@ class ShardWorker:
             t0 = time.perf_counter()
             self._call(header)
             self.group.state["busy"] = self.group.state.get("busy", 0.0) + time.perf_counter() - t0
+        elif op == "timing":
+            self.group.comm.sync_timing = bool(header["sync"])
         elif op == "end":
             run, self.run = self.run, None
-            summary = _summary(self.group, run.stats if run is not None else None, None)
+            summary = _summary(self.group, run.stats if run is not None else None, None,
+                               run.accelerators if run is not None else ())
             if run is not None:
                 run.end()  # frees every cache now
             self.group.comm.gather_objects(summary)
