@@ -1,0 +1,264 @@
+"""Multi-process sampling (turbo_core.parallel) on the CPU with gloo, 2 and 3 processes, on the
+embedded model: every mode gives the one-process result, with and without Chain Bypass (whole
+steps decided on rank 0 and per-block bypasses from all-reduced signals); every rank takes the same
+accelerator decisions; the statistics count every rank's work; a worker's error and a killed worker
+reach the caller naming the rank, and the next run succeeds; no worker outlives its group.
+
+Grids are small (2-3 views x 2-3 frames) and runs short (2-4 steps), so each run takes seconds on a
+2-core CPU; the worker processes of one group are reused between tests."""
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from turbo_core.accel.bypass import ChainBypassConfig
+from turbo_core.accel.cache import RollingCacheConfig
+from turbo_core.accel.prune import TokenPrunerConfig
+from turbo_core.accel.script import scene_samples
+from turbo_core.diffusion import EDM, karras_sigmas
+from turbo_core.layout import SCMLayout
+from turbo_core.models.io import load_model
+from turbo_core.models.scm_net import SCMNet
+from turbo_core import parallel
+from turbo_core.parallel import ParallelError, ShardPlan, choose_plan, sample_grid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.path.join(ROOT, "models", "turbo4d_default.safetensors")
+EDM_ = EDM()
+# Both levels of Chain Bypass: whole steps (decided on rank 0, on the CFG-combined image) and
+# per-block bypasses (each rank measures its share; the means are all-reduced).
+BYPASS = [("bypass", ChainBypassConfig(threshold=5.0, start_percent=0.0, end_percent=1.0, max_consecutive=1,
+                                       step_threshold=0.1, kappa_prior=0.4, step_max_skips=1))]
+# mode -> (views, frames, cfg): the smallest grids that split over 3 processes in that mode (the
+# two CFG halves cannot: there the plan falls back to frames).
+GRIDS = {"cfg": (1, 3, 2.0), "frames": (2, 3, 1.0), "views": (3, 2, 1.0)}
+
+
+# --- the plan, no processes ------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["cfg", "frames", "views"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_plan_slices_hold_every_image_once(mode, world):
+    lay = SCMLayout(batch=3, views=4, frames=5, height=3, width=3)
+    plan = ShardPlan(mode, lay, world)
+    held = torch.cat([plan.image_index(r) for r in range(world)])
+    assert sorted(held.tolist()) == list(range(lay.images))
+    for r in range(world):
+        loc = plan.local_layout(r)
+        assert loc.images == plan.image_index(r).numel() == plan.local_images(r)
+        # The rank's images are a contiguous slice of the grid, in the frame-major order.
+        start, stop = plan.bounds(r)
+        expected = torch.arange(lay.images).view(3, 5, 4).narrow(plan.dim, start, stop - start).reshape(-1)
+        assert torch.equal(plan.image_index(r), expected)
+        assert plan.token_layout(r).tokens == plan.token_sizes()[r]
+    assert sum(plan.token_sizes()) == lay.tokens
+
+
+def test_auto_plan_prefers_cfg_halves_then_the_more_even_axis():
+    assert choose_plan(SCMLayout(2, 4, 12, 8, 8), 2)[0].mode == "cfg"
+    assert choose_plan(SCMLayout(1, 4, 12, 8, 8), 2)[0].mode == "frames"
+    assert choose_plan(SCMLayout(1, 8, 5, 8, 8), 2)[0].mode == "views"      # 4+4 views beat 3+2 frames
+    assert choose_plan(SCMLayout(2, 4, 12, 8, 8), 3)[0].mode == "frames"    # 2 halves do not split 3 ways
+    plan, why = choose_plan(SCMLayout(1, 2, 2, 8, 8), 3)
+    assert plan is None and "runs on one" in why
+    plan, why = choose_plan(SCMLayout(1, 4, 12, 8, 8), 2, "cfg")
+    assert plan.mode == "frames" and why.startswith("cfg not possible")
+    assert choose_plan(SCMLayout(2, 4, 12, 8, 8), 1)[0] is None
+
+
+# --- processes -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def net():
+    return load_model(WEIGHTS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_group():
+    yield
+    parallel.shutdown()
+
+
+_REFS: dict = {}
+
+
+def scene(views, frames):
+    return scene_samples([1_000_000], views, frames, 32)[0]
+
+
+def run(net, mode, specs, steps, group=None):
+    views, frames, cfg = GRIDS[mode]
+    s = scene(views, frames)
+    return sample_grid(net, EDM_, s["noise"], karras_sigmas(steps), s["cond"], s["camera"], views, frames,
+                       specs=specs, cfg=cfg, group=group, mode=mode)
+
+
+def signals(stats, prefix):
+    return [(i, name, v) for i, t in enumerate(stats.timeline) for name, vals in sorted(t["signal"].items())
+            if name.startswith(prefix) for v, _ in vals]
+
+
+def assert_same_signals(stats, ref_stats, prefix):
+    got, want = signals(stats, prefix), signals(ref_stats, prefix)
+    assert want and [(i, n) for i, n, _ in got] == [(i, n) for i, n, _ in want]
+    for (_, name, a), (_, _, b) in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7), name
+
+
+def reference(net, mode, specs, steps):
+    key = (mode, bool(specs), steps)
+    if key not in _REFS:
+        _REFS[key] = run(net, mode, specs, steps)
+    return _REFS[key]
+
+
+def worker_pids(group):
+    return [p.pid for p in group.procs]
+
+
+def alive(pid) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by anyone) counts as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("accel", ["full", "bypass"])
+@pytest.mark.parametrize("mode", ["cfg", "frames", "views"])
+@pytest.mark.parametrize("world", [2, 3])  # slowest-varying: one group of workers per world size
+def test_each_mode_gives_the_one_process_result(net, world, mode, accel):
+    specs, steps = ([], 2) if accel == "full" else (BYPASS, 5)
+    ref, ref_stats = reference(net, mode, specs, steps)
+    group = parallel.acquire(f"cpu:{world}")
+    out, stats = run(net, mode, specs, steps, group)
+    # fp32 on the CPU: the same arithmetic per image, only the sum order of some reductions differs.
+    assert (out - ref).abs().max().item() < 1e-4
+    par = stats.parallel
+    split = mode if not (mode == "cfg" and world == 3) else "frames"  # 2 CFG halves do not split 3 ways
+    ran = ref_stats.calls - (ref_stats.accelerators["bypass"]["steps_skipped"] if specs else 0)
+    assert par["world"] == world and par["calls_by_mode"] == {split: ran}
+    # Every rank's work is counted once: the same figures as in one process.
+    assert stats.calls == ref_stats.calls and stats.chains_bypassed == ref_stats.chains_bypassed
+    assert dict(stats.sequences_computed) == dict(ref_stats.sequences_computed)
+    assert stats.compute_fraction == pytest.approx(ref_stats.compute_fraction, rel=1e-9)
+    if accel == "bypass":
+        # The run really skipped at both levels, else the comparison proves nothing about them.
+        assert ref_stats.summary()["steps_fully_bypassed"] > 0
+        assert ref_stats.accelerators["bypass"]["bypassed"] > 0
+        for r in par["ranks"][1:]:
+            assert r["accelerators"]["bypass"]["bypassed"] == stats.accelerators["bypass"]["bypassed"]
+            assert r["accelerators"]["bypass"]["ran"] == stats.accelerators["bypass"]["ran"]
+        # The per-block estimates are over every rank's share: the one-process values.
+        assert_same_signals(stats, ref_stats, "bypass.b")
+
+
+def test_cache_and_prune_decide_on_the_same_signals_on_every_rank(net):
+    """The cache's and the pruner's per-call signals are all-reduced, so every rank measures the same
+    change and stands aside at the same calls. Which groups a rank refreshes follows its own share
+    (the cache rotates over the frames a rank holds), so a frame split with the cache is close to
+    the one-process result, not equal (a CFG split is equal: the next test)."""
+    specs = [("cache", RollingCacheConfig(threshold=2.0, start_percent=0.0, max_age=2)),
+             ("prune", TokenPrunerConfig(keep_start=0.5, keep_end=0.5, start_percent=0.0))]
+    group = parallel.acquire("cpu:2")
+    ref, ref_stats = run(net, "frames", specs, 4)
+    out, stats = run(net, "frames", specs, 4, group)
+    ranks = stats.parallel["ranks"]
+    assert stats.accelerators["cache"]["hits"] > 0
+    mine = [t["signal"] for t in stats.timeline]
+    assert any(k.startswith("cache.") for s in mine for k in s) and any(k.startswith("prune.") for s in mine for k in s)
+    for r in ranks[1:]:
+        assert r["signals"] == mine  # the same bits: one all-reduce, every rank reads its result
+        for name in ("cache", "prune"):
+            assert r["accelerators"][name]["calls_aside"] == stats.accelerators[name]["calls_aside"]
+    assert ((out - ref).abs().mean() / ref.abs().mean()).item() < 0.05
+
+
+def test_cfg_split_with_the_cache_is_exact(net):
+    """Split into CFG halves, the cache's sequence groups and subsamples are the one-process ones,
+    and its signals all-reduced: the result is the one-process result."""
+    specs = [("cache", RollingCacheConfig(threshold=2.0, start_percent=0.0, max_age=2))]
+    group = parallel.acquire("cpu:2")
+    ref, ref_stats = run(net, "cfg", specs, 4)
+    out, stats = run(net, "cfg", specs, 4, group)
+    assert ref_stats.accelerators["cache"]["hits"] > 0
+    assert stats.accelerators["cache"]["hits"] == ref_stats.accelerators["cache"]["hits"]
+    assert_same_signals(stats, ref_stats, "cache.")
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+class OutsideNet(SCMNet):
+    """A network class outside turbo_core: workers refuse to build it, a real error on rank 1."""
+
+
+def test_a_workers_error_names_the_rank_and_the_next_run_succeeds(net):
+    group = parallel.acquire("cpu:2")
+    pids = worker_pids(group)
+    stranger = OutsideNet(net.cfg)
+    stranger.load_state_dict(net.state_dict())
+    with pytest.raises(ParallelError, match=r"rank 1 \(cpu\) failed: .*refusing to build"):
+        run(stranger.eval(), "frames", [], 2, group)
+    assert not group.alive
+    assert not any(alive(p) for p in pids)
+    ref, _ = reference(net, "frames", [], 2)
+    out, _ = run(net, "frames", [], 2, parallel.acquire("cpu:2"))
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_a_worker_killed_mid_run_is_reported_and_the_next_run_succeeds(net):
+    group = parallel.acquire("cpu:3")
+    pids = worker_pids(group)
+    views, frames, cfg = GRIDS["frames"]
+    s = scene(views, frames)
+
+    def kill_rank_2(i, x, den):
+        if i == 0:
+            os.kill(pids[1], signal.SIGKILL)
+
+    with pytest.raises(ParallelError, match=r"rank 2 \(cpu\) exited with code -9"):
+        sample_grid(net, EDM_, s["noise"], karras_sigmas(3), s["cond"], s["camera"], views, frames, cfg=cfg,
+                    group=group, mode="frames", callback=kill_rank_2)
+    assert not group.alive
+    deadline = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(p) for p in pids)
+    ref, _ = reference(net, "frames", [], 2)
+    out, _ = run(net, "frames", [], 2, parallel.acquire("cpu:3"))
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupt_between_calls_keeps_the_group_and_starts_the_next_run_clean(net):
+    group = parallel.acquire("cpu:2")
+    views, frames, cfg = GRIDS["frames"]
+    s = scene(views, frames)
+
+    def interrupt(i, x, den):
+        if i == 0:
+            raise Interrupted()
+
+    with pytest.raises(Interrupted):
+        sample_grid(net, EDM_, s["noise"], karras_sigmas(5), s["cond"], s["camera"], views, frames, cfg=cfg,
+                    specs=BYPASS, group=group, mode="frames", callback=interrupt)
+    assert group.alive and parallel.acquire("cpu:2") is group
+    ref, ref_stats = reference(net, "frames", BYPASS, 5)
+    out, stats = run(net, "frames", BYPASS, 5, group)
+    assert (out - ref).abs().max().item() < 1e-4 and stats.calls == ref_stats.calls
+
+
+def test_shutdown_leaves_no_worker_process():
+    group = parallel.acquire("cpu:2")
+    pids = worker_pids(group)
+    assert pids and all(alive(p) for p in pids)
+    parallel.shutdown()
+    assert not group.alive and not any(alive(p) for p in pids)
+    assert not torch.distributed.is_initialized()
