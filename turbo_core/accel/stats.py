@@ -217,4 +217,8 @@ class RunStats:
         kappa = accs.get("bypass", {}).get("kappa_measured")
         if kappa is not None:  # what a Chain Bypass kappa_prior for this model should be
             line += f", kappa_measured {kappa:.3g}"
+        par = getattr(self, "parallel", None)
+        if par:  # set by turbo_core.parallel.end_run: the counts above are every process's
+            modes = "/".join(par["calls_by_mode"]) or "not split"
+            line += f", over {par['world']} processes ({modes})"
         return line
