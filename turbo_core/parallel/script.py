@@ -12,7 +12,7 @@ import torch
 from ..accel.registry import build_run
 from ..accel.stats import RunStats
 from ..diffusion import EDM, sample_euler
-from .engine import ParallelGroup
+from .engine import ParallelError, ParallelGroup
 from .net import ParallelNet, begin_run, end_run
 
 
@@ -63,12 +63,19 @@ def sample_grid(net, edm: EDM, noise: torch.Tensor, sigmas: torch.Tensor, cond: 
     if group is not None:
         begin_run(group, specs, backend)
     peak = None
+    failed = True
     try:
         x = sample_euler(denoise, noise, sigmas, callback=callback)
+        failed = False
     finally:
         if device.type == "cuda":
             peak = int(torch.cuda.max_memory_allocated(device))
         stats = run.end(peak)
         if group is not None and group.alive:
-            end_run(group, stats)
+            try:
+                end_run(group, stats)
+            except ParallelError:
+                if not failed:
+                    raise
+                # The run's own error is the one to report; the group is down and restarts next run.
     return x, stats
