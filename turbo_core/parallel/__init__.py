@@ -34,12 +34,12 @@ _CURRENT: Optional[ParallelGroup] = None  # torch.distributed allows one default
 
 def acquire(devices, sync_timing: bool = False) -> ParallelGroup:
     """The process group over `devices` (see parse_devices), started if needed; one that is alive
-    on the same devices is reused (workers keep their model between runs), another is shut down
-    first."""
+    on the same devices is reused (workers keep their model between runs), another (or one that
+    lost a worker between runs) is shut down first."""
     global _CURRENT
     devs = parse_devices(devices)
     g = _CURRENT
-    if g is not None and g.alive and g.devices == devs:
+    if g is not None and g.alive and g.devices == devs and not g._dead_workers():
         if g.comm.sync_timing != sync_timing:
             set_sync_timing(g, sync_timing)
         return g

@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -434,22 +433,18 @@ def worker_main() -> int:
 
 
 def _die_with_parent() -> None:
-    """A worker never outlives the process that started it: the kernel kills it when the parent
-    dies (Linux), and a thread checks the parent's pid as well (other systems, or a parent that
-    died before the request took effect)."""
+    """A worker never outlives the process that started it: a thread checks the parent's pid and
+    ends the worker when it changes (the parent died and the worker was handed to init). Not
+    PR_SET_PDEATHSIG: that fires when the parent's *thread* that started the worker ends, and a
+    host may start the group from a thread that does not last as long as the process."""
     parent = int(os.environ.get("TURBO4D_PARALLEL_PARENT", "0") or 0)
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
+    if not parent:
+        return
 
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except Exception:
-            pass
-    if parent:
-        def watch():
-            while True:
-                if os.getppid() != parent:
-                    os._exit(1)
-                time.sleep(0.5)
+    def watch():
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.5)
 
-        threading.Thread(target=watch, name="turbo4d-parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="turbo4d-parent-watch", daemon=True).start()
