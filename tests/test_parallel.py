@@ -299,3 +299,41 @@ def test_workers_end_when_the_driving_process_dies_without_shutting_down():
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(alive(p) for p in pids)
+
+
+TORCHRUN_SCRIPT = """
+import sys, torch
+from turbo_core import parallel
+from turbo_core.diffusion import EDM, karras_sigmas
+from turbo_core.models import CONFIGS, SCMNet
+torch.manual_seed(0)
+net = SCMNet(CONFIGS["tiny"])
+with torch.no_grad():
+    for p in net.parameters():
+        p.normal_(0, 0.08)
+net.eval()
+g = parallel.from_env()          # ranks > 0 serve rank 0 here and exit
+n, s = 3 * 4, net.cfg.image_size
+gen = torch.Generator().manual_seed(1)
+noise, cond, cam = torch.randn(n, 3, s, s, generator=gen), torch.randn(n, 3, s, s, generator=gen), torch.rand(n, 2, generator=gen)
+ref, _ = parallel.sample_grid(net, EDM(), noise, karras_sigmas(3), cond, cam, 3, 4, cfg=2.0)
+out, st = parallel.sample_grid(net, EDM(), noise, karras_sigmas(3), cond, cam, 3, 4, cfg=2.0, group=g, mode="frames")
+print("RESULT", g.rank, g.world, (out - ref).abs().max().item(), st.parallel["calls_by_mode"], flush=True)
+parallel.shutdown()
+"""
+
+
+def test_a_torchrun_launch_is_joined(tmp_path):
+    """Under torchrun every process runs the script; rank 0 drives, the others serve and exit."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "split.py"
+    script.write_text(TORCHRUN_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
+    assert len(lines) == 1 and lines[0][1:3] == ["0", "2"], r.stdout
+    assert float(lines[0][3]) < 1e-5 and "'frames': 3" in r.stdout
