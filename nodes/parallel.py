@@ -127,8 +127,8 @@ class Turbo4DMultiGPU(io.ComfyNode):
                         "further GPU (torch.distributed, NCCL): the CFG halves on different GPUs, or each GPU a "
                         "slice of the frames or views (motion or camera attention exchanged with an all-to-all). "
                         "The result is the one-GPU result; the accelerator nodes compose (every GPU takes the "
-                        "same decisions). MultiView Sampler honours it; with one GPU or none it runs on one and "
-                        "says so in the log.",
+                        "same decisions). MultiView Sampler and MultiView Sampler (SV4D) honour it (SV4D: the CFG "
+                        "halves only); with one GPU or none it runs on one and says so in the log.",
             inputs=[
                 io.Model.Input("model", tooltip="A Turbo4D model (Turbo4D Model Loader, optionally through the "
                                                 "accelerator nodes, in any order)."),
@@ -141,7 +141,7 @@ class Turbo4DMultiGPU(io.ComfyNode):
                                tooltip="How a call is split. auto: the CFG halves when cfg > 1 batches them (no "
                                        "exchange inside the network), else the frames or views, whichever splits "
                                        "more evenly. cfg / frames / views force one; a call it cannot split falls "
-                                       "back to auto (the log says so)."),
+                                       "back to auto (the log says so). SV4D models split the CFG halves only."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The same model, sampled over the chosen processes.")],
         )
@@ -151,9 +151,8 @@ class Turbo4DMultiGPU(io.ComfyNode):
         net = m.get_scm_net(model, NODE)
         if mode not in parallel.MODES:
             raise ValueError(f"{NODE}: mode={mode!r}; pick one of {list(parallel.MODES)}.")
-        if not isinstance(net, SCMNet):
-            log.info("%s: SV4D models are not split yet: sampling runs on one GPU.", NODE)
-            return io.NodeOutput(model)
+        if not isinstance(net, SCMNet) and mode in ("frames", "views"):
+            log.info("%s: SV4D models split only the CFG halves; mode %s runs as cfg.", NODE, mode)
         devs, line = resolve_devices(devices)
         if devs is None:
             log.info("%s", line)

@@ -337,3 +337,46 @@ def test_a_torchrun_launch_is_joined(tmp_path):
     lines = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("RESULT")]
     assert len(lines) == 1 and lines[0][1:3] == ["0", "2"], r.stdout
     assert float(lines[0][3]) < 1e-5 and "'frames': 3" in r.stdout
+
+
+def test_sv4d_unet_cfg_halves_give_the_one_process_result():
+    """The SV4D 2.0 UNet (reduced width, random weights) splits by its CFG halves: per call, with the
+    per-block Chain Bypass (all-reduced signals), the one-process output."""
+    from test_sv4d import inputs as sv4d_inputs, random_net as sv4d_net
+    from turbo_core.accel.registry import build_run
+    from turbo_core.parallel import ParallelNet, begin_run, end_run
+
+    net = sv4d_net("sv4d2")
+    inp = sv4d_inputs(batch=2, frames=1, views=2)
+    specs = [("bypass", {"threshold": 100.0, "start_percent": 0.0, "end_percent": 1.0, "max_consecutive": 1})]
+    sigmas = [10.0, 5.0, 2.5, 0.0]
+    lay = net.token_layout(4, 2, 1, 16, 16)
+    work = net.block_work(lay)
+
+    def sample(model, group=None):
+        run = build_run(specs, backend="sdpa")
+        run.begin()
+        if group is not None:
+            begin_run(group, specs, "sdpa")
+        outs = []
+        with torch.no_grad():
+            for s in sigmas[:-1]:
+                d = run.dispatch(lay, s, sigmas, stream="(0, 1)", blocks=net.blocks, work=work)
+                t = torch.full((4,), 0.25 * torch.tensor(s).log().item())
+                outs.append(run.model_call(d, inp["x"], lambda: model(inp["x"], t, inp["context"], inp["y"],
+                                                                       inp["cond_view"], 2, 1, dispatch=d)))
+                run.end_call(d)
+        stats = run.end()
+        if group is not None:
+            end_run(group, stats)
+        return torch.stack(outs), stats
+
+    ref, ref_stats = sample(net)
+    group = parallel.acquire("cpu:2")
+    out, stats = sample(ParallelNet(net, group, "frames"), group)  # frames: SV4D runs it as cfg
+    assert stats.parallel["calls_by_mode"] == {"cfg": len(sigmas) - 1}
+    assert (out - ref).abs().max().item() < 1e-4
+    assert ref_stats.accelerators["bypass"]["bypassed"] > 0
+    assert stats.chains_bypassed == ref_stats.chains_bypassed
+    assert_same_signals(stats, ref_stats, "bypass.b")
+    assert dict(stats.sequences_computed) == dict(ref_stats.sequences_computed)

@@ -88,3 +88,19 @@ def slice_inputs(plan: ShardPlan, rank: int, *tensors: Optional[torch.Tensor]) -
             idx = plan.image_index(rank, device=t.device)
         out.append(t.index_select(0, idx))
     return out
+
+
+def item_rows(plan: ShardPlan, rank: int, *tensors: torch.Tensor) -> list:
+    """Rank `rank`'s rows of tensors that hold whole batch items, contiguous (a "cfg" plan): each
+    tensor's rows split evenly over the call's batch items, per image or per item alike."""
+    if plan.mode != "cfg":
+        raise ValueError(f"item_rows splits batch items; a {plan.mode} plan splits inside them")
+    b = plan.layout.batch
+    start, stop = plan.bounds(rank)
+    out = []
+    for t in tensors:
+        if t.shape[0] % b:
+            raise ValueError(f"a tensor of {t.shape[0]} rows does not hold {b} whole batch items")
+        k = t.shape[0] // b
+        out.append(t[start * k:stop * k])
+    return out

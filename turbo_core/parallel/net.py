@@ -26,7 +26,9 @@ from typing import Optional, Sequence
 import torch
 
 from ..dispatch import BACKENDS
-from .dispatch import ShardedDispatch, reduced_signals, slice_inputs
+from ..layout import AXES
+from ..models.scm_net import SCMNet
+from .dispatch import ShardedDispatch, item_rows, reduced_signals, slice_inputs
 from .engine import ParallelError, ParallelGroup
 from .plan import choose_plan
 
@@ -135,6 +137,16 @@ def _receive_model(group: ParallelGroup, header: dict) -> torch.nn.Module:
     return build_model(header["spec"], state, group.device)
 
 
+def _cost(net, layout) -> dict:
+    """The network's per-sequence cost table as the adapters give it to RunStats: SCMNet's cost
+    model, or for a UNet whose blocks sit on several grids the average over its block work."""
+    if hasattr(net, "block_work"):
+        work = net.block_work(layout)
+        return {a: sum(n * f for (_, ax), (n, f) in work.items() if ax == a)
+                / max(sum(n for (_, ax), (n, _f) in work.items() if ax == a), 1) for a in AXES}
+    return net.cost(layout)
+
+
 def backend_name(attention) -> str:
     """The name of a dispatch's attention function in BACKENDS (workers build theirs by name)."""
     for name, fn in BACKENDS.items():
@@ -233,23 +245,74 @@ class ParallelNet:
     def __getattr__(self, name):
         return getattr(self.__dict__["net"], name)
 
-    def __call__(self, x, c_noise, camera, views, frames, frame_index=None, dispatch=None, layout=None):
-        net, group = self.net, self.group
-        layout = layout or net.token_layout(x.shape[0], int(views), int(frames))
-        plan, why = choose_plan(layout, group.world if group.alive else 1, self.mode)
+    def __call__(self, x, *args, **kwargs):
+        if not isinstance(self.net, SCMNet):
+            return self._call_items(x, *args, **kwargs)
+        return self._call_scm(x, *args, **kwargs)
+
+    def _plan(self, layout, dispatch, mode):
+        group = self.group
+        plan, why = choose_plan(layout, group.world if group.alive else 1, mode)
         notes = group.state.setdefault("notes", [])
         if why not in notes:
             notes.append(why)
             if plan is None or why != plan.mode:
                 log.info("Turbo4D Multi-GPU: %s", why)
         if plan is None:
-            return net(x, c_noise, camera, views, frames, frame_index=frame_index, dispatch=dispatch, layout=layout)
+            return None
         if dispatch is not None and dispatch.accelerators and not group.state.get("run"):
             raise ParallelError("Turbo4D Multi-GPU: this call has accelerators but no parallel run was begun "
                                 "(turbo_core.parallel.begin_run); the workers would not know them")
-        ensure_model(group, net)
+        ensure_model(group, self.net)
         modes = group.state.setdefault("modes", {})
         modes[plan.mode] = modes.get(plan.mode, 0) + 1
+        return plan
+
+    def _call_items(self, x, timesteps, context, y, cond_view, views, frames, dispatch=None, memory=None):
+        """A network that is split by batch items only (SV4D / SV4D 2.0: its res blocks mix frames
+        and its camera attention runs over pixel groups, so only the CFG halves split): every
+        tensor argument holds whole batch items, contiguous, and each rank takes its items' rows."""
+        net, group = self.net, self.group
+        n, views, frames = x.shape[0], int(views), int(frames)
+        layout = net.token_layout(n, views, frames, *x.shape[-2:])
+        mode = "cfg" if self.mode in ("auto", "cfg") else self.mode
+        if mode != "cfg":
+            note = f"{type(net).__name__} splits only the CFG halves; mode {self.mode} runs as cfg"
+            if note not in group.state.setdefault("notes", []):
+                group.state["notes"].append(note)
+                log.info("Turbo4D Multi-GPU: %s", note)
+        plan = self._plan(layout, dispatch, "cfg")
+        if plan is None or plan.mode != "cfg":
+            return net(x, timesteps, context, y, cond_view, views, frames, dispatch=dispatch, memory=memory)
+        dev = _comm_device(group)
+        t = torch.as_tensor(timesteps, device=x.device).float().reshape(-1)
+        inputs = {"x": x, "timesteps": t.expand(n) if t.numel() == 1 else t, "context": context, "y": y,
+                  "cond_view": cond_view}
+        inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
+        header = {"op": "call_items", "plan": plan, "step": None if dispatch is None else dispatch.step,
+                  "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
+                  "grid": True if dispatch is None else dispatch.grid,
+                  "memory": None if memory is None else (memory.piece_bytes, memory.reserve_bytes, memory.min_piece),
+                  "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
+
+        def body():
+            for v in inputs.values():
+                group.comm.broadcast(v)
+            sd = (ShardedDispatch.like(dispatch, plan, group.comm) if dispatch is not None
+                  else ShardedDispatch(plan, group.comm))
+            xs, ts, cs, ys, cvs = item_rows(plan, 0, *(v.to(x.device) for v in inputs.values()))
+            with reduced_signals(group.comm):
+                out = net(xs, ts, cs, ys, cvs, views, frames, dispatch=sd, memory=memory)
+            return group.comm.gather_images(out, plan).to(x.device)
+
+        return group.command(header, body)
+
+    def _call_scm(self, x, c_noise, camera, views, frames, frame_index=None, dispatch=None, layout=None):
+        net, group = self.net, self.group
+        layout = layout or net.token_layout(x.shape[0], int(views), int(frames))
+        plan = self._plan(layout, dispatch, self.mode)
+        if plan is None:
+            return net(x, c_noise, camera, views, frames, frame_index=frame_index, dispatch=dispatch, layout=layout)
         n = x.shape[0]
         dev = _comm_device(group)
         inputs = {
@@ -286,6 +349,7 @@ class ShardWorker:
         self.group = group
         self.net: Optional[torch.nn.Module] = None
         self.run = None
+        self.memory = None  # the SV4D UNet's MemoryConfig of the current run
         self.signature: dict = {}
 
     def handle(self, header: dict) -> None:
@@ -299,6 +363,7 @@ class ShardWorker:
             self.run = build_run(header["specs"], backend=header["backend"])
             self.run.begin()
             self.signature.clear()
+            self.memory = None
             self.group.comm.reset_counters()
             self.group.state["busy"] = 0.0
             if self.group.device.type == "cuda":
@@ -306,6 +371,10 @@ class ShardWorker:
         elif op == "call":
             t0 = time.perf_counter()
             self._call(header)
+            self.group.state["busy"] = self.group.state.get("busy", 0.0) + time.perf_counter() - t0
+        elif op == "call_items":
+            t0 = time.perf_counter()
+            self._call_items(header)
             self.group.state["busy"] = self.group.state.get("busy", 0.0) + time.perf_counter() - t0
         elif op == "timing":
             self.group.comm.sync_timing = bool(header["sync"])
@@ -319,20 +388,37 @@ class ShardWorker:
         else:
             raise ValueError(f"unknown command {op!r} from rank 0")
 
-    def _call(self, header: dict) -> None:
+    def _call_items(self, header: dict) -> None:
         g, comm = self.group, self.group.comm
         dev = _comm_device(g)
         inputs = [comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev)) for _, shape, dt in header["inputs"]]
         if self.net is None:
             raise RuntimeError("rank 0 sent a model call before any model")
-        plan, step = header["plan"], header["step"]
-        x, c_noise, camera, frame_index = slice_inputs(plan, g.rank, *(t.to(g.device) for t in inputs))
-        run, net = self.run, self.net
+        plan, step, net = header["plan"], header["step"], self.net
+        x, t, context, y, cond_view = item_rows(plan, g.rank, *(v.to(g.device) for v in inputs))
+        lay = plan.local_layout(g.rank)
+        memory = None
+        if header["memory"] is not None:
+            from ..memory import MemoryConfig
+
+            if self.memory is None:  # one per run: it keeps the piece sizes that worked
+                piece, reserve, min_piece = header["memory"]
+                self.memory = MemoryConfig(piece_bytes=piece, reserve_bytes=reserve, min_piece=min_piece)
+            memory = self.memory
+
+        def network(d):
+            return net(x, t, context, y, cond_view, lay.views, lay.frames, dispatch=d, memory=memory)
+
+        self._run_call(plan, step, header, x, network, work=net.block_work(lay))
+
+    def _run_call(self, plan, step, header, x, network, work=None) -> None:
+        """One call of this rank's share: through the run's accelerators when rank 0's call had a
+        step (a sampling run), plain otherwise; then the outputs go to rank 0."""
+        g, comm, run, net = self.group, self.group.comm, self.run, self.net
         if run is None or step is None:
             sd = ShardedDispatch(plan, comm, backend=header["backend"], grid=header["grid"])
             with reduced_signals(comm):
-                out = net(x, c_noise, camera, sd.layout.views, sd.layout.frames, frame_index=frame_index,
-                          dispatch=sd, layout=sd.layout)
+                out = network(sd)
             comm.gather_images(out, plan)
             return
         from ..accel.stats import RunStats
@@ -346,16 +432,31 @@ class ShardWorker:
                     st.reset()
         self.signature[step.stream] = sig
         if run.stats is None:
-            run.stats = RunStats(blocks=net.depth, cost=dict(net.cost(plan.layout)))
+            blocks = net.blocks if isinstance(getattr(net, "blocks", None), int) else net.depth
+            run.stats = RunStats(blocks=blocks, cost=dict(_cost(net, plan.layout)))
         sd = ShardedDispatch(plan, comm, step, run.accelerators, backend=header["backend"], stats=run.stats,
                              grid=header["grid"])
         sd.whole_steps = False  # whole calls are rank 0's decision: this call runs
-        run.stats.begin_call(step, sd.layout)
+        run.stats.begin_call(step, sd.layout, work)
         for a in run.accelerators:
             a.begin_call(sd)
-        lay = sd.layout
         with reduced_signals(comm):
-            out = run.model_call(sd, x, lambda: net(x, c_noise, camera, lay.views, lay.frames,
-                                                    frame_index=frame_index, dispatch=sd, layout=lay))
+            out = run.model_call(sd, x, lambda: network(sd))
         run.end_call(sd)
         comm.gather_images(out, plan)
+
+    def _call(self, header: dict) -> None:
+        g, comm = self.group, self.group.comm
+        dev = _comm_device(g)
+        inputs = [comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev)) for _, shape, dt in header["inputs"]]
+        if self.net is None:
+            raise RuntimeError("rank 0 sent a model call before any model")
+        plan, step = header["plan"], header["step"]
+        x, c_noise, camera, frame_index = slice_inputs(plan, g.rank, *(t.to(g.device) for t in inputs))
+        net = self.net
+        lay = plan.local_layout(g.rank)
+
+        def network(d):
+            return net(x, c_noise, camera, lay.views, lay.frames, frame_index=frame_index, dispatch=d, layout=d.layout)
+
+        self._run_call(plan, step, header, x, network)
