@@ -203,6 +203,11 @@ def merge_stats(items: list) -> Optional[RunStats]:
         accs = s.__dict__.get("accelerators")
         if accs:
             out.__dict__.setdefault("accelerators", {}).update(accs)
+        par = s.__dict__.get("parallel")
+        if par:  # split over processes (Turbo4D Multi-GPU): calls per mode add up over the passes
+            acc = out.__dict__.setdefault("parallel", {**par, "calls_by_mode": {}})
+            for k, v in par["calls_by_mode"].items():
+                acc["calls_by_mode"][k] = acc["calls_by_mode"].get(k, 0) + v
         mem = s.__dict__.get("memory")
         if mem:
             acc = out.__dict__.setdefault("memory", {"retries": 0})

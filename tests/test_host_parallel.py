@@ -5,8 +5,10 @@ says so; a malformed devices string names the input."""
 import re
 
 import pytest
+import torch
 
 from comfy_host import PromptFailed
+from test_host_sv4d import pack, random_sv4d, small_encoders  # noqa: F401  (fixtures)
 
 STEPS = 4
 
@@ -87,3 +89,31 @@ def test_a_malformed_devices_string_names_the_input(comfy):
     with pytest.raises(PromptFailed) as e:
         comfy.run(p, timeout=120)
     assert "Turbo4D Multi-GPU" in e.value.message and "devices='cpu:two'" in e.value.message, e.value.message
+
+
+def run_sv4d(pack, encoders, multi_gpu_devices=None, frames=2, steps=2, size=64):
+    """MultiView Sampler (SV4D) on a reduced SV4D 2.0 UNet (random weights), optionally through
+    Turbo4D Multi-GPU; as test_host_sv4d.run_node."""
+    nodes, g, par = pack("sv4d"), pack("model_sv4d"), pack("parallel")
+    clip, vae = encoders
+    model = g.make_sv4d_model_patcher(random_sv4d("sv4d2"), torch.float32)
+    if multi_gpu_devices:
+        model = par.Turbo4DMultiGPU.execute(model, multi_gpu_devices, "auto").result[0]
+    video = torch.rand(frames + 1, 48, 80, 3, generator=torch.Generator().manual_seed(5))
+    return nodes.SV4DSampler.execute(model, clip, vae, video, frames, size, 10.0, 0, steps, 2.0, 1.0, "euler",
+                                     "karras").result
+
+
+def test_sv4d_sampler_honours_the_node_with_the_one_process_result(pack, small_encoders):
+    """MultiView Sampler (SV4D) through Turbo4D Multi-GPU on two CPU processes: the CFG halves of
+    every call split, the images the one-process ones."""
+    from turbo_core import parallel
+
+    try:
+        images, _, line, stats = run_sv4d(pack, small_encoders, "cpu:2")
+    finally:
+        parallel.shutdown()
+    ref, _, ref_line, _ = run_sv4d(pack, small_encoders)
+    assert stats.parallel["calls_by_mode"] == {"cfg": 2} and "over 2 processes (cfg)" in line, line
+    assert "over" not in ref_line
+    assert (images - ref).abs().max().item() < 1e-4
