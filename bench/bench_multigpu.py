@@ -13,20 +13,24 @@ ComfyUI batches it (the conditional and unconditional halves in one call: batch 
 Per row (config, preset, GPUs, mode): wall-clock of the run after an untimed warm-up run (which
 also sends the weights and compiles kernels on every process), the model calls that ran, time per
 call that ran, peak memory per GPU (torch.cuda.max_memory_allocated since the run began), and the
-PSNR of the result against the one-GPU result of the same preset (inf: identical). The
+PSNR of the result against the one-GPU result of the same preset (inf: identical; SV4D rows: the
+latents' largest difference against their largest value, 20 log10, in dB). The
 communication share comes from a separate short full-compute run per (GPUs, mode) with every
 collective timed between device synchronisations (which serialise the overlap of compute and
 communication that the timed runs have, so the share is an upper bound): time in collectives over
 the time spent in calls, per rank. NVLink SHARP stays off (NCCL_NVLS_ENABLE=0), as on shared
 machines it must.
 
-SV4D 2.0 itself is not split yet (only the CFG halves would apply to its UNet's convolutions and
-pixel-group camera attention without more work); its rows are left out.
+--sv4d: SV4D 2.0 at full size with random bf16 weights, one 12-frame x 4-view pass (72 x 72
+latents), CFG batched, 50 steps of its Euler EDM sampler: 1 GPU against the CFG halves on 2 (the
+only split the UNet takes: its res blocks mix frames and its camera attention runs over pixel
+groups). --sv4d --tiny: the reduced UNet on CPU processes.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -144,6 +148,104 @@ def bench(args, log=print) -> dict:
     return {"rows": rows, "comm": comm}
 
 
+def sv4d_run(net, model, cond, noise, steps, views, frames, specs, group, device, scale=2.0):
+    """One SV4D pass sampled as bench_sv4d.euler_cfg_run does (V-prediction EDM, CFG batched, whole
+    steps decided on the combined image), with `model` (the net, or its ParallelNet) in each call.
+    Returns (x, RunStats, seconds)."""
+    import math
+
+    from turbo_core.accel.registry import build_run
+    from turbo_core.sampling_plans import edm_sigmas
+
+    n = frames * views
+    dtype = next(net.parameters()).dtype
+    sigmas = edm_sigmas(steps).tolist()
+    side = noise.shape[-1]
+    lay = net.token_layout(2 * n, views, frames, side, side)
+    work = net.block_work(lay)
+    run = build_run(specs)
+    run.begin()
+    if group is not None:
+        parallel.begin_run(group, specs, run.backend)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    sync(device)
+    t0 = time.perf_counter()
+    x = noise * sigmas[0]
+    try:
+        with torch.inference_mode():
+            for i in range(steps):
+                s, s_next = sigmas[i], sigmas[i + 1]
+                c_in, c_skip, c_out = (s * s + 1) ** -0.5, 1 / (s * s + 1), -s * (s * s + 1) ** -0.5
+
+                def denoise():
+                    d = run.dispatch(lay, s, sigmas, stream="(1, 0)", blocks=net.blocks, dtype=dtype, device=device,
+                                     work=work)
+                    xin = torch.cat([torch.cat([(x * c_in).to(dtype)] * 2), cond["concat"]], 1)
+                    t = torch.full((2 * n,), 0.25 * math.log(s), device=device)
+                    f = run.model_call(d, xin, lambda: model(xin, t, cond["context"], cond["y"], cond["cond_view"],
+                                                             views, frames, dispatch=d))
+                    run.end_call(d)
+                    u, c = (c_skip * torch.cat([x, x]) + c_out * f.float()).chunk(2)
+                    return u + scale * (c - u)
+
+                den = run.step(x, s, sigmas, denoise, 1.0)
+                x = x + (x - den) / s * (s_next - s)
+    finally:
+        stats = run.end(torch.cuda.max_memory_allocated(device) if cuda else None)
+        if group is not None and group.alive:
+            parallel.end_run(group, stats)
+    sync(device)
+    return x, stats, time.perf_counter() - t0
+
+
+def bench_sv4d(args, log=print) -> dict:
+    from bench.bench_sv4d import sv4d_conditioning
+    from turbo_core.models.sv4d import SV4DConfig, build_sv4d
+
+    device = torch.device(args.device)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    cfg = SV4DConfig.reduced("sv4d2") if args.tiny else SV4DConfig(version="sv4d2")
+    torch.manual_seed(0)
+    net = build_sv4d(cfg, device).to(dtype).eval()
+    views, frames = args.views, args.frames
+    side = 16 if args.tiny else 72
+    cond = sv4d_conditioning(frames, views, side, device, dtype)
+    # sv4d_conditioning's context is per batch item (b, frames, 1024): one row per image instead,
+    # as ComfyUI hands it over, so every tensor argument holds whole batch items of images.
+    cond["context"] = cond["context"].repeat_interleave(views, dim=1).reshape(-1, 1, cond["context"].shape[-1])
+    noise = torch.randn(frames * views, 4, side, side, generator=torch.Generator().manual_seed(1)).to(device)
+    world = args.gpus
+    devices = f"cpu:{world}" if device.type == "cpu" else ",".join(str(i) for i in range(world))
+    group = parallel.acquire(devices) if world > 1 else None
+    split = parallel.ParallelNet(net, group, "cfg") if group is not None else None
+    rows = []
+    try:
+        for preset in args.presets:
+            specs = turbo4d_specs(preset)
+            sv4d_run(net, net, cond, noise, 2, views, frames, specs, None, device)  # warm-up
+            ref, st1, wall1 = sv4d_run(net, net, cond, noise, args.steps, views, frames, specs, None, device)
+            calls1 = st1.summary()["model_calls_run"]
+            rows.append(_row("sv4d2", preset, 2.0, 1, "-", wall1, calls1, [st1.peak_memory_bytes], float("inf"), None))
+            log(_fmt_row(rows[-1]))
+            if split is None:
+                continue
+            sv4d_run(net, split, cond, noise, 2, views, frames, specs, group, device)
+            x, st, wall = sv4d_run(net, split, cond, noise, args.steps, views, frames, specs, group, device)
+            par = st.parallel
+            peaks = [st.peak_memory_bytes] + [None if r["peak_memory_mb"] is None else r["peak_memory_mb"] * 2**20
+                                              for r in par["ranks"][1:]]
+            err = ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+            q = float("inf") if err == 0 else -20 * math.log10(err)  # relative peak error, in dB
+            rows.append(_row("sv4d2", preset, 2.0, world, "/".join(par["calls_by_mode"]) or "none", wall,
+                             st.summary()["model_calls_run"], peaks, q, wall1 / wall))
+            log(_fmt_row(rows[-1]))
+    finally:
+        parallel.shutdown()
+    return {"rows": rows, "comm": []}
+
+
 def _row(config, preset, cfg, gpus, mode, wall, calls, peaks, q, speedup) -> dict:
     return {"config": config, "preset": preset, "cfg": cfg, "gpus": gpus, "mode": mode,
             "seconds": round(wall, 4), "calls_run": calls, "seconds_per_call": round(wall / max(calls, 1), 4),
@@ -178,6 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", type=int, default=2, help="processes of the split runs (GPUs; CPU processes on cpu)")
     ap.add_argument("--config", default="large", choices=sorted(CONFIGS))
     ap.add_argument("--tiny", action="store_true", help="toy size (CONFIGS['tiny'], 4 x 4, 4 steps): checks the path")
+    ap.add_argument("--sv4d", action="store_true", help="SV4D 2.0 at full size (random bf16 weights), CFG halves")
     ap.add_argument("--views", type=int, default=None)
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
@@ -188,8 +291,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="folder for bench_multigpu.json")
     args = ap.parse_args(argv)
     args.views = args.views or 4
-    args.frames = args.frames or (4 if args.tiny else 12)
-    args.steps = args.steps or (4 if args.tiny else 50)
+    args.frames = args.frames or ((2 if args.sv4d else 4) if args.tiny else 12)
+    args.steps = args.steps or ((2 if args.sv4d else 4) if args.tiny else 50)
     args.profile_steps = args.profile_steps or (3 if args.tiny else 6)
     args.presets = [p for p in args.presets.split(",") if p]
     args.modes = [m for m in args.modes.split(",") if m]
@@ -202,11 +305,12 @@ def main(argv=None) -> int:
     dev = "cuda:0" if args.device == "cuda" else "cpu"
     args.device = dev
     header = (f"{_device_name(dev)} x {args.gpus if args.device != 'cpu' else 1}, torch {torch.__version__}, "
-              f"config {'tiny' if args.tiny else args.config}, {args.views} views x {args.frames} frames, "
+              f"config {('sv4d2 reduced' if args.tiny else 'sv4d2') if args.sv4d else 'tiny' if args.tiny else args.config}, "
+              f"{args.views} views x {args.frames} frames, "
               f"{args.steps} steps")
     print(header)
     print(HEADER)
-    result = bench(args)
+    result = bench_sv4d(args) if args.sv4d else bench(args)
     print("\ncommunication share (collectives timed between device syncs, short full-compute runs):")
     print("| cfg | mode | time in collectives per rank | MB sent+received per call (rank 0) | ms per call (synced) |")
     print("|---|---|---|---|---|")
