@@ -241,14 +241,23 @@ class ParallelGroup:
 
     def _start_watch(self) -> None:
         """NCCL collectives do not fail when a peer dies, they wait: this thread aborts the
-        communicator when a worker process ends while rank 0 is inside a command, so the wait ends
-        in an error. gloo needs none (a closed connection fails the collective)."""
-        if self.backend != "nccl" or not self.procs:
+        communicator when a worker ends (its process exits, or it reports an error in the store:
+        under torchrun there is no process to watch) while rank 0 is inside a command, so the wait
+        ends in an error. gloo needs none (a closed connection fails the collective)."""
+        if self.backend != "nccl":
             return
+
+        def failed() -> bool:
+            if self._dead_workers():
+                return True
+            try:
+                return any(self.store.check([ERROR_KEY.format(r)]) for r in range(1, self.world))
+            except Exception:  # the store went with the group
+                return False
 
         def watch():
             while self.alive:
-                if self._busy and self._dead_workers():
+                if self._busy and failed():
                     _abort_default_group()
                     return
                 time.sleep(0.2)
@@ -315,7 +324,8 @@ class ParallelGroup:
 
     def _report(self, text: str) -> None:
         msg = text.strip().splitlines()
-        # The exception line and the frames above it, short enough for a UI error box.
+        # The exception line and where it was raised: short enough for a UI error box (the whole
+        # traceback goes to the worker's stderr, the host's log).
         short = msg[-1] if msg else "unknown error"
         where = [line.strip() for line in msg if line.strip().startswith("File ")][-1:]
         try:
