@@ -414,6 +414,10 @@ def _abort_default_group() -> None:
 
 def worker_main() -> int:
     """Entry point of a started worker (`python -m turbo_core.parallel.worker`)."""
+    # A host that ignores SIGTERM passes that on to its children; the group stops its workers with it.
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent()
     rank = int(os.environ["RANK"])
     device = torch.device(os.environ.get(ENV_DEVICE, "cpu"))
