@@ -44,6 +44,9 @@ WRAPPER_KEY = "turbo4d"
 OPTIONS_KEY = "turbo4d"          # transformer_options[OPTIONS_KEY]["accelerators"] = [(name, config), ...]
 RUN_KEY = "turbo4d_run"          # the active Turbo4DRun during one sampling run
 REPORTS_KEY = "turbo4d_reports"  # a StatsSink a node puts there to read the run's stats back
+# A stand-in for the network during a run, called with the network's arguments (the Multi-GPU
+# node's turbo_core.parallel.ParallelNet, which splits each call over its processes).
+NET_KEY = "turbo4d_net"
 
 # Names of the conditioning entries the MultiView nodes write and `extra_conds` reads.
 COND_REFERENCE, COND_CAMERA, COND_FRAME_INDEX = "turbo4d_reference", "turbo4d_camera", "turbo4d_frame_index"
@@ -144,10 +147,11 @@ class Turbo4DDiffusionModel(ExecutorDiffusionModel):
         layout = net.token_layout(x.shape[0], int(views), int(frames))
         frame_index = kwargs.get("frame_index")
         run, d = call_dispatch(transformer_options, layout, timesteps, x, net.depth, net.cost(layout))
+        forward = transformer_options.get(NET_KEY) or net
         if run is None:
-            return net(x, timesteps, camera, int(views), int(frames), frame_index=frame_index, layout=layout)
-        out = run.model_call(d, x, lambda: net(x, timesteps, camera, int(views), int(frames),
-                                                  frame_index=frame_index, dispatch=d, layout=layout),
+            return forward(x, timesteps, camera, int(views), int(frames), frame_index=frame_index, layout=layout)
+        out = run.model_call(d, x, lambda: forward(x, timesteps, camera, int(views), int(frames),
+                                                      frame_index=frame_index, dispatch=d, layout=layout),
                              denoised_space(net, x, transformer_options))
         run.end_call(d)
         return out

@@ -103,11 +103,12 @@ class SV4DDiffusionModel(m.ExecutorDiffusionModel):
         memory = transformer_options.get(MEMORY_KEY)
         if memory is None and x.is_cuda:
             memory = MemoryConfig()
+        forward = transformer_options.get(m.NET_KEY) or self.net  # the Multi-GPU node's split network
         if run is None:
-            out = self.net(x, t, context, y, cv, views, frames, dispatch=d, memory=memory)
+            out = forward(x, t, context, y, cv, views, frames, dispatch=d, memory=memory)
         else:
-            out = run.model_call(d, x, lambda: self.net(x, t, context, y, cv, views, frames, dispatch=d,
-                                                        memory=memory), v_denoised_space(x, transformer_options))
+            out = run.model_call(d, x, lambda: forward(x, t, context, y, cv, views, frames, dispatch=d,
+                                                       memory=memory), v_denoised_space(x, transformer_options))
             run.end_call(d)
         if reverse:
             out = out[torch.argsort(perm)]

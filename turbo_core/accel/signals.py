@@ -8,7 +8,34 @@ a decision needs it.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Optional
+
 import torch
+
+# While one model call is split over processes (turbo_core.parallel) each holds a share of the
+# activations; the mean a decision reads must then be over all of them, or the processes would
+# decide differently (and their collectives fall out of step). The split installs the reduction.
+_REDUCE: ContextVar[Optional[Callable[[torch.Tensor], torch.Tensor]]] = ContextVar("turbo4d_signal_mean",
+                                                                                  default=None)
+
+
+def mean(x: torch.Tensor) -> torch.Tensor:
+    """x.mean() as a float32 0-dim tensor: over this process's x, or over every process's share
+    of the call inside `reduced` (the one place accelerator signals are averaged)."""
+    reduce = _REDUCE.get()
+    return x.float().mean() if reduce is None else reduce(x.float())
+
+
+@contextmanager
+def reduced(reduce: Callable[[torch.Tensor], torch.Tensor]):
+    """Signal means inside this context go through `reduce` (the parallel engine's all-reduce)."""
+    token = _REDUCE.set(reduce)
+    try:
+        yield
+    finally:
+        _REDUCE.reset(token)
 
 
 def subsample_tokens(x: torch.Tensor, axis: str, stride: int) -> torch.Tensor:
@@ -25,4 +52,4 @@ def subsample_tokens(x: torch.Tensor, axis: str, stride: int) -> torch.Tensor:
 def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """mean|x - ref| / mean|ref|, a 0-dim float32 tensor on x's device."""
     x32, r32 = x.float(), ref.float()
-    return (x32 - r32).abs().mean() / r32.abs().mean().clamp_min(1e-12)
+    return mean((x32 - r32).abs()) / mean(r32.abs()).clamp_min(1e-12)

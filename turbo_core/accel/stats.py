@@ -103,6 +103,9 @@ class RunStats:
     steps_ran: int = 0
     kappas: list = field(default_factory=list)
     memory: Optional[MemoryReport] = None
+    # A run split over processes (turbo_core.parallel.end_run): world, devices, calls per mode, each
+    # rank's communication time and bytes, busy time and peak memory. None in one process.
+    parallel: Optional[dict] = None
     _call_work: dict = field(default_factory=dict, repr=False)
     _call_computed: dict = field(default_factory=dict, repr=False)
 
@@ -241,6 +244,10 @@ class RunStats:
                 out.peak_memory_bytes = max(out.peak_memory_bytes or 0, s.peak_memory_bytes)
             if s.memory is not None:
                 out.memory = s.memory if out.memory is None else out.memory.merge(s.memory)
+            if s.parallel:  # split passes: calls per mode add up, the rest is the first pass's
+                acc = out.parallel = out.parallel or {**s.parallel, "calls_by_mode": {}}
+                for k, v in s.parallel["calls_by_mode"].items():
+                    acc["calls_by_mode"][k] = acc["calls_by_mode"].get(k, 0) + v
         out.started = min(s.started for s in items)
         return out
 
@@ -309,6 +316,9 @@ class RunStats:
         kappa = self.kappa_measured
         if kappa is not None:  # what a Chain Bypass kappa_prior for this model should be
             line += f", kappa_measured {kappa:.3g}"
+        if self.parallel:  # set by turbo_core.parallel.end_run: the counts above are every process's
+            modes = "/".join(self.parallel["calls_by_mode"]) or "not split"
+            line += f", over {self.parallel['world']} processes ({modes})"
         if self.memory is not None:
             line += self.memory.line()
         if self.notes:

@@ -1,0 +1,169 @@
+"""Turbo4D Multi-GPU: a MODEL whose sampling runs split every model call over several GPUs
+(turbo_core.parallel: CFG halves, frame slices or view slices, one worker process per further GPU,
+torch.distributed with NCCL). The ComfyUI server's process is rank 0 and drives the workers.
+
+The node only records where and how to split (`transformer_options[CONFIG_KEY]`) and adds an
+OUTER_SAMPLE wrapper; the wrapper runs inside the Turbo4D one (wrappers run in the order they were
+added, and the loader adds Turbo4D's first), so it finds the run's accelerators, starts or reuses
+the worker processes, puts the split network where the model's forward looks for a stand-in
+(model.NET_KEY), and gathers the workers' statistics into the run's before the run reports.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+import comfy.model_management
+from comfy.patcher_extension import WrappersMP
+from comfy_api.latest import io
+
+from turbo_core import parallel
+from turbo_core.models.scm_net import SCMNet
+
+from . import model as m
+
+log = logging.getLogger("turbo4d")
+
+NODE = "Turbo4D Multi-GPU"
+CONFIG_KEY = "turbo4d_parallel"   # transformer_options[CONFIG_KEY] = {"devices": [...], "mode": ...}
+WRAPPER_KEY = "turbo4d_parallel"
+
+
+def resolve_devices(devices: str, comfy_device=None) -> tuple[Optional[list], str]:
+    """(devices of the group, rank 0 first; or None to run on one) and a line for the log. rank 0
+    is always the device ComfyUI runs the model on."""
+    comfy_device = torch.device(comfy_device if comfy_device is not None else comfy.model_management.get_torch_device())
+    text = (devices or "all").strip().lower()
+    if text.startswith("cpu"):
+        if not text[4:].isdigit() or text[3:4] != ":":
+            raise ValueError(f"{NODE}: devices={devices!r} is not 'all', a list of GPU indices such as '0,1', "
+                             f"or 'cpu:N' with a number N.")
+        if comfy_device.type != "cpu":
+            raise ValueError(f"{NODE}: devices={devices!r} asks for CPU processes, but ComfyUI runs the model on "
+                             f"{comfy_device}. Set devices to 'all' or to GPU indices such as '0,1'.")
+        devs = parallel.parse_devices(text)
+        if len(devs) < 2:
+            return None, f"{NODE}: {len(devs)} CPU process asked for: sampling runs on one."
+        return devs, f"{NODE}: {len(devs)} CPU processes (gloo)"
+    if comfy_device.type != "cuda" or not torch.cuda.is_available():
+        return None, (f"{NODE}: no GPU (ComfyUI runs on {comfy_device}): sampling runs on one process. "
+                      f"devices='cpu:2' runs two CPU processes (meant for tests).")
+    count = torch.cuda.device_count()
+    if text == "all":
+        idx = list(range(count))
+    else:
+        try:
+            idx = [int(s.strip().removeprefix("cuda:")) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"{NODE}: devices={devices!r} is not 'all', a list of GPU indices such as '0,1', "
+                             f"or 'cpu:N'.") from None
+        bad = [i for i in idx if not 0 <= i < count]
+        if bad:
+            raise ValueError(f"{NODE}: devices={devices!r} names GPUs {bad}, but this machine has {count} "
+                             f"(0..{count - 1}).")
+    first = comfy_device.index if comfy_device.index is not None else torch.cuda.current_device()
+    if first not in idx:
+        raise ValueError(f"{NODE}: devices={devices!r} leaves out cuda:{first}, the GPU ComfyUI runs the model on "
+                         f"(it is rank 0 and drives the others). Add {first} to the list.")
+    order = [first] + [i for i in dict.fromkeys(idx) if i != first]
+    if len(order) < 2:
+        return None, f"{NODE}: one GPU (cuda:{first}): sampling runs on one."
+    return [torch.device(f"cuda:{i}") for i in order], f"{NODE}: {len(order)} GPUs"
+
+
+def parallel_sample_wrapper(executor, *args, **kwargs):
+    """OUTER_SAMPLE, inside Turbo4D's: one sampling run split over the node's processes."""
+    guider = executor.class_obj
+    to = guider.model_options.get("transformer_options", {})
+    conf, run = to.get(CONFIG_KEY), to.get(m.RUN_KEY)
+    if conf is None or run is None:
+        return executor(*args, **kwargs)
+    net = m.get_scm_net(guider.model_patcher, NODE)
+    try:
+        group = parallel.acquire(conf["devices"])
+    except (parallel.ParallelError, ValueError, RuntimeError) as e:
+        raise RuntimeError(f"{NODE}: could not start the worker processes on {', '.join(conf['devices'])}: {e}") from e
+    specs = list((to.get(m.OPTIONS_KEY) or {}).get("accelerators", []))
+    parallel.begin_run(group, specs, run.backend)
+    to[m.NET_KEY] = parallel.ParallelNet(net, group, conf["mode"])
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        to.pop(m.NET_KEY, None)
+        if group.alive:
+            try:
+                summary = parallel.end_run(group, run.stats)
+                if summary is not None:
+                    log.info("%s", parallel_line(summary))
+            except parallel.ParallelError as e:  # the run's own outcome stands; the group restarts next run
+                log.error("%s: gathering the workers' statistics failed: %s", NODE, e)
+
+
+def parallel_line(summary: dict) -> str:
+    """One line on how the run was split: processes, modes, communication share per rank."""
+    modes = ", ".join(f"{k} {v} calls" for k, v in summary["calls_by_mode"].items()) or "no split call"
+    ranks = summary["ranks"]
+    out = f"{NODE}: {summary['world']} processes ({summary['backend']}), {modes}"
+    if summary.get("comm_timed"):
+        shares = [f"{r['comm_seconds'] / r['busy_seconds'] * 100:.1f}%" for r in ranks if r.get("busy_seconds")]
+        if shares:
+            out += f"; time in collectives per rank {' / '.join(shares)}"
+    peaks = [r["peak_memory_mb"] for r in ranks if r.get("peak_memory_mb") is not None]
+    if peaks:
+        out += "; peak GPU memory " + " / ".join(f"{p / 1024:.1f}" for p in peaks) + " GB"
+    return out
+
+
+class Turbo4DMultiGPU(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="Turbo4DMultiGPU",
+            display_name=NODE,
+            category="Turbo4D/accelerate",
+            description="Splits every model call of the sampling run over several GPUs, one worker process per "
+                        "further GPU (torch.distributed, NCCL): the CFG halves on different GPUs, or each GPU a "
+                        "slice of the frames or views (motion or camera attention exchanged with an all-to-all). "
+                        "The result is the one-GPU result; the accelerator nodes compose (every GPU takes the "
+                        "same decisions). MultiView Sampler and MultiView Sampler (SV4D) honour it (SV4D: the CFG "
+                        "halves only); with one GPU or none it runs on one and says so in the log.",
+            inputs=[
+                io.Model.Input("model", tooltip="A Turbo4D model (Turbo4D Model Loader, optionally through the "
+                                                "accelerator nodes, in any order)."),
+                io.String.Input("devices", default="all",
+                                tooltip="Which GPUs: 'all' (every visible GPU), or indices such as '0,1'. The GPU "
+                                        "ComfyUI runs the model on is always one of them and drives the others. "
+                                        "'cpu:N' runs N CPU processes (gloo) when ComfyUI runs on the CPU: for "
+                                        "tests, it is not faster."),
+                io.Combo.Input("mode", options=list(parallel.MODES), default="auto",
+                               tooltip="How a call is split. auto: the CFG halves when cfg > 1 batches them (no "
+                                       "exchange inside the network), else the frames or views, whichever splits "
+                                       "more evenly. cfg / frames / views force one; a call it cannot split falls "
+                                       "back to auto (the log says so). SV4D models split the CFG halves only."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL", tooltip="The same model, sampled over the chosen processes.")],
+        )
+
+    @classmethod
+    def execute(cls, model, devices: str, mode: str) -> io.NodeOutput:
+        net = m.get_scm_net(model, NODE)
+        if mode not in parallel.MODES:
+            raise ValueError(f"{NODE}: mode={mode!r}; pick one of {list(parallel.MODES)}.")
+        if not isinstance(net, SCMNet) and mode in ("frames", "views"):
+            log.info("%s: SV4D models split only the CFG halves; mode %s runs as cfg.", NODE, mode)
+        devs, line = resolve_devices(devices)
+        if devs is None:
+            log.info("%s", line)
+            return io.NodeOutput(model)
+        log.info("%s, mode %s: %s", line, mode, ", ".join(str(d) for d in devs))
+        mp = model.clone()
+        to = mp.model_options.setdefault("transformer_options", {})
+        to[CONFIG_KEY] = {"devices": [str(d) for d in devs], "mode": mode}
+        if not mp.get_wrappers(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+            mp.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, parallel_sample_wrapper)
+        return io.NodeOutput(mp)
+
+
+NODES = [Turbo4DMultiGPU]

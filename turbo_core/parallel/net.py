@@ -1,0 +1,468 @@
+"""A network split over a process group.
+
+`ParallelNet` stands in for an `SCMNet` on rank 0 (same call signature, the network's other
+attributes passed through): each call is split by a plan (`plan.py`), its inputs broadcast, every
+rank runs the network on its images through a `ShardedDispatch`, and the outputs are gathered on
+rank 0. `ShardWorker` is the same on the other ranks, driven by rank 0's commands:
+
+- "load": the network's class, config and weights (broadcast from rank 0's copy, once per network:
+  no file and no shared memory needed, and it works across machines);
+- "begin" / "end": a sampling run; each worker builds the run's accelerators from the same specs,
+  and at the end its counters are gathered into rank 0's RunStats;
+- "call": one model call. Rank 0 sends the StepInfo its own run made (the call index, sigma and
+  stream), so a worker's accelerators count calls exactly as rank 0's do, including the whole
+  steps that rank 0 decided to skip (the step skip is decided on rank 0, on the CFG-combined
+  image, before any call is made); per-call signals are all-reduced (`reduced_signals`), so every
+  rank takes every decision the same way.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+import weakref
+from typing import Optional, Sequence
+
+import torch
+
+from ..dispatch import BACKENDS
+from ..layout import AXES
+from ..models.scm_net import SCMNet
+from .dispatch import ShardedDispatch, item_rows, reduced_signals, slice_inputs
+from .engine import ParallelError, ParallelGroup
+from .plan import choose_plan
+
+log = logging.getLogger("turbo4d")
+
+_BUCKET_BYTES = 256 * 2**20  # weights travel in flat buffers of at most this many bytes
+
+
+# --- the model -----------------------------------------------------------------------------------
+def model_spec(net: torch.nn.Module) -> dict:
+    """How a worker builds an empty copy of `net`: its class and config (a dataclass with to_dict /
+    from_dict, as SCMNetConfig and SV4DConfig are)."""
+    cfg = getattr(net, "cfg", None)
+    if cfg is None or not hasattr(cfg, "to_dict"):
+        raise ParallelError(f"Turbo4D Multi-GPU cannot copy a {type(net).__name__} to other processes: it has no "
+                            f"config (cfg.to_dict) to rebuild it from")
+    return {"module": type(net).__module__, "class": type(net).__qualname__,
+            "config_module": type(cfg).__module__, "config_class": type(cfg).__qualname__,
+            "config": cfg.to_dict()}
+
+
+def _import(module: str, name: str):
+    if not module.startswith("turbo_core."):
+        raise ParallelError(f"refusing to build {module}.{name}: workers only build turbo_core networks")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_model(spec: dict, state: dict, device: torch.device) -> torch.nn.Module:
+    """The network of `spec` with the weights of `state` (already on `device`, in their dtype)."""
+    cls = _import(spec["module"], spec["class"])
+    cfg = _import(spec["config_module"], spec["config_class"]).from_dict(spec["config"])
+    with torch.device("meta"):  # no initialisation work: every tensor comes from `state`
+        net = cls(cfg)
+    net.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in list(net.parameters()) + list(net.buffers())):
+        # Buffers outside the state dict (non-persistent) need the real constructor.
+        net = cls(cfg)
+        net.load_state_dict(state, strict=True)
+        net = net.to(device)
+    return net.eval().requires_grad_(False)
+
+
+def _buckets(entries: list) -> list[list[int]]:
+    """Indices of `entries` (name, shape, dtype) grouped into flat buffers: one dtype each, at most
+    _BUCKET_BYTES unless one tensor is larger."""
+    out, cur, cur_dtype, cur_bytes = [], [], None, 0
+    for i, (_, shape, dtype) in enumerate(entries):
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=_dtype(dtype)).element_size()
+        if cur and (dtype != cur_dtype or cur_bytes + nbytes > _BUCKET_BYTES):
+            out.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append(i)
+        cur_dtype = dtype
+        cur_bytes += nbytes
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def _comm_device(group: ParallelGroup) -> torch.device:
+    return group.device if group.backend == "nccl" else torch.device("cpu")
+
+
+def ensure_model(group: ParallelGroup, net: torch.nn.Module) -> None:
+    """Rank 0: every worker holds `net`'s class, config and current weights (sent once per network
+    object and dtype)."""
+    params = list(net.parameters())
+    key = (str(params[0].dtype) if params else "", sum(p.numel() for p in params))
+    held = group.state.get("model")
+    if held is not None and held[0]() is net and held[1] == key:
+        return
+    state = net.state_dict()
+    entries = [(name, tuple(t.shape), str(t.dtype).replace("torch.", "")) for name, t in state.items()]
+    dev = _comm_device(group)
+
+    def body():
+        for bucket in _buckets(entries):
+            flat = torch.cat([state[entries[i][0]].detach().reshape(-1).to(dev) for i in bucket])
+            group.comm.broadcast(flat)
+
+    t0 = time.perf_counter()
+    group.command({"op": "load", "spec": model_spec(net), "entries": entries}, body)
+    group.state["model"] = (weakref.ref(net), key)
+    log.info("Turbo4D Multi-GPU: sent %s (%.1f M parameters) to %d workers in %.2f s", type(net).__name__,
+             key[1] / 1e6, group.world - 1, time.perf_counter() - t0)
+
+
+def _receive_model(group: ParallelGroup, header: dict) -> torch.nn.Module:
+    entries = header["entries"]
+    dev = _comm_device(group)
+    state = {}
+    for bucket in _buckets(entries):
+        dtype = _dtype(entries[bucket[0]][2])
+        sizes = [int(torch.Size(entries[i][1]).numel()) for i in bucket]
+        flat = group.comm.broadcast(torch.empty(sum(sizes), dtype=dtype, device=dev))
+        flat = flat.to(group.device)
+        for i, part in zip(bucket, flat.split(sizes)):
+            state[entries[i][0]] = part.view(entries[i][1])
+    return build_model(header["spec"], state, group.device)
+
+
+def _cost(net, layout) -> dict:
+    """The network's per-sequence cost table as the adapters give it to RunStats: SCMNet's cost
+    model, or for a UNet whose blocks sit on several grids the average over its block work."""
+    if hasattr(net, "block_work"):
+        work = net.block_work(layout)
+        return {a: sum(n * f for (_, ax), (n, f) in work.items() if ax == a)
+                / max(sum(n for (_, ax), (n, _f) in work.items() if ax == a), 1) for a in AXES}
+    return net.cost(layout)
+
+
+def backend_name(attention) -> str:
+    """The name of a dispatch's attention function in BACKENDS (workers build theirs by name)."""
+    for name, fn in BACKENDS.items():
+        if fn is attention:
+            return name
+    raise ParallelError("Turbo4D Multi-GPU: this run's attention backend is a custom function, which cannot be "
+                        "sent to the worker processes; use one of " + ", ".join(sorted(BACKENDS)))
+
+
+# --- runs ----------------------------------------------------------------------------------------
+def begin_run(group: ParallelGroup, specs: Sequence = (), backend: str = "short-axis") -> None:
+    """Rank 0: a sampling run starts; every worker builds the same accelerators (`specs`, as
+    turbo_core.accel.registry.build_run takes them) and clears its counters."""
+    group.comm.reset_counters()
+    if group.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(group.device)
+    group.command({"op": "begin", "specs": list(specs or []), "backend": backend})
+    group.state.update(run=True, modes={}, notes=[], run_started=time.perf_counter())
+
+
+def end_run(group: ParallelGroup, stats=None) -> Optional[dict]:
+    """Rank 0: the run ended (also after an error or interrupt between calls). Gathers every
+    worker's counters into `stats` (rank 0's RunStats: its own share is already there) and returns
+    the run's parallel summary (also set as `stats.parallel`). None if the group broke."""
+    if not group.alive:
+        return None
+    group.state["run"] = False
+    mine = _summary(group, stats, group.state.get("run_started"))
+    summaries = group.command({"op": "end"}, lambda: group.comm.gather_objects(mine))
+    out = {"world": group.world, "backend": group.backend, "devices": [str(d) for d in group.devices],
+           "calls_by_mode": dict(group.state.get("modes", {})), "notes": list(group.state.get("notes", [])),
+           "comm_timed": group.comm.timed,
+           "ranks": [{k: v for k, v in s.items() if k != "done"} for s in summaries]}
+    if stats is not None:
+        for s in summaries[1:]:
+            _add_done(stats, s["done"])
+        setattr(stats, "parallel", out)
+    return out
+
+
+def _summary(group: ParallelGroup, stats, started: Optional[float]) -> dict:
+    dev = group.device
+    peak = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
+    busy = group.state.get("busy", 0.0) if group.rank else (time.perf_counter() - started if started else 0.0)
+    return {"rank": group.rank, "device": str(dev), "comm_seconds": round(group.comm.seconds, 6),
+            "comm_bytes": group.comm.bytes, "collectives": group.comm.count, "busy_seconds": round(busy, 6),
+            "peak_memory_mb": None if peak is None else round(peak / 2**20, 1),
+            "cache_mb": None if stats is None else round(stats.cache_bytes_peak / 2**20, 3),
+            "done": None if stats is None else _done(stats),
+            # Each rank's own decisions and the signals they were taken on (all-reduced: the same
+            # values on every rank); small, and what a test or a report checks agreement with.
+            "decisions": None if stats is None else decisions(stats),
+            "signals": [] if stats is None else [t["signal"] for t in stats.timeline]}
+
+
+def decisions(stats) -> dict:
+    """The accelerator decisions a rank took (the same on every rank of a split run)."""
+    return {"chains_ran": stats.chains_ran, "chains_bypassed": stats.chains_bypassed, "cache_hits": stats.cache_hits,
+            "cache_misses": stats.cache_misses, "calls_aside": dict(stats.calls_aside)}
+
+
+def _done(stats) -> dict:
+    """The work a rank did (what adds up over ranks; the per-call counters that every rank counts
+    alike, calls, chains and cache decisions, stay rank 0's)."""
+    return {"sequences_computed": dict(stats.sequences_computed), "sequences_reused": dict(stats.sequences_reused),
+            "reused_by": {k: dict(v) for k, v in stats.reused_by.items()}, "flops_done": stats.flops_done,
+            "per_block": {k: (v[0], v[2]) for k, v in stats.per_block.items()}}
+
+
+def _add_done(stats, done: Optional[dict]) -> None:
+    if not done:
+        return
+    for axis, n in done["sequences_computed"].items():
+        stats.sequences_computed[axis] += n
+    for axis, n in done["sequences_reused"].items():
+        stats.sequences_reused[axis] += n
+    for src, per in done["reused_by"].items():
+        for axis, n in per.items():
+            stats.reused_by[src][axis] += n
+    stats.flops_done += done["flops_done"]
+    for key, (computed, flops) in done["per_block"].items():
+        cell = stats.per_block[key]
+        cell[0] += computed
+        cell[2] += flops
+
+
+def set_sync_timing(group: ParallelGroup, sync: bool) -> None:
+    """Rank 0: time collectives exactly (a device sync around each, on every rank) or not; see Comm.
+    Benchmarks switch it on for a run that measures the communication share, off for the timed ones."""
+    group.command({"op": "timing", "sync": bool(sync)})
+    group.comm.sync_timing = bool(sync)
+
+
+# --- rank 0's stand-in for the network -----------------------------------------------------------
+class ParallelNet:
+    """Rank 0's SCMNet, split over `group`: call it as the network (same signature); every other
+    attribute is the network's. `mode`: "auto", "cfg", "frames" or "views" (plan.choose_plan)."""
+
+    def __init__(self, net: torch.nn.Module, group: ParallelGroup, mode: str = "auto"):
+        self.__dict__.update(net=net, group=group, mode=mode)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["net"], name)
+
+    def __call__(self, x, *args, **kwargs):
+        if not isinstance(self.net, SCMNet):
+            return self._call_items(x, *args, **kwargs)
+        return self._call_scm(x, *args, **kwargs)
+
+    def _plan(self, layout, dispatch, mode):
+        group = self.group
+        plan, why = choose_plan(layout, group.world if group.alive else 1, mode)
+        notes = group.state.setdefault("notes", [])
+        if why not in notes:
+            notes.append(why)
+            if plan is None or why != plan.mode:
+                log.info("Turbo4D Multi-GPU: %s", why)
+        if plan is None:
+            return None
+        if dispatch is not None and dispatch.accelerators and not group.state.get("run"):
+            raise ParallelError("Turbo4D Multi-GPU: this call has accelerators but no parallel run was begun "
+                                "(turbo_core.parallel.begin_run); the workers would not know them")
+        ensure_model(group, self.net)
+        modes = group.state.setdefault("modes", {})
+        modes[plan.mode] = modes.get(plan.mode, 0) + 1
+        return plan
+
+    def _call_items(self, x, timesteps, context, y, cond_view, views, frames, dispatch=None, memory=None):
+        """A network that is split by batch items only (SV4D / SV4D 2.0: its res blocks mix frames
+        and its camera attention runs over pixel groups, so only the CFG halves split): every
+        tensor argument holds whole batch items, contiguous, and each rank takes its items' rows."""
+        net, group = self.net, self.group
+        n, views, frames = x.shape[0], int(views), int(frames)
+        layout = net.token_layout(n, views, frames, *x.shape[-2:])
+        mode = "cfg" if self.mode in ("auto", "cfg") else self.mode
+        if mode != "cfg":
+            note = f"{type(net).__name__} splits only the CFG halves; mode {self.mode} runs as cfg"
+            if note not in group.state.setdefault("notes", []):
+                group.state["notes"].append(note)
+                log.info("Turbo4D Multi-GPU: %s", note)
+        plan = self._plan(layout, dispatch, "cfg")
+        if plan is None or plan.mode != "cfg":
+            return net(x, timesteps, context, y, cond_view, views, frames, dispatch=dispatch, memory=memory)
+        dev = _comm_device(group)
+        t = torch.as_tensor(timesteps, device=x.device).float().reshape(-1)
+        inputs = {"x": x, "timesteps": t.expand(n) if t.numel() == 1 else t, "context": context, "y": y,
+                  "cond_view": cond_view}
+        inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
+        header = {"op": "call_items", "plan": plan, "step": None if dispatch is None else dispatch.step,
+                  "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
+                  "grid": True if dispatch is None else dispatch.grid,
+                  "memory": None if memory is None else (memory.piece_bytes, memory.reserve_bytes, memory.min_piece),
+                  "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
+
+        def body():
+            for v in inputs.values():
+                group.comm.broadcast(v)
+            sd = (ShardedDispatch.like(dispatch, plan, group.comm) if dispatch is not None
+                  else ShardedDispatch(plan, group.comm))
+            xs, ts, cs, ys, cvs = item_rows(plan, 0, *(v.to(x.device) for v in inputs.values()))
+            with reduced_signals(group.comm):
+                out = net(xs, ts, cs, ys, cvs, views, frames, dispatch=sd, memory=memory)
+            return group.comm.gather_images(out, plan).to(x.device)
+
+        return group.command(header, body)
+
+    def _call_scm(self, x, c_noise, camera, views, frames, frame_index=None, dispatch=None, layout=None):
+        net, group = self.net, self.group
+        layout = layout or net.token_layout(x.shape[0], int(views), int(frames))
+        plan = self._plan(layout, dispatch, self.mode)
+        if plan is None:
+            return net(x, c_noise, camera, views, frames, frame_index=frame_index, dispatch=dispatch, layout=layout)
+        n = x.shape[0]
+        dev = _comm_device(group)
+        inputs = {
+            "x": x,
+            "c_noise": torch.as_tensor(c_noise, device=x.device).float().reshape(-1).expand(n),
+            "camera": camera,
+            "frame_index": frame_index if frame_index is not None else layout.frame_index(device=x.device),
+        }
+        inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
+        header = {"op": "call", "plan": plan, "step": None if dispatch is None else dispatch.step,
+                  "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
+                  "grid": True if dispatch is None else dispatch.grid,
+                  "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
+
+        def body():
+            for t in inputs.values():
+                group.comm.broadcast(t)
+            sd = (ShardedDispatch.like(dispatch, plan, group.comm) if dispatch is not None
+                  else ShardedDispatch(plan, group.comm))
+            xs, cs, cams, fis = slice_inputs(plan, 0, *(inputs[k].to(x.device) for k in inputs))
+            lay = sd.layout
+            with reduced_signals(group.comm):
+                out = net(xs, cs, cams, lay.views, lay.frames, frame_index=fis, dispatch=sd, layout=lay)
+            return group.comm.gather_images(out, plan).to(x.device)
+
+        return group.command(header, body)
+
+
+# --- the other ranks -----------------------------------------------------------------------------
+class ShardWorker:
+    """A worker's model, run and per-stream bookkeeping; `handle` executes one command."""
+
+    def __init__(self, group: ParallelGroup):
+        self.group = group
+        self.net: Optional[torch.nn.Module] = None
+        self.run = None
+        self.memory = None  # the SV4D UNet's MemoryConfig of the current run
+        self.signature: dict = {}
+
+    def handle(self, header: dict) -> None:
+        op = header["op"]
+        if op == "load":
+            self.net = None  # free the old weights before the new arrive
+            self.net = _receive_model(self.group, header)
+        elif op == "begin":
+            from ..accel.registry import build_run
+
+            self.run = build_run(header["specs"], backend=header["backend"])
+            self.run.begin()
+            self.signature.clear()
+            self.memory = None
+            self.group.comm.reset_counters()
+            self.group.state["busy"] = 0.0
+            if self.group.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.group.device)
+        elif op == "call":
+            t0 = time.perf_counter()
+            self._call(header)
+            self.group.state["busy"] = self.group.state.get("busy", 0.0) + time.perf_counter() - t0
+        elif op == "call_items":
+            t0 = time.perf_counter()
+            self._call_items(header)
+            self.group.state["busy"] = self.group.state.get("busy", 0.0) + time.perf_counter() - t0
+        elif op == "timing":
+            self.group.comm.sync_timing = bool(header["sync"])
+        elif op == "end":
+            run, self.run = self.run, None
+            summary = _summary(self.group, run.stats if run is not None else None, None)
+            if run is not None:
+                run.end()  # frees every cache now
+            self.group.comm.gather_objects(summary)
+        else:
+            raise ValueError(f"unknown command {op!r} from rank 0")
+
+    def _call_items(self, header: dict) -> None:
+        g, comm = self.group, self.group.comm
+        dev = _comm_device(g)
+        inputs = [comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev)) for _, shape, dt in header["inputs"]]
+        if self.net is None:
+            raise RuntimeError("rank 0 sent a model call before any model")
+        plan, step, net = header["plan"], header["step"], self.net
+        x, t, context, y, cond_view = item_rows(plan, g.rank, *(v.to(g.device) for v in inputs))
+        lay = plan.local_layout(g.rank)
+        memory = None
+        if header["memory"] is not None:
+            from ..memory import MemoryConfig
+
+            if self.memory is None:  # one per run: it keeps the piece sizes that worked
+                piece, reserve, min_piece = header["memory"]
+                self.memory = MemoryConfig(piece_bytes=piece, reserve_bytes=reserve, min_piece=min_piece)
+            memory = self.memory
+
+        def network(d):
+            return net(x, t, context, y, cond_view, lay.views, lay.frames, dispatch=d, memory=memory)
+
+        self._run_call(plan, step, header, x, network, work=net.block_work(lay))
+
+    def _run_call(self, plan, step, header, x, network, work=None) -> None:
+        """One call of this rank's share: through the run's accelerators when rank 0's call had a
+        step (a sampling run), plain otherwise; then the outputs go to rank 0."""
+        g, comm, run, net = self.group, self.group.comm, self.run, self.net
+        if run is None or step is None:
+            sd = ShardedDispatch(plan, comm, backend=header["backend"], grid=header["grid"])
+            with reduced_signals(comm):
+                out = network(sd)
+            comm.gather_images(out, plan)
+            return
+        from ..accel.stats import RunStats
+
+        sig = (plan, x.dtype)
+        if self.signature.get(step.stream, sig) != sig:
+            # As Turbo4DRun.dispatch: a new shape makes this stream's cached activations invalid.
+            for a in run.per_call:
+                st = a.streams.pop(step.stream, None)
+                if st is not None:
+                    st.reset()
+        self.signature[step.stream] = sig
+        if run.stats is None:
+            blocks = net.blocks if isinstance(getattr(net, "blocks", None), int) else net.depth
+            run.stats = RunStats(blocks=blocks, cost=dict(_cost(net, plan.layout)))
+        # Whole steps are rank 0's decision (Turbo4DRun.step, on the CFG-combined image): a call
+        # that reaches a worker runs; only the per-call mechanisms act here.
+        sd = ShardedDispatch(plan, comm, step, run.per_call, backend=header["backend"], stats=run.stats,
+                             grid=header["grid"])
+        run.stats.begin_call(step, sd.layout, work)
+        for a in run.per_call:
+            a.begin_call(sd)
+        with reduced_signals(comm):
+            out = run.model_call(sd, x, lambda: network(sd))
+        run.end_call(sd)
+        comm.gather_images(out, plan)
+
+    def _call(self, header: dict) -> None:
+        g, comm = self.group, self.group.comm
+        dev = _comm_device(g)
+        inputs = [comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev)) for _, shape, dt in header["inputs"]]
+        if self.net is None:
+            raise RuntimeError("rank 0 sent a model call before any model")
+        plan, step = header["plan"], header["step"]
+        x, c_noise, camera, frame_index = slice_inputs(plan, g.rank, *(t.to(g.device) for t in inputs))
+        net = self.net
+        lay = plan.local_layout(g.rank)
+
+        def network(d):
+            return net(x, c_noise, camera, lay.views, lay.frames, frame_index=frame_index, dispatch=d, layout=d.layout)
+
+        self._run_call(plan, step, header, x, network)
