@@ -110,14 +110,7 @@ def bench(args, log=print) -> dict:
                         continue
                     one_run(net, data, 2, views, frames, cfg, [], group, mode, device)  # warm-up
                     _, st, wall = one_run(net, data, args.profile_steps, views, frames, cfg, [], group, mode, device)
-                    par = st.parallel
-                    shares = [r["comm_seconds"] / r["busy_seconds"] if r["busy_seconds"] else None for r in par["ranks"]]
-                    comm.append({"cfg": cfg, "mode": mode, "calls_by_mode": par["calls_by_mode"],
-                                 "comm_share_per_rank": [None if s is None else round(s, 4) for s in shares],
-                                 "comm_seconds_per_rank": [r["comm_seconds"] for r in par["ranks"]],
-                                 "comm_mb_per_call_rank0": round(par["ranks"][0]["comm_bytes"] / 2**20 /
-                                                                 max(st.calls, 1), 2),
-                                 "seconds_per_call_synced": round(wall / max(st.calls, 1), 4)})
+                    comm.append(_comm_row(cfg, mode, st, wall))
                     log(f"comm  cfg {cfg} {mode:7s} share per rank {comm[-1]['comm_share_per_rank']}, "
                         f"{comm[-1]['comm_mb_per_call_rank0']} MB per call on rank 0")
                 parallel.set_sync_timing(group, False)
@@ -220,8 +213,16 @@ def bench_sv4d(args, log=print) -> dict:
     devices = f"cpu:{world}" if device.type == "cpu" else ",".join(str(i) for i in range(world))
     group = parallel.acquire(devices) if world > 1 else None
     split = parallel.ParallelNet(net, group, "cfg") if group is not None else None
-    rows = []
+    rows, comm = [], []
     try:
+        if split is not None:  # the communication share: a short full-compute run, every collective timed
+            parallel.set_sync_timing(group, True)
+            sv4d_run(net, split, cond, noise, 2, views, frames, [], group, device)  # warm-up, sends the weights
+            _, st, wall = sv4d_run(net, split, cond, noise, args.profile_steps, views, frames, [], group, device)
+            comm.append(_comm_row(2.0, "cfg", st, wall))
+            log(f"comm  cfg 2.0 cfg     share per rank {comm[-1]['comm_share_per_rank']}, "
+                f"{comm[-1]['comm_mb_per_call_rank0']} MB per call on rank 0")
+            parallel.set_sync_timing(group, False)
         for preset in args.presets:
             specs = turbo4d_specs(preset)
             sv4d_run(net, net, cond, noise, 2, views, frames, specs, None, device)  # warm-up
@@ -243,7 +244,17 @@ def bench_sv4d(args, log=print) -> dict:
             log(_fmt_row(rows[-1]))
     finally:
         parallel.shutdown()
-    return {"rows": rows, "comm": []}
+    return {"rows": rows, "comm": comm}
+
+
+def _comm_row(cfg, mode, st, wall) -> dict:
+    par = st.parallel
+    shares = [r["comm_seconds"] / r["busy_seconds"] if r["busy_seconds"] else None for r in par["ranks"]]
+    return {"cfg": cfg, "mode": mode, "calls_by_mode": par["calls_by_mode"],
+            "comm_share_per_rank": [None if s is None else round(s, 4) for s in shares],
+            "comm_seconds_per_rank": [r["comm_seconds"] for r in par["ranks"]],
+            "comm_mb_per_call_rank0": round(par["ranks"][0]["comm_bytes"] / 2**20 / max(st.calls, 1), 2),
+            "seconds_per_call_synced": round(wall / max(st.calls, 1), 4)}
 
 
 def _row(config, preset, cfg, gpus, mode, wall, calls, peaks, q, speedup) -> dict:
