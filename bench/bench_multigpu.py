@@ -117,7 +117,8 @@ def bench(args, log=print) -> dict:
             for preset in args.presets:
                 specs = turbo4d_specs(preset)
                 one_run(net, data, 2, views, frames, cfg, specs, None, "auto", device)  # warm-up
-                ref, st1, wall1 = one_run(net, data, args.steps, views, frames, cfg, specs, None, "auto", device)
+                steps = _steps(args, preset)
+                ref, st1, wall1 = one_run(net, data, steps, views, frames, cfg, specs, None, "auto", device)
                 calls1 = st1.summary()["model_calls_run"]
                 rows.append(_row(config, preset, cfg, 1, "-", wall1, calls1, [st1.peak_memory_bytes], float("inf"),
                                  None))
@@ -128,7 +129,7 @@ def bench(args, log=print) -> dict:
                     if mode == "cfg" and cfg == 1.0:
                         continue  # one batch: nothing for the CFG split to split
                     one_run(net, data, 2, views, frames, cfg, specs, group, mode, device)
-                    x, st, wall = one_run(net, data, args.steps, views, frames, cfg, specs, group, mode, device)
+                    x, st, wall = one_run(net, data, steps, views, frames, cfg, specs, group, mode, device)
                     par = st.parallel
                     peaks = [st.peak_memory_bytes] + [None if r["peak_memory_mb"] is None else r["peak_memory_mb"] * 2**20
                                                       for r in par["ranks"][1:]]
@@ -225,15 +226,16 @@ def bench_sv4d(args, log=print) -> dict:
             parallel.set_sync_timing(group, False)
         for preset in args.presets:
             specs = turbo4d_specs(preset)
+            steps = _steps(args, preset)
             sv4d_run(net, net, cond, noise, 2, views, frames, specs, None, device)  # warm-up
-            ref, st1, wall1 = sv4d_run(net, net, cond, noise, args.steps, views, frames, specs, None, device)
+            ref, st1, wall1 = sv4d_run(net, net, cond, noise, steps, views, frames, specs, None, device)
             calls1 = st1.summary()["model_calls_run"]
             rows.append(_row("sv4d2", preset, 2.0, 1, "-", wall1, calls1, [st1.peak_memory_bytes], float("inf"), None))
             log(_fmt_row(rows[-1]))
             if split is None:
                 continue
             sv4d_run(net, split, cond, noise, 2, views, frames, specs, group, device)
-            x, st, wall = sv4d_run(net, split, cond, noise, args.steps, views, frames, specs, group, device)
+            x, st, wall = sv4d_run(net, split, cond, noise, steps, views, frames, specs, group, device)
             par = st.parallel
             peaks = [st.peak_memory_bytes] + [None if r["peak_memory_mb"] is None else r["peak_memory_mb"] * 2**20
                                               for r in par["ranks"][1:]]
@@ -255,6 +257,12 @@ def _comm_row(cfg, mode, st, wall) -> dict:
             "comm_seconds_per_rank": [r["comm_seconds"] for r in par["ranks"]],
             "comm_mb_per_call_rank0": round(par["ranks"][0]["comm_bytes"] / 2**20 / max(st.calls, 1), 2),
             "seconds_per_call_synced": round(wall / max(st.calls, 1), 4)}
+
+
+def _steps(args, preset: str) -> int:
+    """Steps of a preset's runs: --full-steps for full compute (every call the same work, so a
+    shorter schedule gives its time per call), else --steps."""
+    return args.full_steps if preset == "off" and args.full_steps else args.steps
 
 
 def _row(config, preset, cfg, gpus, mode, wall, calls, peaks, q, speedup) -> dict:
@@ -295,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--views", type=int, default=None)
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--full-steps", type=int, default=None,
+                    help="steps of the full-compute runs (default --steps): its time per call is what scales")
     ap.add_argument("--profile-steps", type=int, default=None, help="steps of the communication-share runs")
     ap.add_argument("--presets", default=",".join(PRESETS))
     ap.add_argument("--modes", default="cfg,frames,views")

@@ -386,3 +386,25 @@ def test_sv4d_unet_cfg_halves_give_the_one_process_result():
     assert stats.chains_bypassed == ref_stats.chains_bypassed
     assert_same_signals(stats, ref_stats, "bypass.b")
     assert dict(stats.sequences_computed) == dict(ref_stats.sequences_computed)
+
+
+def test_weights_arrive_aligned_whatever_the_sizes_before_them():
+    """A worker's parameters are views of the buffers the weights travel in. SV4D's one-element mix
+    factors sit between its matrices; packed back to back, every later weight started 2 bytes off
+    a 16-byte boundary and its matrix products took a slow path (the split ran slower than one GPU).
+    Packed with aligned offsets, every tensor starts a multiple of 256 bytes into its buffer and arrives unchanged."""
+    from turbo_core.parallel.net import _buckets, pack, unpack
+
+    gen = torch.Generator().manual_seed(0)
+    state = {f"w{i}": torch.randn(shape, generator=gen).to(torch.bfloat16)
+             for i, shape in enumerate([(1,), (3, 5), (320, 320), (1,), (7,), (64, 3, 3, 3)])}
+    entries = [(k, tuple(t.shape), "bfloat16") for k, t in state.items()]
+    got, base = {}, {}
+    for bucket in _buckets(entries):
+        flat = pack(state, entries, bucket, "cpu")  # a CUDA buffer starts on a 256-byte boundary
+        for k, t in unpack(flat, entries, bucket).items():
+            got[k], base[k] = t, flat.data_ptr()
+    assert got.keys() == state.keys()
+    for k, t in got.items():
+        assert (t.data_ptr() - base[k]) % 256 == 0, k
+        assert torch.equal(t, state[k]), k

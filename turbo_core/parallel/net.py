@@ -35,6 +35,10 @@ from .plan import choose_plan
 log = logging.getLogger("turbo4d")
 
 _BUCKET_BYTES = 256 * 2**20  # weights travel in flat buffers of at most this many bytes
+# Every tensor starts this many bytes into its flat buffer: a worker's parameters are views of the
+# buffer it received, and matrix kernels take a slow path on operands that are not 16-byte aligned
+# (SV4D's one-element mix factors would otherwise shift every later weight by 2 bytes).
+_ALIGN_BYTES = 256
 
 
 # --- the model -----------------------------------------------------------------------------------
@@ -95,6 +99,34 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _offsets(entries: list, bucket: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """([(offset, numel)] of the bucket's tensors in its flat buffer, in elements, each offset a
+    multiple of _ALIGN_BYTES), and the buffer's length."""
+    size = torch.empty((), dtype=_dtype(entries[bucket[0]][2])).element_size()
+    step = max(_ALIGN_BYTES // size, 1)
+    out, at = [], 0
+    for i in bucket:
+        n = int(torch.Size(entries[i][1]).numel())
+        out.append((at, n))
+        at += -(-n // step) * step
+    return out, at
+
+
+def pack(state: dict, entries: list, bucket: list[int], device) -> torch.Tensor:
+    """The bucket's tensors of `state` in one flat buffer (see _offsets)."""
+    places, total = _offsets(entries, bucket)
+    flat = torch.zeros(total, dtype=_dtype(entries[bucket[0]][2]), device=device)
+    for i, (at, n) in zip(bucket, places):
+        flat[at:at + n].copy_(state[entries[i][0]].detach().reshape(-1))
+    return flat
+
+
+def unpack(flat: torch.Tensor, entries: list, bucket: list[int]) -> dict:
+    """{name: tensor} of a bucket: views of `flat`, each aligned as it was packed."""
+    places, _ = _offsets(entries, bucket)
+    return {entries[i][0]: flat[at:at + n].view(entries[i][1]) for i, (at, n) in zip(bucket, places)}
+
+
 def _comm_device(group: ParallelGroup) -> torch.device:
     return group.device if group.backend == "nccl" else torch.device("cpu")
 
@@ -113,8 +145,7 @@ def ensure_model(group: ParallelGroup, net: torch.nn.Module) -> None:
 
     def body():
         for bucket in _buckets(entries):
-            flat = torch.cat([state[entries[i][0]].detach().reshape(-1).to(dev) for i in bucket])
-            group.comm.broadcast(flat)
+            group.comm.broadcast(pack(state, entries, bucket, dev))
 
     t0 = time.perf_counter()
     group.command({"op": "load", "spec": model_spec(net), "entries": entries}, body)
@@ -128,12 +159,9 @@ def _receive_model(group: ParallelGroup, header: dict) -> torch.nn.Module:
     dev = _comm_device(group)
     state = {}
     for bucket in _buckets(entries):
-        dtype = _dtype(entries[bucket[0]][2])
-        sizes = [int(torch.Size(entries[i][1]).numel()) for i in bucket]
-        flat = group.comm.broadcast(torch.empty(sum(sizes), dtype=dtype, device=dev))
-        flat = flat.to(group.device)
-        for i, part in zip(bucket, flat.split(sizes)):
-            state[entries[i][0]] = part.view(entries[i][1])
+        _, total = _offsets(entries, bucket)
+        flat = group.comm.broadcast(torch.empty(total, dtype=_dtype(entries[bucket[0]][2]), device=dev))
+        state.update(unpack(flat.to(group.device), entries, bucket))
     return build_model(header["spec"], state, group.device)
 
 
