@@ -187,11 +187,18 @@ def test_cache_and_prune_decide_on_the_same_signals_on_every_rank(net):
 
 def test_cfg_split_with_the_cache_is_exact(net):
     """Split into CFG halves, the cache's sequence groups and subsamples are the one-process ones,
-    and its signals all-reduced: the result is the one-process result."""
+    and its signals all-reduced, one collective per decision: the result is the one-process result."""
     specs = [("cache", RollingCacheConfig(threshold=2.0, start_percent=0.0, max_age=2))]
     group = parallel.acquire("cpu:2")
     ref, ref_stats = run(net, "cfg", specs, 4)
+    _, plain = run(net, "cfg", [], 4, group)  # also sends the weights, if this group has none yet
+    _, plain = run(net, "cfg", [], 4, group)
     out, stats = run(net, "cfg", specs, 4, group)
+    # Each cache decision's two means (the change and its scale) travel in one all-reduce: every
+    # one is a collective across the GPUs and a wait for the slower one.
+    decisions = len(signals(stats, "cache."))
+    for r, p in zip(stats.parallel["ranks"], plain.parallel["ranks"]):
+        assert r["collectives"] - p["collectives"] == decisions > 0
     assert ref_stats.cache_hits > 0
     assert stats.cache_hits == ref_stats.cache_hits
     assert_same_signals(stats, ref_stats, "cache.")

@@ -34,7 +34,7 @@ import torch
 
 from .base import Accelerator
 from .config import MechanismConfig
-from .signals import mean
+from .signals import means
 from .storage import TensorStore, nbytes
 
 NAME = "bypass"
@@ -115,7 +115,8 @@ class ChainBypass(Accelerator):
             e = st.blocks[block] = _Entry()
         if (step.percent >= cfg.start_percent and e.k is not None and e.residual is not None
                 and e.consecutive < cfg.max_consecutive):
-            drift = mean((self._sample(x).float() - e.x_ref).abs()) / mean(e.x_ref.abs()).clamp_min(1e-12)
+            moved, scale = means((self._sample(x).float() - e.x_ref).abs(), e.x_ref.abs())
+            drift = moved / scale.clamp_min(1e-12)
             estimate = float(e.k * drift)  # the one host sync of this block
             if dispatch.stats is not None:
                 dispatch.stats.signal(f"bypass.b{block}", estimate, cfg.threshold)
@@ -130,10 +131,11 @@ class ChainBypass(Accelerator):
         e.consecutive = 0
         residual = y - x_in
         xs, rs = self._sample(x_in).float(), self._sample(residual).float()
-        y_scale = mean((xs + rs).abs()).clamp_min(1e-12)
         if e.x_ref is not None:
-            dx = mean((xs - e.x_ref).abs()) / mean(e.x_ref.abs()).clamp_min(1e-12)
-            dr = mean((rs - e.r_ref).abs()) / y_scale
+            y_scale, moved, scale, changed = means((xs + rs).abs(), (xs - e.x_ref).abs(), e.x_ref.abs(),
+                                                   (rs - e.r_ref).abs())
+            dx = moved / scale.clamp_min(1e-12)
+            dr = changed / y_scale.clamp_min(1e-12)
             e.k = dr / dx.clamp_min(1e-12)
         e.residual = self.store.keep(residual)  # a fresh tensor: nobody else holds it
         e.x_ref, e.r_ref = xs.clone(), rs.clone()

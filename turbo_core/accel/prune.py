@@ -39,7 +39,7 @@ import torch
 
 from .base import CrossCallReuse, ReuseEntry, ReuseState
 from .config import MechanismConfig
-from .signals import mean
+from .signals import means
 from .storage import TensorStore
 
 NAME = "prune"
@@ -165,8 +165,8 @@ class TokenPruner(CrossCallReuse):
         k = _bucket(k, s, cfg.size_buckets)
         ref = entry.ref if index is None else entry.ref.index_select(0, index)
         diff = (xs.float() - ref.float()).abs().mean(dim=(1, 2))              # (s,)
-        scale = mean(ref.float().abs()).clamp_min(1e-12)
-        st.pending[key] = mean(diff) / scale  # relative change of this axis, read at end_call
+        changed, scale = means(diff, ref.float().abs())
+        st.pending[key] = changed / scale.clamp_min(1e-12)  # relative change of this axis, read at end_call
         if k >= s:
             out = nxt(seqs, index)
             self._write(entry, index, None, out, xs, step)

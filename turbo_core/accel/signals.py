@@ -10,26 +10,33 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
 # While one model call is split over processes (turbo_core.parallel) each holds a share of the
 # activations; the mean a decision reads must then be over all of them, or the processes would
-# decide differently (and their collectives fall out of step). The split installs the reduction.
-_REDUCE: ContextVar[Optional[Callable[[torch.Tensor], torch.Tensor]]] = ContextVar("turbo4d_signal_mean",
-                                                                                  default=None)
+# decide differently (and their collectives fall out of step). The split installs the reduction:
+# a list of tensors -> the list of their means over every process, in one collective.
+Reduce = Callable[[Sequence[torch.Tensor]], list]
+_REDUCE: ContextVar[Optional[Reduce]] = ContextVar("turbo4d_signal_mean", default=None)
+
+
+def means(*xs: torch.Tensor) -> list:
+    """[x.mean() for x in xs] as float32 0-dim tensors: over this process's xs, or inside
+    `reduced` over every process's share of the call (the one place accelerator signals are
+    averaged). The means one decision needs are taken together: one all-reduce, not one each."""
+    reduce = _REDUCE.get()
+    return [x.float().mean() for x in xs] if reduce is None else reduce([x.float() for x in xs])
 
 
 def mean(x: torch.Tensor) -> torch.Tensor:
-    """x.mean() as a float32 0-dim tensor: over this process's x, or over every process's share
-    of the call inside `reduced` (the one place accelerator signals are averaged)."""
-    reduce = _REDUCE.get()
-    return x.float().mean() if reduce is None else reduce(x.float())
+    """x.mean() as a float32 0-dim tensor (see `means`)."""
+    return means(x)[0]
 
 
 @contextmanager
-def reduced(reduce: Callable[[torch.Tensor], torch.Tensor]):
+def reduced(reduce: Reduce):
     """Signal means inside this context go through `reduce` (the parallel engine's all-reduce)."""
     token = _REDUCE.set(reduce)
     try:
@@ -52,4 +59,5 @@ def subsample_tokens(x: torch.Tensor, axis: str, stride: int) -> torch.Tensor:
 def relative_l1(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """mean|x - ref| / mean|ref|, a 0-dim float32 tensor on x's device."""
     x32, r32 = x.float(), ref.float()
-    return mean((x32 - r32).abs()) / mean(r32.abs()).clamp_min(1e-12)
+    num, den = means((x32 - r32).abs(), r32.abs())
+    return num / den.clamp_min(1e-12)

@@ -84,14 +84,17 @@ class Comm:
         self._timed(lambda: dist.barrier(), 0)
 
     # --- the split call -------------------------------------------------------------------
-    def mean(self, x: torch.Tensor) -> torch.Tensor:
-        """x.mean() over the union of every rank's x: the signal reduction of
-        `turbo_core.accel.signals.mean` while a call is split (float64 sum and count, so the
-        value is the one-process mean to float32 rounding, and the same bits on every rank)."""
-        part = torch.stack([x.detach().double().sum(), torch.tensor(float(x.numel()), dtype=torch.float64,
-                                                                     device=x.device)])
+    def means(self, xs) -> list:
+        """[x.mean() over the union of every rank's x for x in xs], in one all-reduce: the signal
+        reduction of `turbo_core.accel.signals.means` while a call is split (float64 sums and
+        counts, so each value is the one-process mean to float32 rounding, and the same bits on
+        every rank)."""
+        dev = xs[0].device
+        part = torch.cat([torch.stack([x.detach().double().sum() for x in xs]),
+                          torch.tensor([float(x.numel()) for x in xs], dtype=torch.float64, device=dev)])
         self._timed(lambda: dist.all_reduce(part), part.numel() * 8)
-        return (part[0] / part[1]).to(torch.float32)
+        n = len(xs)
+        return list((part[:n] / part[n:]).to(torch.float32).unbind())
 
     def to_tokens(self, x: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
         """The crossing sub-attention's input: this rank's images (local layout, image-major

@@ -73,7 +73,7 @@ def reduced_signals(comm: Comm):
     (turbo_core.accel.signals.mean): each rank then takes the same decision."""
     from ..accel.signals import reduced
 
-    return reduced(comm.mean)
+    return reduced(comm.means)
 
 
 def slice_inputs(plan: ShardPlan, rank: int, *tensors: Optional[torch.Tensor]) -> list:
