@@ -415,3 +415,37 @@ def test_weights_arrive_aligned_whatever_the_sizes_before_them():
     for k, t in got.items():
         assert (t.data_ptr() - base[k]) % 256 == 0, k
         assert torch.equal(t, state[k]), k
+
+
+SYNC_SCRIPT = """
+import os, torch, torch.distributed as dist
+from turbo_core.parallel.comm import Comm
+dist.init_process_group("nccl", rank=0, world_size=1)
+dev = torch.device("cuda:0")
+torch.cuda.set_device(dev)
+comm = Comm(0, 1, dev)
+xs = [torch.randn(4096, 320, device=dev, dtype=torch.bfloat16), torch.rand(77, device=dev)]
+comm.means(xs)  # warm-up: NCCL's first collective sets itself up
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+got = comm.means(xs)
+torch.cuda.set_sync_debug_mode("default")
+want = [x.float().mean() for x in xs]
+print("OK", all(torch.allclose(g, w, rtol=1e-5) for g, w in zip(got, want)), flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a host sync is a GPU's")
+def test_signal_means_all_reduce_without_a_host_sync(tmp_path):
+    """A split call's signal reduction queues its work and returns: the host never waits for the
+    GPU inside it (a count tensor built from host numbers made it wait behind every queued kernel,
+    once per signal)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517",
+           "NCCL_NVLS_ENABLE": "0"}
+    r = subprocess.run([sys.executable, "-c", SYNC_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "OK True" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

@@ -89,9 +89,11 @@ class Comm:
         reduction of `turbo_core.accel.signals.means` while a call is split (float64 sums and
         counts, so each value is the one-process mean to float32 rounding, and the same bits on
         every rank)."""
-        dev = xs[0].device
-        part = torch.cat([torch.stack([x.detach().double().sum() for x in xs]),
-                          torch.tensor([float(x.numel()) for x in xs], dtype=torch.float64, device=dev)])
+        # Both halves made on the device: a tensor built from host numbers is a copy the host
+        # waits for, behind every kernel queued so far (a host sync per signal, which a single
+        # process never pays for the pruner's signals); the float64 sums cast as they reduce.
+        part = torch.stack([x.detach().sum(dtype=torch.float64) for x in xs]
+                           + [torch.full((), float(x.numel()), dtype=torch.float64, device=x.device) for x in xs])
         self._timed(lambda: dist.all_reduce(part), part.numel() * 8)
         n = len(xs)
         return list((part[:n] / part[n:]).to(torch.float32).unbind())
