@@ -204,7 +204,9 @@ class SCMNet(nn.Module):
         layout = layout or self.token_layout(n, views, frames)
         d = dispatch if dispatch is not None else FullCompute(layout)
         dtype = self.patch.weight.dtype
-        h = self.patch(x.to(dtype)).flatten(2).transpose(1, 2) + self.pos.to(dtype)
+        # Contiguous, token-major: the patch embedding's transpose would otherwise carry channel-first
+        # strides through every residual sum, and each LayerNorm and Linear would copy the stream.
+        h = self.patch(x.to(dtype)).flatten(2).transpose(1, 2).contiguous() + self.pos.to(dtype)
         c_noise = torch.as_tensor(c_noise, device=x.device).float().reshape(-1).expand(n)
         temb = self.time_embed(sinusoidal(c_noise * 250.0, cfg.width).to(dtype))
         az, el = camera[:, 0].float(), camera[:, 1].float()
