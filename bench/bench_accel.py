@@ -338,6 +338,14 @@ def per_call_rows(args) -> list[dict]:
                            ("token_reuse", TokenReuseConfig(memory_fraction=0.05))]})
     for mech, short in (("block_reuse", "block-reuse"), ("token_reuse", "token-reuse")):
         rows.append({"name": f"{short}+step", "family": "per-call", "specs": step + apply_preset([], mech, "balanced")})
+    # Measured first (drift_prior 0: a span is reused only once it has run twice), alone and with
+    # the step skip's presets.
+    for t in (0.12, 0.25, 0.4):
+        rows.append({"name": f"block-reuse-m-t{t}", "family": "per-call",
+                     "specs": [("block_reuse", BlockReuseConfig(threshold=t, drift_prior=0.0))]})
+    for lv, t in (("quality", 0.12), ("balanced", 0.25), ("fast", 0.4)):
+        rows.append({"name": f"step-{lv}+block-reuse-m-t{t}", "family": "per-call",
+                     "specs": apply_preset([], "step", lv) + [("block_reuse", BlockReuseConfig(threshold=t, drift_prior=0.0))]})
     for t in (0.05, 0.1, 0.2):
         rows.append({"name": f"fbcache-t{t}", "family": "fixed", "run": lambda t=t: Turbo4DRun([FirstBlockCache(t)])})
     return rows
