@@ -96,6 +96,7 @@ def test_memory_bound_is_never_exceeded(deep):
         assert max(seen) <= mb * 2**20, (mb, max(seen))
         assert st.summary()["cache_memory_peak_mb"] <= mb
         assert st.summary()["cache_bound_mb"] == pytest.approx(mb, abs=1e-3)
+        assert 0 < st.summary()["bounded_cache_peak_mb"] <= mb or spans == 0
         if spans == 0:
             assert st.blocks_reused == 0
     # With the forecast a span holds two tensors: half as many fit; where not even one span fits
@@ -338,6 +339,7 @@ def test_cache_and_prune_nodes_default_to_the_per_call_levels_with_the_old_metho
     assert prune["token_reuse"] is None
     assert prune["prune"] == TokenPrunerConfig(keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6)
     assert node_configs("Turbo4DSemanticPrune", "quality")["token_reuse"] == TokenReuseConfig(threshold=0.15)
+    assert node_configs("Turbo4DCache", "quality")["block_reuse"] == BlockReuseConfig(threshold=0.25)
     with pytest.raises(ValueError, match="unknown method"):
         node_configs("Turbo4DCache", "balanced", method="nonsense")
     with pytest.raises(ValueError, match="unknown settings"):

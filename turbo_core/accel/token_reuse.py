@@ -142,6 +142,7 @@ class TokenReuseState:
 
 class TokenReuse(Accelerator):
     name = NAME
+    bounded = True  # its cache within the bound of bound.py (RunStats.cache_bound)
     state_class = TokenReuseState
 
     def __init__(self, config: Optional[TokenReuseConfig] = None):
@@ -368,7 +369,8 @@ class TokenReuse(Accelerator):
 
 
 
-# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels"): balanced is the default, fast t0.4.
+# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels"): balanced (the default) and fast;
+# quality, reusing less, was not measured there.
 PRESETS = {
     "off": None,
     "quality": TokenReuseConfig(threshold=0.15),
