@@ -48,6 +48,7 @@ from ..memory import nbytes
 from .config import MechanismConfig
 
 NAME = "block_reuse"
+NO_STREAM = ("block reuse (Turbo4D Cache's default method) found no block stream in this model and reused nothing: choose method 'sub-attention cache'")
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,10 @@ class BlockReuse(Accelerator):
     def chain(self, dispatch, block, x, nxt):
         step = dispatch.step
         if step is None:
+            return nxt(x)
+        if not getattr(nxt, "stream", False):  # not a stream of blocks (e.g. a UNet's attention layers)
+            if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
+                dispatch.stats.notes.append(NO_STREAM)
             return nxt(x)
         st = self.state(dispatch)
         if st.spans is None and not self._settle(dispatch, st, block, x):

@@ -46,6 +46,7 @@ from .config import MechanismConfig
 from .spans import output_weight, plan_spans, position
 
 NAME = "token_reuse"
+NO_STREAM = ("token reuse (Semantic Prune's default method) found no block stream in this model and reused nothing: choose method 'sequence prune'")
 _FORCED = 1e6  # added to the score of a position past max_age: always in the top k
 
 
@@ -222,6 +223,10 @@ class TokenReuse(Accelerator):
     def chain(self, dispatch, block, x, nxt):
         step = dispatch.step
         if step is None:
+            return nxt(x)
+        if not getattr(nxt, "stream", False):  # not a stream of blocks (e.g. a UNet's attention layers)
+            if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
+                dispatch.stats.notes.append(NO_STREAM)
             return nxt(x)
         st = self.state(dispatch)
         if st.spans is None and not self._settle(dispatch, st, block, x):
