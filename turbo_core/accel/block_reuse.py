@@ -117,6 +117,7 @@ class BlockReuseState:
         self.last_ran = None
 
     def reset(self) -> None:
+        self.bound.release()
         self.__init__()
 
     def drop_cached(self) -> None:

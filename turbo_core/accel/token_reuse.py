@@ -131,6 +131,7 @@ class TokenReuseState:
         self.last_ran = None
 
     def reset(self) -> None:
+        self.bound.release()
         self.__init__()
 
     def drop_cached(self) -> None:
