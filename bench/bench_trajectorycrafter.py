@@ -183,10 +183,12 @@ def peak_gb(device):
 
 
 # --- our network ------------------------------------------------------------------------------------
-def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, timer: Timer = None):
+def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, timer: Timer = None,
+                stats_out: dict = None):
     """One sampling run through a Turbo4DRun as the ComfyUI adapter drives it (whole steps decided
     per step through run.step, every call through run.model_call and the run's dispatch).
-    Returns (final latent, seconds, calls run, stats summary, per-step breakdowns)."""
+    Returns (final latent, seconds, calls run, stats summary, per-step breakdowns); `stats_out`
+    gets the run's RunStats as "stats"."""
     device = inp.noise.device
     dtype = net.proj_out.weight.dtype
     sig, step_sig, t_of, zsig = schedule(steps)
@@ -237,6 +239,8 @@ def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, 
         seconds = time.perf_counter() - t0
     finally:
         stats = run.end(torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None)
+        if stats_out is not None:
+            stats_out["stats"] = stats
     if not torch.isfinite(x).all():
         raise RuntimeError("the sample is not finite")
     return x.float(), seconds, calls[0], stats.summary(), parts
