@@ -254,28 +254,23 @@ def mean_parts(parts) -> dict:
 
 
 def accelerator_rows() -> list[tuple[str, list]]:
-    """(label, specs) of every preset of the pack's accelerators that applies to a joint-attention
-    DiT: the whole-step skip (the Chain Bypass node), block reuse and token reuse (where the
-    mechanism table has them, alone and with the step skip). The rolling cache and the pruner
-    act on SV4D's camera/motion axes, which this network does not have."""
+    """(label, specs) of the presets of the pack's accelerators that apply to a joint-attention DiT:
+    the whole-step skip (the Chain Bypass node) at each preset, block reuse at each preset, token
+    reuse at balanced, and each reuse at balanced under Chain Bypass balanced. The rolling cache and
+    the sequence pruner act on SV4D's camera/motion axes, which this network does not have."""
     names = mechanisms.names()
-    rows = []
-    bypass_node = "Turbo4DChainBypass"
-    for preset in ("quality", "balanced", "fast"):
-        cfgs = mechanisms.node_configs(bypass_node, preset)
-        rows.append((f"Chain Bypass {preset}", [(n, c) for n, c in cfgs.items() if c is not None]))
-    for name in ("block_reuse", "token_reuse"):
+    node = "Turbo4DChainBypass"
+
+    def bypass(preset):
+        return [(n, c) for n, c in mechanisms.node_configs(node, preset).items() if c is not None]
+
+    rows = [(f"Chain Bypass {p}", bypass(p)) for p in ("quality", "balanced", "fast")]
+    for name, presets in (("block_reuse", ("quality", "balanced", "fast")), ("token_reuse", ("balanced",))):
         if name not in names:
             continue
         m = mechanisms.mechanism(name)
-        for preset in ("quality", "balanced", "fast"):
-            cfg = m.presets.get(preset)
-            if cfg is None:
-                continue
-            rows.append((f"{name} {preset}", [(name, cfg)]))
-            step = mechanisms.node_configs(bypass_node, preset)
-            rows.append((f"{name} {preset} + Chain Bypass {preset}",
-                         [(n, c) for n, c in step.items() if c is not None] + [(name, cfg)]))
+        rows += [(f"{name} {p}", [(name, m.presets[p])]) for p in presets]
+        rows.append((f"{name} balanced + Chain Bypass balanced", bypass("balanced") + [(name, m.presets["balanced"])]))
     return rows
 
 
