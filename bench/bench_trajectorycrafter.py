@@ -296,13 +296,21 @@ def bench_ours(args, emit):
             emit({"what": "ours", "name": label, "skipped": "deadline"})
             continue
         reset_peak(dev)
-        x, secs, calls, summ, _ = sample_ours(net, inp, steps, specs)
+        row = {"what": "ours", "name": label, "steps": steps, "settings": {n: c.to_dict() for n, c in specs}}
+        try:
+            x, secs, calls, summ, _ = sample_ours(net, inp, steps, specs)
+        except Exception as e:  # one row failing (memory, say) must not lose the others
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+            emit(row)
+            continue
         counts.add(calls)
-        emit({"what": "ours", "name": label, "steps": steps, "calls_run": calls, "latency_s": round(secs, 2),
-              "speedup": round(full_s / secs, 2), "psnr_vs_full": round(latent_psnr(x, full), 2),
-              "peak_gb": peak_gb(dev), "cache_mb": summ["cache_memory_peak_mb"],
-              "chains_bypassed": f"{summ['chains_bypassed']}/{summ['chains_total']}",
-              "compute_fraction": summ["compute_fraction"], "settings": {n: c.to_dict() for n, c in specs}})
+        row.update(calls_run=calls, latency_s=round(secs, 2), speedup=round(full_s / secs, 2),
+                   psnr_vs_full=round(latent_psnr(x, full), 2), peak_gb=peak_gb(dev),
+                   cache_mb=summ["cache_memory_peak_mb"], compute_fraction=summ["compute_fraction"],
+                   chains_bypassed=f"{summ['chains_bypassed']}/{summ['chains_total']}",
+                   **{k: summ[k] for k in ("blocks_reused", "spans_reused", "spans_run", "cache_bound_mb",
+                                           "tokens_computed", "tokens_offered") if summ.get(k)})
+        emit(row)
     for n in sorted(counts | set(args.fewer_steps)):
         if n >= steps or n < 1:
             continue
