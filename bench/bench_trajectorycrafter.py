@@ -290,8 +290,8 @@ def bench_ours(args, emit):
           "peak_gb": peak_gb(dev), "breakdown_ms_per_step": mean_parts(parts), "parameters": params,
           "tokens_per_sequence": shape["text"] + shape["frames"] * shape["height"] * shape["width"] // 4})
     full_s = secs
-    counts = set()
-    for label, specs in accelerator_rows():
+    counts = set(args.equal_calls)
+    for label, specs in (accelerator_rows() if args.rows == "all" else []):
         if time.perf_counter() > args.deadline:
             emit({"what": "ours", "name": label, "skipped": "deadline"})
             continue
@@ -388,6 +388,7 @@ def peer_configs(steps: int, box, mag_ratios):
     blocks = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
     out = [("FirstBlockCache threshold 0.1", FirstBlockCacheConfig(threshold=0.1)),
            ("FirstBlockCache threshold 0.3", FirstBlockCacheConfig(threshold=0.3)),
+           ("FirstBlockCache threshold 1.0", FirstBlockCacheConfig(threshold=1.0)),
            ("TaylorSeerCache interval 5, attn1 + ff", TaylorSeerCacheConfig(cache_identifiers=blocks)),
            ("TaylorSeerCache interval 5, lite (output forecast)", TaylorSeerCacheConfig(use_lite_mode=True)),
            ("PyramidAttentionBroadcast (docs' CogVideoX setting)", PyramidAttentionBroadcastConfig(
@@ -446,7 +447,10 @@ def bench_peers(args, emit):
           "speedup": 1.0, "psnr_vs_full": None, "peak_gb": peak_gb(dev),
           "note": "MagCache's calibration hooks on (no skipping); its ratios come from this run",
           "mag_ratios": None if ratios is None else [round(r, 4) for r in ratios]})
-    for label, config in peer_configs(steps, box, ratios):
+    configs = peer_configs(steps, box, ratios)
+    if args.peers:  # those named, in the order named
+        configs = [(label, c) for p in args.peers for label, c in configs if label.startswith(p)]
+    for label, config in configs:
         if time.perf_counter() > args.deadline:
             emit({"what": "peer", "name": label, "skipped": "deadline"})
             continue
@@ -486,7 +490,8 @@ def merge(paths, out):
     for p in paths:
         with open(p) as f:
             d = json.load(f)
-        rows += d["rows"]
+        part = len(meta.get("parts", []))
+        rows += [{**r, "part": part} for r in d["rows"]]  # a part's rows compare with its own full run
         meta.setdefault("parts", []).append({k: v for k, v in d.items() if k != "rows"})
     with open(out, "w") as f:
         json.dump({**meta, "rows": rows}, f, indent=1)
@@ -500,6 +505,11 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="override the shape's step count")
     ap.add_argument("--fewer-steps", type=int, nargs="*", default=[10],
                     help="DDIM step counts run besides the presets' model-call counts")
+    ap.add_argument("--rows", choices=("all", "fewer"), default="all",
+                    help="ours: every accelerator row, or full compute and fewer steps only")
+    ap.add_argument("--equal-calls", type=int, nargs="*", default=[],
+                    help="DDIM step counts to run as well (model-call counts of presets measured elsewhere)")
+    ap.add_argument("--peers", nargs="*", default=[], help="peers: only the hooks whose label starts so")
     ap.add_argument("--peer-steps", type=int, nargs="*", default=[],
                     help="DDIM step counts run on the peer's network (ours has the same schedule)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="start no new row after this many seconds")
