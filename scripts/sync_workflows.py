@@ -47,11 +47,11 @@ NODE_DEFS = {
     "Turbo4DSaveMultiView": ("Save MultiView", [("images", "IMAGE"), ("layout", "TURBO4D_LAYOUT")],
                              ["views", "fps", "filename_prefix", "scale"], []),
     "Turbo4DCache": ("Turbo4D Cache", [("model", "MODEL")],
-                     ["preset", "threshold", "max_age", "start_percent", "end_percent", "storage"],
+                     ["preset", "threshold", "max_age", "start_percent", "end_percent", "storage", "method"],
                      [("MODEL", "MODEL"), ("settings", "STRING")]),
     "Turbo4DSemanticPrune": ("Semantic Prune", [("model", "MODEL")],
                              ["preset", "keep_start", "keep_end", "saliency", "max_age", "start_percent",
-                              "end_percent", "storage"],
+                              "end_percent", "storage", "method", "threshold", "keep_min"],
                              [("MODEL", "MODEL"), ("settings", "STRING")]),
     "Turbo4DChainBypass": ("Chain Bypass", [("model", "MODEL")],
                            ["preset", "threshold", "max_consecutive", "step_threshold", "step_max_skips", "kappa_prior",
@@ -96,6 +96,10 @@ WIDGET_DEFAULTS = {
     ("Turbo4DModelLoader", "variant"): "auto",
     ("Turbo4DSV4DSampler", "elevation_cfg"): "auto",
     ("Turbo4DSV4DSampler", "input_prep"): "reference",
+    ("Turbo4DCache", "method"): "block reuse",
+    ("Turbo4DSemanticPrune", "method"): "token reuse",
+    ("Turbo4DSemanticPrune", "threshold"): 0.25,
+    ("Turbo4DSemanticPrune", "keep_min"): 0.25,
 }
 
 
@@ -212,7 +216,7 @@ BOXES = {
     "Turbo4DModelLoader": (320, 110), "Turbo4DLoadInput": (320, 530), "Turbo4DSyntheticScene": (320, 270),
     "Turbo4DMultiViewSampler": (340, 880), "Turbo4DMultiViewConditioning": (320, 260),
     "Turbo4DLatentToImage": (280, 80), "Turbo4DSaveMultiView": (420, 480), "Turbo4DMultiViewPreview": (420, 420),
-    "Turbo4DChainBypass": (320, 300), "Turbo4DCache": (320, 230), "Turbo4DSemanticPrune": (320, 270),
+    "Turbo4DChainBypass": (320, 300), "Turbo4DCache": (320, 256), "Turbo4DSemanticPrune": (320, 344),
     "Turbo4DReport": (360, 440), "PreviewImage": (520, 520), "KSampler": (320, 520),
     "Turbo4DSV4DSampler": (360, 880), "CLIPVisionLoader": (320, 90), "VAELoader": (320, 90),
     "ImageOnlyCheckpointLoader": (360, 120), "ImageFromBatch": (300, 100), "VideoTriangleCFGGuidance": (300, 80),
@@ -318,15 +322,18 @@ def turbo4d_stock_ksampler() -> Graph:
     return g
 
 
-def _accelerators(col: Column, model, preset: str):
-    """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler."""
+def _accelerators(col: Column, model, preset: str, old_methods: bool = False):
+    """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler.
+    `old_methods`: the Cache and Prune nodes' sub-attention cache and sequence prune (block and token
+    reuse do not reach the SV4D UNets yet)."""
+    methods = ({"method": "sub-attention cache"}, {"method": "sequence prune"}) if old_methods else ({}, {})
     byp = col.add("Turbo4DChainBypass", model=model.out(0), preset=preset, threshold=0.08, max_consecutive=2,
                   step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2, end_percent=0.95,
                   storage="native", calibration_file="")
     cache = col.add("Turbo4DCache", model=byp.out(0), preset=preset, threshold=0.15, max_age=3, start_percent=0.15,
-                    end_percent=0.95, storage="native")
+                    end_percent=0.95, storage="native", **methods[0])
     return col.add("Turbo4DSemanticPrune", model=cache.out(0), preset=preset, keep_start=0.5, keep_end=0.3,
-                   saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95, storage="native")
+                   saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95, storage="native", **methods[1])
 
 
 def turbo4d_accelerated() -> Graph:
@@ -395,7 +402,7 @@ def sv4d2_video_to_4d() -> Graph:
     vae = left.add("VAELoader", vae_name="vae-ft-mse-840000-ema-pruned.safetensors")
     inp = _sv4d_input(left)
     accs = left.right()
-    fast = _accelerators(accs, model, "balanced")
+    fast = _accelerators(accs, model, "balanced", old_methods=True)
     mid = accs.right()
     smp = mid.add("Turbo4DSV4DSampler", model=fast.out(0), clip_vision=clip.out(0), vae=vae.out(0), video=inp.out(1),
                   frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=0.0, seed=23, steps=50, cfg=2.0, min_cfg=1.0,
@@ -425,7 +432,7 @@ def sv4d_video_to_4d() -> Graph:
                   seed=23, steps=20, cfg=2.5, sampler_name="euler", scheduler="karras", denoise=1.0)
     views = col2.add("VAEDecode", samples=ks.out(0), vae=sv3d.out(2))
     accs = col2.right()
-    fast = _accelerators(accs, model, "balanced")
+    fast = _accelerators(accs, model, "balanced", old_methods=True)
     mid = accs.right()
     smp = mid.add("Turbo4DSV4DSampler", model=fast.out(0), clip_vision=sv3d.out(1), vae=sv3d.out(2), video=inp.out(1),
                   first_frame_views=views.out(0), frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=10.0, seed=23,

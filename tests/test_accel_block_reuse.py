@@ -96,6 +96,7 @@ def test_memory_bound_is_never_exceeded(deep):
         assert max(seen) <= mb * 2**20, (mb, max(seen))
         assert st.summary()["cache_memory_peak_mb"] <= mb
         assert st.summary()["cache_bound_mb"] == pytest.approx(mb, abs=1e-3)
+        assert 0 < st.summary()["bounded_cache_peak_mb"] <= mb or spans == 0
         if spans == 0:
             assert st.blocks_reused == 0
     # With the forecast a span holds two tensors: half as many fit; where not even one span fits
@@ -123,7 +124,7 @@ def test_default_bound_is_a_tenth_of_the_estimated_call_on_cpu(deep):
     assert st.summary()["cache_memory_peak_mb"] <= st.summary()["cache_bound_mb"]
 
 
-def _drive(cfg, calls, residual, skip=()):
+def _drive(cfg, calls, residual, skip=(), stream=True):
     """Runs blocks 0..3 through the dispatch directly: block b adds residual(call, b); the output
     says which call's residuals were used. Calls in `skip` are skipped whole (as the step skip
     records them: a dispatch and its end, no model call)."""
@@ -143,7 +144,8 @@ def _drive(cfg, calls, residual, skip=()):
         h, seen = x, []
         run.model_call(d, x, lambda: None)
         for b in range(4):
-            h = d.chain(b, h, lambda t, b=b, call=call: (seen.append(b), t + residual(call, b, sig[call]))[1])
+            h = d.chain(b, h, lambda t, b=b, call=call: (seen.append(b), t + residual(call, b, sig[call]))[1],
+                          stream=stream)
         run.end_call(d)
         outs.append(h)
         ran.append(seen)
@@ -308,10 +310,55 @@ def test_a_span_whose_last_block_is_skipped_is_dropped_not_reused():
         for b in range(4):
             if call == 0 and b == 3:
                 continue  # the span (1..3) opened at block 1, its last block never reached
-            h = d.chain(b, h, lambda t: t + 1.0)
+            h = d.chain(b, h, lambda t: t + 1.0, stream=True)
         run.end_call(d)
         if call == 0:
             assert not acc.streams["default"].entries  # dropped
         else:
             assert torch.all(h == 4.0)  # run or reused, always the real four blocks' sum
     run.end()
+
+
+def test_cache_and_prune_nodes_default_to_the_per_call_levels_with_the_old_methods_a_choice():
+    from turbo_core.accel.cache import RollingCacheConfig
+    from turbo_core.accel.mechanisms import node_configs
+    from turbo_core.accel.prune import TokenPrunerConfig
+    from turbo_core.accel.token_reuse import TokenReuseConfig
+
+    assert node_configs("Turbo4DCache", "balanced") == {"block_reuse": BlockReuseConfig(threshold=0.25), "cache": None}
+    old = node_configs("Turbo4DCache", "fast", storage="fp16", method="sub-attention cache")
+    assert old["block_reuse"] is None and old["cache"].storage == "fp16" and isinstance(old["cache"], RollingCacheConfig)
+    # Custom: the shared inputs (threshold, max_age, the window) go to the chosen method only; the
+    # other method's own inputs (storage) are left out of it.
+    custom = node_configs("Turbo4DCache", "custom", dict(threshold=0.3, max_age=4, start_percent=0.1,
+                                                         end_percent=0.9, storage="native"), "native")
+    assert custom == {"block_reuse": BlockReuseConfig(threshold=0.3, max_age=4, start_percent=0.1, end_percent=0.9),
+                      "cache": None}
+    prune = node_configs("Turbo4DSemanticPrune", "custom", dict(keep_start=0.5, keep_end=0.3, saliency=0.5,
+                                                                max_age=6, threshold=0.4, keep_min=0.5),
+                         method="sequence prune")
+    assert prune["token_reuse"] is None
+    assert prune["prune"] == TokenPrunerConfig(keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6)
+    assert node_configs("Turbo4DSemanticPrune", "quality")["token_reuse"] == TokenReuseConfig(threshold=0.15)
+    assert node_configs("Turbo4DCache", "quality")["block_reuse"] == BlockReuseConfig(threshold=0.25)
+    with pytest.raises(ValueError, match="unknown method"):
+        node_configs("Turbo4DCache", "balanced", method="nonsense")
+    with pytest.raises(ValueError, match="unknown settings"):
+        node_configs("Turbo4DCache", "custom", dict(treshold=0.3))
+
+
+def test_blocks_that_hand_no_stream_are_left_alone_and_the_run_says_so():
+    # A UNet's attention layers go through dispatch.chain with res-blocks between them (SV4D):
+    # a span residual across them would be wrong, so block reuse runs every block and notes why.
+    cfg = BlockReuseConfig(threshold=1.0, max_age=4, spans=3, forecast=0, drift_prior=1e-6, max_cache_mb=BIG,
+                           weigh_output=False)
+    outs, ran = _drive(cfg, 6, lambda call, b, sigma: float(call), stream=False)
+    assert all(seen == [0, 1, 2, 3] for seen in ran)
+    assert all(torch.all(h == 4 * call) for call, h in enumerate(outs))
+    lay = SCMLayout(1, 2, 2, 2, 2)
+    run = build_run([("block_reuse", cfg)])
+    run.begin()
+    d = run.dispatch(lay, 1.0, [1.0, 0.0], dtype=torch.float32, device="cpu", blocks=4)
+    d.chain(0, torch.zeros(lay.images, lay.tokens, 4), lambda t: t)
+    run.end_call(d)
+    assert any("choose method 'sub-attention cache'" in n for n in run.end().notes)

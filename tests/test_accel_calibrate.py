@@ -85,7 +85,7 @@ def test_presets_build_runs():
     for name in PRESET_NAMES:
         specs = turbo4d_specs(name)
         assert (len(specs) == 0) == (name == "off")
-        assert name == "off" or {"step", "cache"} <= {n for n, _ in specs}
+        assert name == "off" or {"step", "block_reuse"} <= {n for n, _ in specs}
         build_run(specs)
         for mech in names():
             s = apply_preset([(mech, None)], mech, name)

@@ -4,13 +4,22 @@ import pytest
 import torch
 
 from accel_fixtures import net, sample  # noqa: F401  (fixture)
+from turbo_core.accel.block_reuse import BlockReuseConfig
+from turbo_core.accel.cache import RollingCacheConfig
 from turbo_core.accel.presets import turbo4d_specs
+from turbo_core.accel.prune import TokenPrunerConfig
 from turbo_core.accel.storage import TensorStore
 from turbo_core.memory import CacheBudget, cache_budget
 
 
+# The stores the budget places: the sub-attention cache and the sequence pruner with the step skip
+# (the Turbo4D fast preset before block reuse replaced them there).
+STORED = turbo4d_specs("fast")[:1] + [("cache", RollingCacheConfig(threshold=0.3, max_age=5)),
+                                      ("prune", TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1))]
+
+
 def test_budget_places_the_cache_and_keeps_the_result(net):
-    specs = turbo4d_specs("fast")
+    specs = STORED
     ref, st_ref = sample(net, specs)
     roomy = CacheBudget(gpu_bytes=1 << 40)
     with cache_budget(roomy):
@@ -44,3 +53,17 @@ def test_budget_half_precision_and_explicit_cpu_mode():
     assert TensorStore("native").put(t).dtype == torch.float32
     with pytest.raises(ValueError, match="half must be"):
         CacheBudget(1, half=torch.float32)
+
+
+def test_per_call_caches_reserve_their_bound_in_the_budget_and_give_it_back(net):
+    # The Turbo4D Memory node's bound caps block reuse's own (a tenth of the call) and is shared:
+    # what block reuse sets aside is not left to the other caches, and comes back at the run's end.
+    specs = [("block_reuse", BlockReuseConfig(threshold=0.5))]
+    _, st_free = sample(net, specs)
+    free = st_free.summary()["cache_bound_mb"] * 2**20
+    budget = CacheBudget(gpu_bytes=int(free // 2))
+    with cache_budget(budget):
+        _, st = sample(net, specs)
+    assert st.cache_bound_bytes <= budget.gpu_bytes and budget.peak["gpu"] == st.cache_bound_bytes
+    assert st.bounded_cache_peak <= st.cache_bound_bytes
+    assert budget.live == {"gpu": 0, "cpu": 0}

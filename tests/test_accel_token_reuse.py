@@ -48,7 +48,7 @@ def test_block_at_a_subset_of_positions_equals_the_full_block_there(deep):
     captured = {}
 
     class Probe(FullCompute):
-        def chain(self, block, h, chain, tokens=None):
+        def chain(self, block, h, chain, tokens=None, stream=False):
             captured["tokens"] = tokens
             return chain(h)
 

@@ -38,15 +38,22 @@ NODE_IDS = ("Turbo4DCache", "Turbo4DSemanticPrune", "Turbo4DChainBypass")
 # Inputs of a node left at their defaults (custom values below replace some of them).
 CACHE = dict(threshold=0.15, max_age=3, start_percent=0.15, end_percent=0.95, storage="native")
 PRUNE = dict(keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95,
-             storage="native")
+             storage="native", threshold=0.25, keep_min=0.25)
 BYPASS = dict(threshold=0.08, max_consecutive=2, step_threshold=0.0, step_max_skips=3, kappa_prior=0.0,
               start_percent=0.2, end_percent=0.95, storage="native")
 DEFAULTS = {"Turbo4DCache": CACHE, "Turbo4DSemanticPrune": PRUNE, "Turbo4DChainBypass": BYPASS}
 
+# The methods the Cache and Semantic Prune nodes had before the per-call levels became their
+# defaults (issue 15): recorded beside the defaults, and equal to the records made before.
+OLD_METHODS = {"Turbo4DCache": "sub-attention cache", "Turbo4DSemanticPrune": "sequence prune"}
+
 # (case, cfg, [(node, preset, custom inputs)]) through ComfyUI.
 NODE_CASES = [(f"{n}/{p}", 1.0, [(n, p, {})]) for n in NODE_IDS for p in PRESETS]
+NODE_CASES += [(f"{n}[{m}]/{p}", 1.0, [(n, p, {"method": m})]) for n, m in OLD_METHODS.items() for p in PRESETS]
 NODE_CASES += [(f"chained/{p}", 1.0, [(n, p, {}) for n in NODE_IDS]) for p in ("balanced", "fast")]
 NODE_CASES += [("chained/fast/cfg2", 2.0, [(n, "fast", {}) for n in NODE_IDS])]
+NODE_CASES += [(f"chained[old methods]/{p}", 1.0, [(n, p, {"method": OLD_METHODS[n]} if n in OLD_METHODS else {})
+                                                  for n in NODE_IDS]) for p in ("balanced", "fast")]
 # The whole-step skip and the per-block bypass alone, at custom settings the presets do not reach
 # (the cache's and the pruner's presets are each of them alone already).
 NODE_CASES += [
@@ -58,7 +65,11 @@ NODE_CASES += [
 ]
 # Custom settings whose effect the node's settings line shows in full (no sampling needed).
 CUSTOM = [("Turbo4DCache", dict(threshold=0.4, max_age=2, start_percent=0.1, storage="fp16")),
+          ("Turbo4DCache", dict(threshold=0.4, max_age=2, start_percent=0.1, storage="fp16",
+                                method="sub-attention cache")),
           ("Turbo4DSemanticPrune", dict(keep_start=0.4, keep_end=0.2, saliency=1.0, max_age=3, start_percent=0.1)),
+          ("Turbo4DSemanticPrune", dict(keep_start=0.4, keep_end=0.2, saliency=1.0, max_age=3, start_percent=0.1,
+                                        threshold=0.3, keep_min=0.5, method="sequence prune")),
           ("Turbo4DChainBypass", dict(threshold=0.3, step_threshold=0.05, step_max_skips=4, kappa_prior=0.2,
                                       end_percent=0.9, storage="cpu"))]
 SCRIPT_CASES = ("off",) + PRESETS

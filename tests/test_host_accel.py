@@ -137,7 +137,7 @@ def test_default_methods_run_the_per_call_levels_within_the_memory_nodes_bound(c
     blocks, tokens, bounded = (texts(entry, n)[0] for n in ("31", "32", "33"))
     reused = re.search(r"(\d+)/(\d+) blocks reused \((\d+) spans? reused, (\d+) run\)", blocks)
     assert reused and int(reused.group(1)) > 0, blocks
-    cache, bound = map(float, re.search(r"cache ([\d.]+) MB of ([\d.]+) MB bound", blocks).groups())
+    cache, bound = map(float, re.search(r"block/token reuse ([\d.]+) MB of ([\d.]+) MB bound", blocks).groups())
     assert 0 < cache <= bound, blocks
     assert compute_percent(blocks) < 90.0, blocks
     computed = re.search(r"tokens computed (\d+)/(\d+)", tokens)
@@ -148,5 +148,5 @@ def test_default_methods_run_the_per_call_levels_within_the_memory_nodes_bound(c
         assert float(re.search(r"PSNR vs reference ([\d.]+) dB", vs_full).group(1)) >= 25.0, vs_full
     # The Memory node's bound applies: nothing fits, nothing is reused, and the line shows the bound.
     assert "blocks reused" not in bounded and compute_percent(bounded) == 100.0, bounded
-    cache, bound = map(float, re.search(r"cache ([\d.]+) MB of ([\d.]+) MB bound", bounded).groups())
+    cache, bound = map(float, re.search(r"block/token reuse ([\d.]+) MB of ([\d.]+) MB bound", bounded).groups())
     assert cache == 0.0 and bound <= 0.5, bounded

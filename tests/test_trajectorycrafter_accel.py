@@ -29,6 +29,9 @@ class Rows:
         self.rows = defaultdict(int)
         self.handles = []
         for blk in net.transformer_blocks:
+            # forward is the whole block; the token form (forward_tokens) does not pass here
+            self.handles.append(blk.register_forward_hook(
+                lambda m, a, out: self.rows.__setitem__("whole", self.rows["whole"] + 1)))
             for key, mod in (("queries", blk.attn1.to_q), ("mlp", blk.ff.net[0].proj)):
                 self.handles.append(mod.register_forward_hook(
                     lambda m, a, out, key=key: self.rows.__setitem__(key, self.rows[key] + out.numel() // out.shape[-1])))
@@ -105,6 +108,7 @@ def test_block_reuse_skips_whole_dit_blocks_of_the_joint_stream(setup):
         rows.close()
     assert calls == STEPS and s["blocks_reused"] > 0 and s["spans_reused"] > 0
     ran = calls * net.depth - s["blocks_reused"]
+    assert rows.rows["whole"] == ran
     assert rows.rows["queries"] == rows.rows["mlp"] == ran * 2 * tokens  # batch 2: both CFG halves
     assert s["sequences_computed"]["joint"] == 2 * ran
     assert s["compute_fraction"] < 0.9
@@ -124,8 +128,8 @@ def test_token_reuse_computes_part_of_the_joint_tokens(setup):
                                         stats_out=stats)
     finally:
         rows.close()
-    st = stats["stats"]
     assert 0 < s["tokens_computed"] < s["tokens_offered"]
-    assert rows.rows["mlp"] == st.chains_ran * 2 * tokens + s["tokens_computed"]
+    assert rows.rows["mlp"] == rows.rows["whole"] * 2 * tokens + s["tokens_computed"]
+    assert stats["stats"].chains_ran == calls * net.depth  # every block ran, whole or on its kept tokens
     assert rows.rows["mlp"] < calls * net.depth * 2 * tokens
     assert 30 < latent_psnr(x, full) < float("inf")

@@ -36,12 +36,13 @@ Tokens = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 class _Next:
     """The rest of a block's chain as an accelerator sees it: call it with the block input; where
-    the block can compute part of its tokens, `tokens(x, pos)` does that (else None)."""
+    the block can compute part of its tokens, `tokens(x, pos)` does that (else None); `stream`:
+    the model's blocks feed each other this stream directly (see SCMDispatch.chain)."""
 
-    __slots__ = ("fn", "tokens")
+    __slots__ = ("fn", "tokens", "stream")
 
-    def __init__(self, fn: Chain, tokens: Optional[Tokens]):
-        self.fn, self.tokens = fn, tokens
+    def __init__(self, fn: Chain, tokens: Optional[Tokens], stream: bool = False):
+        self.fn, self.tokens, self.stream = fn, tokens, stream
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.fn(h)
@@ -191,11 +192,17 @@ class SCMDispatch:
         SDPA, else this dispatch's backend with the transposes."""
         return grid_attention(view, self.attention, kernel=self.attention in _KERNEL_OK)
 
-    def chain(self, block: int, x: torch.Tensor, chain: Chain, tokens: Optional[Tokens] = None) -> torch.Tensor:
+    def chain(self, block: int, x: torch.Tensor, chain: Chain, tokens: Optional[Tokens] = None,
+              stream: bool = False) -> torch.Tensor:
         """A block's whole chain through the accelerators' `chain` hooks. `tokens(x, pos)` (optional)
         computes the same block's output at token positions `pos` only ((batch, k) positions of
         the image grid, the same in every image of a batch item), reading the whole input x for
-        what mixes tokens (spatial keys and values); an accelerator reaches it as `nxt.tokens`."""
+        what mixes tokens (spatial keys and values); an accelerator reaches it as `nxt.tokens`.
+        `stream=True`: x is the model's residual stream, blocks 0..depth-1 in order, each block's
+        output the next one's input with nothing between them, one shape throughout: what the
+        per-call levels need to reuse a span of blocks as one residual (block_reuse.py). A model
+        whose blocks sit between other layers (a UNet's attention between its res-blocks) leaves
+        it False, and those levels leave its blocks alone."""
         counted = None if tokens is None else self._counted_tokens(block, tokens)
 
         def run_from(i: int, h: torch.Tensor):
@@ -203,7 +210,7 @@ class SCMDispatch:
                 if self.stats is not None:
                     self.stats.chain_ran(block, h.shape[0])
                 return chain(h)
-            return self.accelerators[i].chain(self, block, h, _Next(lambda h2: run_from(i + 1, h2), counted))
+            return self.accelerators[i].chain(self, block, h, _Next(lambda h2: run_from(i + 1, h2), counted, stream))
 
         return run_from(0, x)
 

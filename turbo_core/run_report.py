@@ -291,7 +291,8 @@ def draw_summary(summary: dict, quality: Optional[dict] = None, width: int = 720
     bound = s.get("cache_bound_mb")
     lines.append(f"cache hits {s.get('cache_hits', 0)} (misses {s.get('cache_misses', 0)}), cache memory "
                  f"{s.get('cache_memory_peak_mb', 0):.2f} MB"
-                 + ("" if bound is None else f" of {bound:.2f} MB bound") + ", peak memory "
+                 + ("" if bound is None else f" (block/token reuse {s.get('bounded_cache_peak_mb', 0):.2f} MB of "
+                                             f"{bound:.2f} MB bound)") + ", peak memory "
                  + ("n/a (not a CUDA run)" if mem is None else f"{mem:.0f} MB"))
     if quality:
         q = quality

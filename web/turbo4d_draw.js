@@ -85,7 +85,8 @@ export function figuresOf(summary, quality, wall) {
     f["tokens computed"] = `${s.tokens_computed ?? 0}/${s.tokens_offered}` + pct(s.tokens_computed, s.tokens_offered);
   }
   f["cache memory"] = `${(s.cache_memory_peak_mb ?? 0).toFixed(2)} MB` +
-    (s.cache_bound_mb != null ? ` of ${s.cache_bound_mb.toFixed(2)} MB bound` : "");
+    (s.cache_bound_mb != null
+      ? ` (block/token reuse ${(s.bounded_cache_peak_mb ?? 0).toFixed(2)} MB of ${s.cache_bound_mb.toFixed(2)} MB bound)` : "");
   if (s.notes?.length) f["note"] = s.notes.join("; ");  // e.g. the input resized to the model's size
   if (quality) {
     if (quality.psnr !== undefined) f["PSNR vs full"] = quality.psnr == null ? "exact" : `${quality.psnr.toFixed(2)} dB`;

@@ -50,6 +50,7 @@ class CallBound:
         self.allocated_before: Optional[int] = None
         self.bytes: Optional[int] = None
         self.measured = False  # True: from the allocator's peak; False: from the estimate
+        self.reserved = None   # (CacheBudget, bytes) set aside in the Turbo4D Memory node's budget
 
     def begin(self, x: torch.Tensor) -> None:
         """At the start of the run's first call (before any block)."""
@@ -74,4 +75,12 @@ class CallBound:
             budget = active_budget()
             if budget is not None:  # the Turbo4D Memory node's bound, shared by every cache of the run
                 self.bytes = budget.reserve(self.bytes)
+                self.reserved = (budget, self.bytes)
         return self.bytes
+
+    def release(self) -> None:
+        """Gives the reserved bytes back to the budget (the run ended, or the stream was reset)."""
+        if self.reserved is not None:
+            budget, n = self.reserved
+            budget.live["gpu"] -= n
+            self.reserved = None

@@ -156,7 +156,8 @@ class Turbo4DRun:
         for a in self.per_call:
             a.end_call(dispatch)
         if self.stats is not None:
-            self.stats.cache_memory(sum(a.cache_bytes() for a in self.accelerators))
+            self.stats.cache_memory(sum(a.cache_bytes() for a in self.accelerators),
+                                    sum(a.cache_bytes() for a in self.accelerators if getattr(a, "bounded", False)))
             for listener in self.listeners:
                 listener(self.stats, self.stats.timeline[-1])
 

@@ -82,13 +82,15 @@ class RunStats:
     cache_bytes_peak: int = 0
     # The per-call levels (block_reuse.py, token_reuse.py): image tokens whose blocks ran on the
     # token-level path, of how many; blocks answered by a reused span residual, spans of blocks
-    # reused and run; the largest cache bound a mechanism of the run held itself to (bytes).
+    # reused and run; the bound those caches hold to (bytes, summed over mechanisms and streams)
+    # and the most they held at once.
     tokens_computed: int = 0
     tokens_offered: int = 0
     blocks_reused: int = 0
     spans_reused: int = 0
     spans_run: int = 0
     cache_bound_bytes: Optional[int] = None
+    bounded_cache_peak: int = 0
     # per model call: {"step", "sigma", "stream", "cells": {block: state}, "signal": {...}}
     timeline: list = field(default_factory=list)
     flops_full: float = 0.0
@@ -162,8 +164,9 @@ class RunStats:
         self.spans_run += 1
 
     def cache_bound(self, nbytes: int) -> None:
-        """The bound a mechanism holds its cache to (the largest of the run's)."""
-        self.cache_bound_bytes = max(self.cache_bound_bytes or 0, int(nbytes))
+        """The bound a mechanism holds its cache of one stream to, fixed once per run and stream:
+        the run's bound is their sum."""
+        self.cache_bound_bytes = (self.cache_bound_bytes or 0) + int(nbytes)
 
     def chain_bypassed(self, block: int) -> None:
         self.chains_bypassed += 1
@@ -191,6 +194,7 @@ class RunStats:
         their sequences, spatial attention that share of its queries, the MLP that share of its
         tokens; the rest came from a cache (counted as reused, source "tokens")."""
         share = kept / layout.tokens
+        self.chains_ran += 1  # the block's chain ran, on part of its tokens
         for axis in layout.axes:
             known = self._call_work.get((block, axis))
             if known is None:  # an axis this block does not have (TrajectoryCrafter's perceiver: every 2nd block)
@@ -244,8 +248,11 @@ class RunStats:
             self.timeline[-1]["signal"].setdefault(name, []).append(
                 (float(value), None if threshold is None else float(threshold)))
 
-    def cache_memory(self, nbytes: int) -> None:
+    def cache_memory(self, nbytes: int, bounded: int = 0) -> None:
+        """The accelerators' cached bytes after a call; `bounded`: those of the mechanisms that
+        hold their cache to a bound (cache_bound)."""
         self.cache_bytes_peak = max(self.cache_bytes_peak, int(nbytes))
+        self.bounded_cache_peak = max(self.bounded_cache_peak, int(bounded))
 
     # --- reading ----------------------------------------------------------------------------
     def finish(self, peak_memory_bytes: Optional[int] = None) -> "RunStats":
@@ -288,8 +295,9 @@ class RunStats:
             out.notes += [n for n in s.notes if n not in out.notes]
             out.timeline.extend(s.timeline)
             out.cache_bytes_peak = max(out.cache_bytes_peak, s.cache_bytes_peak)
-            if s.cache_bound_bytes is not None:
-                out.cache_bound(s.cache_bound_bytes)
+            if s.cache_bound_bytes is not None:  # passes run one after another: the largest
+                out.cache_bound_bytes = max(out.cache_bound_bytes or 0, s.cache_bound_bytes)
+            out.bounded_cache_peak = max(out.bounded_cache_peak, s.bounded_cache_peak)
             if s.peak_memory_bytes is not None:
                 out.peak_memory_bytes = max(out.peak_memory_bytes or 0, s.peak_memory_bytes)
             if s.memory is not None:
@@ -308,7 +316,8 @@ class RunStats:
 
     def summary(self) -> dict:
         tot = sum(self.sequences_total[a] for a in ("camera", "motion"))
-        skipped = tot - sum(self.sequences_computed[a] for a in ("camera", "motion"))
+        # (token reuse counts whole sequences' worth of a partial run: round to a count)
+        skipped = round(tot - sum(self.sequences_computed[a] for a in ("camera", "motion")))
         chains = self.chains_ran + self.chains_bypassed + self.blocks_reused
         whole = sum(1 for t in self.timeline if self.blocks and len(t["cells"]) == self.blocks
                     and all(c == BYPASSED for c in t["cells"].values()))
@@ -332,6 +341,7 @@ class RunStats:
             "spans_reused": self.spans_reused,
             "spans_run": self.spans_run,
             "cache_bound_mb": None if self.cache_bound_bytes is None else round(self.cache_bound_bytes / 2**20, 3),
+            "bounded_cache_peak_mb": round(self.bounded_cache_peak / 2**20, 3),
             "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses,
             "cache_memory_peak_mb": round(self.cache_bytes_peak / 2**20, 3),
@@ -365,7 +375,8 @@ class RunStats:
                    f"({count(s['spans_reused'], 'span')} reused, {s['spans_run']} run), " if s["blocks_reused"] else "")
                 + (f"tokens computed {s['tokens_computed']}/{s['tokens_offered']}, " if s["tokens_offered"] else "")
                 + f"cache {s['cache_memory_peak_mb']:.1f} MB"
-                + ("" if s["cache_bound_mb"] is None else f" of {s['cache_bound_mb']:.1f} MB bound")
+                + ("" if s["cache_bound_mb"] is None
+                   else f" (block/token reuse {s['bounded_cache_peak_mb']:.1f} MB of {s['cache_bound_mb']:.1f} MB bound)")
                 + f", compute {s['compute_fraction'] * 100:.1f}% of full ({sp if sp is None else f'{sp:.2f}'}x), "
                 f"{s['seconds']:.2f}s")
         if any(self.calls_aside.values()):  # where they had nothing valid to reuse

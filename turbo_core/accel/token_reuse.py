@@ -46,6 +46,7 @@ from .config import MechanismConfig
 from .spans import output_weight, plan_spans, position
 
 NAME = "token_reuse"
+NO_STREAM = ("token reuse (Semantic Prune's default method) found no block stream in this model and reused nothing: choose method 'sequence prune'")
 _FORCED = 1e6  # added to the score of a position past max_age: always in the top k
 
 
@@ -130,6 +131,7 @@ class TokenReuseState:
         self.last_ran = None
 
     def reset(self) -> None:
+        self.bound.release()
         self.__init__()
 
     def drop_cached(self) -> None:
@@ -142,6 +144,7 @@ class TokenReuseState:
 
 class TokenReuse(Accelerator):
     name = NAME
+    bounded = True  # its cache within the bound of bound.py (RunStats.cache_bound)
     state_class = TokenReuseState
 
     def __init__(self, config: Optional[TokenReuseConfig] = None):
@@ -221,6 +224,10 @@ class TokenReuse(Accelerator):
     def chain(self, dispatch, block, x, nxt):
         step = dispatch.step
         if step is None:
+            return nxt(x)
+        if not getattr(nxt, "stream", False):  # not a stream of blocks (e.g. a UNet's attention layers)
+            if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
+                dispatch.stats.notes.append(NO_STREAM)
             return nxt(x)
         st = self.state(dispatch)
         if st.spans is None and not self._settle(dispatch, st, block, x):
@@ -368,7 +375,8 @@ class TokenReuse(Accelerator):
 
 
 
-# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels"): balanced is the default, fast t0.4.
+# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels"): balanced (the default) and fast;
+# quality, reusing less, was not measured there.
 PRESETS = {
     "off": None,
     "quality": TokenReuseConfig(threshold=0.15),

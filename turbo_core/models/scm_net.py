@@ -162,7 +162,7 @@ class SCMBlock(nn.Module):
         def tokens(x, pos):
             return self.forward_tokens(x, pos, temb, cam, frm, layout, d)
 
-        return d.chain(i, x, chain, tokens)
+        return d.chain(i, x, chain, tokens, stream=True)  # blocks feed each other the stream
 
     def forward_tokens(self, x, pos, temb, cam, frm, layout: SCMLayout, d: SCMDispatch) -> torch.Tensor:
         """The block's output at token positions pos ((batch, k), the same in every image of a

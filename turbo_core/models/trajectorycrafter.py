@@ -593,7 +593,8 @@ class TrajectoryCrafterTransformer(nn.Module):
                     return self.perceiver_cross_attention[j](s, k, v, d.attention)
             h = d.chain(i, h, lambda z, blk=blk, i=i, perceiver=perceiver: blk(z, n_text, temb, rope, d, i, perceiver),
                         lambda z, pos, blk=blk, perceiver=perceiver:
-                        blk.forward_tokens(z, pos, n_text, temb, rope, d, perceiver))
+                        blk.forward_tokens(z, pos, n_text, temb, rope, d, perceiver),
+                        stream=True)  # the joint stream goes block to block, nothing between
         out = self.proj_out(self.norm_out(self.norm_final(h[:, n_text:]), temb))
         out = out.view(b, f, gh, gw, c.out_channels, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, f, c.out_channels, hh, ww)
