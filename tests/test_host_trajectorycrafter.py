@@ -202,6 +202,26 @@ def test_chain_bypass_whole_steps_are_longer_ddim_steps(pack):
     assert "whole steps" in line and "kappa_measured" in line
 
 
+def test_cache_and_prune_nodes_reuse_dit_blocks_and_joint_tokens(pack):
+    """Turbo4D Cache (block reuse, its default method) and Semantic Prune (token reuse, its default)
+    on the TrajectoryCrafter MODEL through ComfyUI's sampling: spans of whole DiT blocks reused, or
+    part of the joint text + video tokens computed, as the run's stats count it, with the result
+    near full compute but not equal to it."""
+    acc = pack("accelerators")
+    model = tiny_model(pack)
+    full = sample(pack, model, 10)[0]["samples"]
+    cached = acc.Turbo4DCache.execute(model=model, preset="fast", storage="native").result[0]
+    out, line, stats = sample(pack, cached, 10)
+    s = stats.summary()
+    assert s["blocks_reused"] > 0 and s["spans_reused"] > 0 and s["model_calls_run"] == 10, line
+    assert 1e-6 < rel(out["samples"], full) < 0.1
+    pruned = acc.SemanticPrune.execute(model=model, preset="fast", storage="native").result[0]
+    out, line, stats = sample(pack, pruned, 10)
+    s = stats.summary()
+    assert 0 < s["tokens_computed"] < s["tokens_offered"], line
+    assert 1e-6 < rel(out["samples"], full) < 0.1
+
+
 def test_reference_keys_values_once_per_run(pack):
     """The perceiver's keys/values: computed at the run's first call and read by every later call
     and both CFG halves (batched into one call), for a 4-step run."""

@@ -204,6 +204,24 @@ class JointLayout:
         """Latent frames over the batch (what a bypassed block leaves untouched, for the stats)."""
         return self.batch * self.frames
 
+    @property
+    def tokens(self) -> int:
+        """Token positions of one sequence (text + video), what token-level reuse selects from."""
+        return self.text + self.video_tokens
+
+    @property
+    def token_images(self) -> int:
+        """Sequences that hold the token positions: one per batch item (RunStats.tokens_ran)."""
+        return self.batch
+
+    def token_rows(self, pos: torch.Tensor) -> torch.Tensor:
+        """Rows of the flattened joint tokens (batch * tokens, c) at positions `pos` (batch, k):
+        index_select with them gathers a (batch, k, c) tensor, index_copy_ scatters one back."""
+        if pos.dim() != 2 or pos.shape[0] != self.batch:
+            raise ValueError(f"token positions must be (batch={self.batch}, k), got {tuple(pos.shape)}")
+        base = torch.arange(self.batch, device=pos.device) * self.tokens
+        return (base[:, None] + pos).reshape(-1)
+
     def axis_shape(self, axis: str) -> tuple[int, int]:
         """(number of sequences, sequence length) of an axis; the perceiver's length is its queries'."""
         if axis == "joint":

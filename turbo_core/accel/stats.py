@@ -198,11 +198,12 @@ class RunStats:
         tokens; the rest came from a cache (counted as reused, source "tokens")."""
         share = kept / layout.tokens
         self.chains_ran += 1  # the block's chain ran, on part of its tokens
-        for axis in AXES:
-            n = layout.axis_shape(axis)[0]
-            done = n * share  # camera/motion: whole sequences; spatial: sequences' worth of queries
+        for axis in layout.axes:
             known = self._call_work.get((block, axis))
-            per_seq = known[1] if known is not None else self.cost.get(axis, 0.0)
+            if known is None:  # an axis this block does not have (TrajectoryCrafter's perceiver: every 2nd block)
+                continue
+            n, per_seq = known
+            done = n * share  # camera/motion: whole sequences; spatial, joint: sequences' worth of queries
             self.sequences_computed[axis] += done
             self.flops_done += done * per_seq
             cell = self.per_block[(block, axis)]
@@ -210,9 +211,11 @@ class RunStats:
             cell[2] += done * per_seq
             self.sequences_reused[axis] += n - done
             self.reused_by["tokens"][axis] += n - done
-        self.flops_done += layout.images * share * self.cost.get("mlp", 0.0)
-        self.tokens_computed += layout.images * kept
-        self.tokens_offered += layout.images * layout.tokens
+        # The token positions are per image (SCM) or per sequence (a joint layout's token_images).
+        images = getattr(layout, "token_images", layout.images)
+        self.flops_done += images * share * self.cost.get("mlp", 0.0)
+        self.tokens_computed += images * kept
+        self.tokens_offered += images * layout.tokens
         self._cell(block, PRUNED if kept < layout.tokens else RAN)
 
     def attention_retried(self, block: int, axis: str, computed: int) -> None:

@@ -283,6 +283,14 @@ class AdaNormZero(nn.Module):
                        n[:, text:] * (1 + scale)[:, None] + shift[:, None]], dim=1)
         return n, gate[:, None], t_gate[:, None]
 
+    def at(self, h: torch.Tensor, is_text: torch.Tensor, temb: torch.Tensor):
+        """`forward` for tokens picked from anywhere in the joint sequence: h (B, k, dim), is_text
+        (B, k, 1) whether each is a text token. -> (modulated tokens, the gate of each token)."""
+        shift, scale, gate, t_shift, t_scale, t_gate = (c[:, None] for c in self.linear(F.silu(temb)).chunk(6, dim=1))
+        n = self.norm(h)
+        return (n * (1 + torch.where(is_text, t_scale, scale)) + torch.where(is_text, t_shift, shift),
+                torch.where(is_text, t_gate, gate))
+
 
 class AdaNormOut(nn.Module):
     """`norm_out`: LayerNorm modulated by (shift, scale) from the time embedding, in that order."""
@@ -323,6 +331,25 @@ class JointAttention(nn.Module):
             k = torch.cat([k[:, :, :text], apply_rope(k[:, :, text:], *rope)], dim=2)
         o = attention(q, k, v)
         return self.to_out[0](o.transpose(1, 2).reshape(s, n, -1))
+
+    def forward_queries(self, x: torch.Tensor, pos: torch.Tensor, text: int, rope: Optional[tuple],
+                        attention) -> torch.Tensor:
+        """`forward` for the queries at positions pos (S, k) of x only, against the keys and values
+        of every token of x (S, text + video tokens, dim): no query of another token is computed.
+        -> (S, k, dim)."""
+        s, n, c = x.shape
+        kq = pos.shape[1]
+        xq = torch.gather(x, 1, pos[..., None].expand(-1, -1, c))
+        q = self.norm_q(self.to_q(xq).view(s, kq, self.heads, -1).transpose(1, 2))
+        k, v = (p(x).view(s, n, self.heads, -1).transpose(1, 2) for p in (self.to_k, self.to_v))
+        k = self.norm_k(k)
+        if rope is not None:
+            video = (pos >= text)[:, None, :, None]                          # (S, 1, k, 1)
+            row = (pos - text).clamp_min(0)
+            q = torch.where(video, apply_rope(q, rope[0][row][:, None], rope[1][row][:, None]), q)
+            k = torch.cat([k[:, :, :text], apply_rope(k[:, :, text:], *rope)], dim=2)
+        o = attention(q, k, v)
+        return self.to_out[0](o.transpose(1, 2).reshape(s, kq, -1))
 
 
 class GeluTanh(nn.Module):
@@ -422,6 +449,23 @@ class DiTBlock(nn.Module):
         if perceiver is not None:
             video = video + d.attend(index, "perceiver", video, lambda s, idx: perceiver(s, idx))
         return torch.cat([h[:, :text] + t_gate * f[:, :text], video], dim=1)
+
+    def forward_tokens(self, h: torch.Tensor, pos: torch.Tensor, text: int, temb: torch.Tensor, rope,
+                       d: SCMDispatch, perceiver=None) -> torch.Tensor:
+        """The block's output at joint-token positions pos ((B, k), text and video alike) as
+        (B, k, dim), for token-level reuse: the attention runs the kept tokens' queries against
+        the keys and values of every token of h, and everything per token (gates, feed-forward,
+        the perceiver's queries) on the kept tokens alone. Equal to forward(h) at those rows."""
+        c = h.shape[-1]
+        n_all, gate, t_gate = self.norm1(h, text, temb)              # every token: the keys and values
+        is_text = (pos < text)[..., None]
+        hk = torch.gather(h, 1, pos[..., None].expand(-1, -1, c))
+        hk = hk + torch.where(is_text, t_gate, gate) * self.attn1.forward_queries(n_all, pos, text, rope, d.attention)
+        n, gate = self.norm2.at(hk, is_text, temb)
+        out = hk + gate * self.ff(n)
+        if perceiver is not None:  # video tokens only; a kept text token's update is dropped
+            out = out + perceiver(out, None) * (~is_text).to(out.dtype)
+        return out
 
 
 class TrajectoryCrafterTransformer(nn.Module):
@@ -547,8 +591,10 @@ class TrajectoryCrafterTransformer(nn.Module):
                 def perceiver(s, idx, j=j):
                     k, v = reference.rows(j, idx, s.shape[0])
                     return self.perceiver_cross_attention[j](s, k, v, d.attention)
-            h = d.chain(i, h, lambda z, blk=blk, i=i, perceiver=perceiver:
-                        blk(z, n_text, temb, rope, d, i, perceiver))
+            h = d.chain(i, h, lambda z, blk=blk, i=i, perceiver=perceiver: blk(z, n_text, temb, rope, d, i, perceiver),
+                        lambda z, pos, blk=blk, perceiver=perceiver:
+                        blk.forward_tokens(z, pos, n_text, temb, rope, d, perceiver),
+                        stream=True)  # the joint stream goes block to block, nothing between
         out = self.proj_out(self.norm_out(self.norm_final(h[:, n_text:]), temb))
         out = out.view(b, f, gh, gw, c.out_channels, p, p).permute(0, 1, 4, 2, 5, 3, 6)
         return out.reshape(b, f, c.out_channels, hh, ww)
