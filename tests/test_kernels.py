@@ -267,3 +267,14 @@ def test_sv4d_grid_path_with_the_kernel_follows_the_sequence_path(monkeypatch):
         seq = net(**inp, dispatch=FullCompute(lay, grid=False))
     torch.testing.assert_close(grid, seq, atol=1e-4, rtol=1e-3)
     assert os.environ[sa.ENV] == "triton"
+
+
+@needs_kernel
+def test_sdpa_backend_with_fewer_queries_than_keys_reads_every_key():
+    # Token reuse's spatial attention: k kept queries (here 4, a length the kernel takes) against
+    # all keys of the image (64). The kernel's views would have cut the keys to the queries' length.
+    heads, d = 2, 16
+    k, v = (torch.randn(6, 64, heads, d, device=KERNEL_DEVICE).transpose(1, 2) for _ in range(2))
+    q = torch.randn(6, 4, heads, d, device=KERNEL_DEVICE).transpose(1, 2)
+    torch.testing.assert_close(sa.short_axis_sdpa(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                               atol=2e-5, rtol=1e-4)

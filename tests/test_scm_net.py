@@ -185,3 +185,18 @@ def test_backward_runs_and_reaches_every_parameter():
     net(x, c, cam, 3, 4).square().mean().backward()
     dead = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not dead, dead
+
+
+def test_token_stream_is_contiguous_through_the_blocks():
+    # The patch embedding's transpose once carried channel-first strides through every residual
+    # sum, so every LayerNorm and Linear of every block copied the stream first.
+    torch.manual_seed(0)
+    net = SCMNet(CONFIGS["tiny"]).eval()
+    seen = []
+    for blk in net.blocks:
+        blk.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+        blk.register_forward_hook(lambda m, args, out: seen.append(out.is_contiguous()))
+    x = torch.randn(6, net.cfg.in_channels, net.cfg.image_size, net.cfg.image_size)
+    with torch.no_grad():
+        net(x, torch.zeros(6), torch.zeros(6, 2), views=3, frames=2)
+    assert seen and all(seen)

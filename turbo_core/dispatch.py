@@ -38,6 +38,20 @@ from .schedule import StepInfo
 
 Compute = Callable[[torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 Chain = Callable[[torch.Tensor], torch.Tensor]
+Tokens = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class _Next:
+    """The rest of a block's chain as an accelerator sees it: call it with the block input; where
+    the block can compute part of its tokens, `tokens(x, pos)` does that (else None)."""
+
+    __slots__ = ("fn", "tokens")
+
+    def __init__(self, fn: Chain, tokens: Optional[Tokens]):
+        self.fn, self.tokens = fn, tokens
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h)
 
 
 @dataclass(frozen=True)
@@ -195,15 +209,31 @@ class SCMDispatch:
         SDPA, else this dispatch's backend with the transposes."""
         return grid_attention(view, self.attention, kernel=self.attention in _KERNEL_OK)
 
-    def chain(self, block: int, x: torch.Tensor, chain: Chain) -> torch.Tensor:
+    def chain(self, block: int, x: torch.Tensor, chain: Chain, tokens: Optional[Tokens] = None) -> torch.Tensor:
+        """A block's whole chain through the accelerators' `chain` hooks. `tokens(x, pos)` (optional)
+        computes the same block's output at token positions `pos` only ((batch, k) positions of
+        the image grid, the same in every image of a batch item), reading the whole input x for
+        what mixes tokens (spatial keys and values); an accelerator reaches it as `nxt.tokens`."""
+        counted = None if tokens is None else self._counted_tokens(block, tokens)
+
         def run_from(i: int, h: torch.Tensor):
             if i == len(self.accelerators):
                 if self.stats is not None:
                     self.stats.chain_ran(block, h.shape[0])
                 return chain(h)
-            return self.accelerators[i].chain(self, block, h, lambda h2: run_from(i + 1, h2))
+            return self.accelerators[i].chain(self, block, h, _Next(lambda h2: run_from(i + 1, h2), counted))
 
         return run_from(0, x)
+
+    def _counted_tokens(self, block: int, tokens: Tokens) -> Tokens:
+        if self.stats is None:
+            return tokens
+
+        def wrapped(x, pos):
+            self.stats.tokens_ran(block, self.layout, pos.shape[1])
+            return tokens(x, pos)
+
+        return wrapped
 
     def _uncount(self, block: int, axis: str, sequences: int) -> None:
         """Takes back the count of work that ran out of memory before it finished; it is counted

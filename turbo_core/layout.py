@@ -142,6 +142,18 @@ class SCMLayout:
             return torch.arange(n, device=device).repeat(b * v)
         raise ValueError(f"sequence_token_index is for the camera and motion axes, got {axis!r}")
 
+    def token_rows(self, pos: torch.Tensor) -> torch.Tensor:
+        """Rows of the flattened image-major tokens (images * tokens, c) that hold token positions
+        `pos` ((batch, k), the same positions in every image of a batch item), image by image:
+        index_select with them gathers an (images, k, c) tensor, index_copy_ scatters one back."""
+        if pos.dim() != 2 or pos.shape[0] != self.batch:
+            raise ValueError(f"token positions must be (batch={self.batch}, k), got {tuple(pos.shape)}")
+        per_item = self.frames * self.views
+        base = torch.arange(self.images, device=pos.device) * self.tokens            # (images,)
+        k = pos.shape[1]
+        per_image = pos[:, None, :].expand(self.batch, per_item, k).reshape(self.images, k)
+        return (base[:, None] + per_image).reshape(-1)
+
     # --- image order helpers ------------------------------------------------------------------
     def frame_index(self, device=None) -> torch.Tensor:
         """Frame of each stacked image."""

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
-from . import bypass, cache, prune, step_skip
+from . import block_reuse, bypass, cache, prune, step_skip, token_reuse
 
 # Where a mechanism acts, outermost first: the order in which a run composes them.
 LEVELS = ("step", "chain", "block", "token")
@@ -42,6 +42,19 @@ class Node:
     title: str
     description: str
     calibration_file: bool = False  # the node takes a calibration file of its mechanisms
+    # (label, mechanism) of mechanisms the node offers as alternatives, the default first: the node
+    # shows a "method" choice and sets only the chosen one (its other mechanisms are complements,
+    # always set together, like Chain Bypass's block bypass and step skip).
+    methods: tuple = ()
+
+    def method(self, label: Optional[str]) -> Optional[str]:
+        """The mechanism of a method label (None or "": the default); None for a node without methods."""
+        if not self.methods:
+            return None
+        for lab, name in self.methods:
+            if label in (None, "", lab):
+                return name
+        raise ValueError(f"{self.title}: unknown method {label!r}; pick one of {[lab for lab, _ in self.methods]}")
 
 
 @dataclass(frozen=True)
@@ -73,15 +86,21 @@ MECHANISMS = (
     Mechanism(
         "cache", "block", cache.RollingCacheConfig, cache.RollingCache, cache.PRESETS,
         Node("Turbo4DCache", "Turbo4D Cache",
-             "Rolling spatiotemporal cache: keeps each SCM sub-attention's output per block and reuses it while its "
-             "input barely changes, refreshing a rotating share of views/frames every step. It stands aside on "
-             "calls more than max_age steps after the previous one (after Chain Bypass skipped whole steps), "
-             "where nothing cached is still valid."),
+             "Reuses work across denoising steps. method 'block reuse' (default; what pays on a GPU): reuses the "
+             "residual of whole spans of blocks while it drifts slowly, a rotating share recomputed every call, the "
+             "cache held within a tenth of a call's working memory (or the Turbo4D Memory node's bound), no host "
+             "sync inside a call. method 'sub-attention cache': keeps each SCM sub-attention's output per block "
+             "and reuses it while its input barely changes, refreshing a rotating share of views/frames every "
+             "step (pays for large attention on a CPU). Both stand aside after steps Chain Bypass skipped whole, "
+             "where nothing cached is still valid.",
+             methods=(("block reuse", "block_reuse"), ("sub-attention cache", "cache"))),
         settings=(
-            Setting("threshold", 0.0, 2.0, "custom only: relative change of an attention's input at which its cached "
-                                           "output is recomputed. Higher = faster, less exact; 0 = never reuse.", 0.005),
-            Setting("max_age", 1, 50, "custom only: no cached view/frame is reused more than this many steps after "
-                                      "it was computed (the rolling refresh)."),
+            Setting("threshold", 0.0, 2.0, "custom only: block reuse: estimated relative error of a reused span "
+                                           "under which it is reused; sub-attention cache: relative change of an "
+                                           "attention's input at which its cached output is recomputed. Higher = "
+                                           "faster, less exact; 0 = never reuse.", 0.005),
+            Setting("max_age", 1, 50, "custom only: nothing cached (a span's residual, a view/frame) is reused more "
+                                      "than this many steps after it was computed (the rolling refresh)."),
         ),
         calibrate="threshold",
         plot=SignalPlot("cache: change of the attention input vs its cached one", (60, 150, 70))),
@@ -120,10 +139,13 @@ MECHANISMS = (
     Mechanism(
         "prune", "token", prune.TokenPrunerConfig, prune.TokenPruner, prune.PRESETS,
         Node("Turbo4DSemanticPrune", "Semantic Prune",
-             "Dynamic semantic-aware token pruning: each step scores the camera and motion attention sequences "
-             "(change since last computed + saliency) and computes only the top share, reusing the rest; the share "
-             "adapts over the steps. Like the cache, it stands aside on calls more than max_age steps after the "
-             "previous one."),
+             "Computes only the tokens that changed. method 'token reuse' (default): spans of blocks run on the "
+             "top-k changed token positions (their projections, attention and MLP), the rest from the span's "
+             "cached residual, the share set by the measured drift, the cache within a tenth of a call's working "
+             "memory (or the Turbo4D Memory node's bound). method 'sequence prune': each step scores the camera and "
+             "motion attention sequences (change since last computed + saliency) and computes only the top share, "
+             "reusing the rest. Both stand aside after steps Chain Bypass skipped whole.",
+             methods=(("token reuse", "token_reuse"), ("sequence prune", "prune"))),
         settings=(
             Setting("keep_start", 0.01, 1.0, "custom only: share of camera/motion sequences computed when pruning "
                                              "starts.", 0.01),
@@ -136,6 +158,24 @@ MECHANISMS = (
         ),
         calibrate="keep_end",
         plot=SignalPlot("prune: token change (no threshold; sets the keep ratio)", (210, 150, 20))),
+    # The per-call levels, as the default methods of the Cache and Semantic Prune nodes.
+    Mechanism(
+        "block_reuse", "block", block_reuse.BlockReuseConfig, block_reuse.BlockReuse, block_reuse.PRESETS,
+        "Turbo4DCache",  # its threshold and max_age are the node's own inputs
+        calibrate="threshold",
+        plot=SignalPlot("block reuse: measured drift of a span's residual", (40, 110, 200))),
+    Mechanism(
+        "token_reuse", "token", token_reuse.TokenReuseConfig, token_reuse.TokenReuse, token_reuse.PRESETS,
+        "Turbo4DSemanticPrune",
+        settings=(
+            Setting("threshold", 0.0, 2.0, "custom only, token reuse: estimated relative error at which a span "
+                                           "computes every token position. Higher = faster, less exact; 0 = never "
+                                           "reuse.", 0.005),
+            Setting("keep_min", 0.01, 1.0, "custom only, token reuse: share of the token positions a span computes "
+                                           "at least.", 0.01),
+        ),
+        calibrate="threshold",
+        plot=SignalPlot("token reuse: measured drift of a span's residual", (150, 60, 190))),
 )
 
 PRESET_NAMES = ("off", "quality", "balanced", "fast")
@@ -178,19 +218,34 @@ def split_settings(mechanisms: Sequence[Mechanism], values: dict) -> dict:
 
 
 def node_configs(node_id: str, preset: str, values: Optional[dict] = None,
-                 storage: Optional[str] = None) -> dict:
+                 storage: Optional[str] = None, method: Optional[str] = None) -> dict:
     """{name: config or None (off)} that the node `node_id` sets for each of its mechanisms: the
     preset's, or with "custom" the node's `values`. `storage` (where cached activations live is a
-    memory choice, not a speed/quality one) applies to presets too."""
+    memory choice, not a speed/quality one) applies to presets too, for the mechanisms that have
+    it. `method`: the label of the chosen alternative on a node with methods (None: the default);
+    the other alternatives are off."""
     node, members = next((n, ms) for n, ms in nodes() if n.node_id == node_id)
+    chosen = node.method(method)
+    alternatives = {name for _, name in node.methods}
+    active = [m for m in members if m.name not in alternatives or m.name == chosen]
     if preset == "custom":
-        configs = split_settings(members, values or {})
+        values = dict(values or {})
+        if node.methods:  # the node shows every alternative's settings; each takes its own
+            shown = set().union(*({f.name for f in dataclasses.fields(m.config)} for m in members))
+            unknown = sorted(set(values) - shown)
+            if unknown:
+                raise ValueError(f"unknown settings {unknown}; known: {sorted(shown)}")
+            own = set().union(*({f.name for f in dataclasses.fields(m.config)} for m in active))
+            values = {k: v for k, v in values.items() if k in own}
+        configs = split_settings(active, values)
     else:
         if preset not in PRESET_NAMES:
             raise ValueError(f"unknown preset {preset!r}; pick one of {PRESET_NAMES}")
-        configs = {m.name: m.presets[preset] for m in members}
+        configs = {m.name: m.presets[preset] for m in active}
+    configs.update({m.name: None for m in members if m not in active})
     if storage is not None:
-        configs = {n: c if c is None else dataclasses.replace(c, storage=storage) for n, c in configs.items()}
+        configs = {n: c if c is None or not hasattr(c, "storage") else dataclasses.replace(c, storage=storage)
+                   for n, c in configs.items()}
     return configs
 
 

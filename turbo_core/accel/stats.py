@@ -80,6 +80,15 @@ class RunStats:
     cache_hits: int = 0
     cache_misses: int = 0
     cache_bytes_peak: int = 0
+    # The per-call levels (block_reuse.py, token_reuse.py): image tokens whose blocks ran on the
+    # token-level path, of how many; blocks answered by a reused span residual, spans of blocks
+    # reused and run; the largest cache bound a mechanism of the run held itself to (bytes).
+    tokens_computed: int = 0
+    tokens_offered: int = 0
+    blocks_reused: int = 0
+    spans_reused: int = 0
+    spans_run: int = 0
+    cache_bound_bytes: Optional[int] = None
     # per model call: {"step", "sigma", "stream", "cells": {block: state}, "signal": {...}}
     timeline: list = field(default_factory=list)
     flops_full: float = 0.0
@@ -141,6 +150,21 @@ class RunStats:
         self.chains_ran += 1
         self.flops_done += images * self.cost.get("mlp", 0.0)
 
+    def block_reused(self, block: int, first: bool) -> None:
+        """Block `block` did not run: its span's cached residual stands in for it (block reuse);
+        `first`: the span's first block, where the residual is added (one span reused)."""
+        self.blocks_reused += 1
+        self.spans_reused += int(first)
+        self._cell(block, CACHED)
+
+    def span_ran(self) -> None:
+        """A span of blocks ran and its residual was stored for reuse (block reuse)."""
+        self.spans_run += 1
+
+    def cache_bound(self, nbytes: int) -> None:
+        """The bound a mechanism holds its cache to (the largest of the run's)."""
+        self.cache_bound_bytes = max(self.cache_bound_bytes or 0, int(nbytes))
+
     def chain_bypassed(self, block: int) -> None:
         self.chains_bypassed += 1
         self._cell(block, BYPASSED)
@@ -160,6 +184,29 @@ class RunStats:
         # (cached or pruned) through attention_reused.
         if done == total:
             self._cell(block, RAN)
+
+    def tokens_ran(self, block: int, layout, kept: int) -> None:
+        """Block `block` computed its chain at `kept` of the `layout.tokens` positions of every image
+        (token-level reuse, Accelerator.chain's `nxt.tokens`): camera and motion ran that share of
+        their sequences, spatial attention that share of its queries, the MLP that share of its
+        tokens; the rest came from a cache (counted as reused, source "tokens")."""
+        share = kept / layout.tokens
+        for axis in AXES:
+            n = layout.axis_shape(axis)[0]
+            done = n * share  # camera/motion: whole sequences; spatial: sequences' worth of queries
+            known = self._call_work.get((block, axis))
+            per_seq = known[1] if known is not None else self.cost.get(axis, 0.0)
+            self.sequences_computed[axis] += done
+            self.flops_done += done * per_seq
+            cell = self.per_block[(block, axis)]
+            cell[0] += done
+            cell[2] += done * per_seq
+            self.sequences_reused[axis] += n - done
+            self.reused_by["tokens"][axis] += n - done
+        self.flops_done += layout.images * share * self.cost.get("mlp", 0.0)
+        self.tokens_computed += layout.images * kept
+        self.tokens_offered += layout.images * layout.tokens
+        self._cell(block, PRUNED if kept < layout.tokens else RAN)
 
     def attention_retried(self, block: int, axis: str, computed: int) -> None:
         """Takes back the count of a piece that ran out of memory before it finished; it is
@@ -218,7 +265,8 @@ class RunStats:
         out = cls(blocks=items[0].blocks, cost=dict(items[0].cost))
         for s in items:
             for k in ("calls", "chains_ran", "chains_bypassed", "cache_hits", "cache_misses", "flops_full",
-                      "flops_done", "seconds", "steps_skipped", "steps_ran"):
+                      "flops_done", "seconds", "steps_skipped", "steps_ran", "tokens_computed", "tokens_offered",
+                      "blocks_reused", "spans_reused", "spans_run"):
                 setattr(out, k, getattr(out, k) + getattr(s, k))
             for k in ("sequences_total", "sequences_computed", "sequences_reused"):
                 for a, v in getattr(s, k).items():
@@ -237,6 +285,8 @@ class RunStats:
             out.notes += [n for n in s.notes if n not in out.notes]
             out.timeline.extend(s.timeline)
             out.cache_bytes_peak = max(out.cache_bytes_peak, s.cache_bytes_peak)
+            if s.cache_bound_bytes is not None:
+                out.cache_bound(s.cache_bound_bytes)
             if s.peak_memory_bytes is not None:
                 out.peak_memory_bytes = max(out.peak_memory_bytes or 0, s.peak_memory_bytes)
             if s.memory is not None:
@@ -256,7 +306,7 @@ class RunStats:
     def summary(self) -> dict:
         tot = sum(self.sequences_total[a] for a in ("camera", "motion"))
         skipped = tot - sum(self.sequences_computed[a] for a in ("camera", "motion"))
-        chains = self.chains_ran + self.chains_bypassed
+        chains = self.chains_ran + self.chains_bypassed + self.blocks_reused
         whole = sum(1 for t in self.timeline if self.blocks and len(t["cells"]) == self.blocks
                     and all(c == BYPASSED for c in t["cells"].values()))
         return {
@@ -273,6 +323,12 @@ class RunStats:
             "tokens_total_camera_motion": tot,
             "sequences_computed": dict(self.sequences_computed),
             "sequences_total": dict(self.sequences_total),
+            "tokens_computed": self.tokens_computed,
+            "tokens_offered": self.tokens_offered,
+            "blocks_reused": self.blocks_reused,
+            "spans_reused": self.spans_reused,
+            "spans_run": self.spans_run,
+            "cache_bound_mb": None if self.cache_bound_bytes is None else round(self.cache_bound_bytes / 2**20, 3),
             "cache_hits": self.cache_hits,
             "cache_misses": self.cache_misses,
             "cache_memory_peak_mb": round(self.cache_bytes_peak / 2**20, 3),
@@ -301,8 +357,13 @@ class RunStats:
                 f"({count(s['steps_fully_bypassed'], 'whole step')}), "
                 f"{s['tokens_pruned_camera_motion']}/{s['tokens_total_camera_motion']} camera+motion sequences pruned "
                 f"({s['sequences_skipped_camera_motion']} skipped in all), "
-                f"{s['cache_hits']} cache hits, cache {s['cache_memory_peak_mb']:.1f} MB, "
-                f"compute {s['compute_fraction'] * 100:.1f}% of full ({sp if sp is None else f'{sp:.2f}'}x), "
+                f"{s['cache_hits']} cache hits, "
+                + (f"{s['blocks_reused']}/{s['chains_total']} blocks reused "
+                   f"({count(s['spans_reused'], 'span')} reused, {s['spans_run']} run), " if s["blocks_reused"] else "")
+                + (f"tokens computed {s['tokens_computed']}/{s['tokens_offered']}, " if s["tokens_offered"] else "")
+                + f"cache {s['cache_memory_peak_mb']:.1f} MB"
+                + ("" if s["cache_bound_mb"] is None else f" of {s['cache_bound_mb']:.1f} MB bound")
+                + f", compute {s['compute_fraction'] * 100:.1f}% of full ({sp if sp is None else f'{sp:.2f}'}x), "
                 f"{s['seconds']:.2f}s")
         if any(self.calls_aside.values()):  # where they had nothing valid to reuse
             line += ", stood aside on " + ", ".join(f"{count(v, 'call')} ({n})" for n, v in self.calls_aside.items())

@@ -248,7 +248,8 @@ def short_axis_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     """An (S, heads, L, d) attention backend: the short-axis kernel for sequences of 2..32 where
     it applies (q, k, v the usual head-split views of (S, L, heads*d) projections), SDPA otherwise."""
     s, heads, length, d = q.shape
-    if mode() != "torch" and length <= MAX_LENGTH and all(t.stride(1) == d and t.stride(3) == 1 for t in (q, k, v)):
+    if (mode() != "torch" and length <= MAX_LENGTH and q.shape == k.shape == v.shape
+            and all(t.stride(1) == d and t.stride(3) == 1 for t in (q, k, v))):
         # (S, heads, L, d) with packed heads = (G=1, L, R=S, heads*d) strided views of the same storage
         views = [t.as_strided((1, length, s, heads * d), (0, t.stride(2), t.stride(0), 1)) for t in (q, k, v)]
         if kernel_applies(*views, heads) is None:

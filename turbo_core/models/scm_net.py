@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..dispatch import FullCompute, SCMDispatch
 from ..layout import SCMLayout
@@ -91,6 +92,22 @@ class AxisAttention(nn.Module):
         o = attention(qkv[0], qkv[1], qkv[2])
         return self.proj(o.transpose(1, 2).reshape(s, l, c))
 
+    def forward_queries(self, x: torch.Tensor, rows: torch.Tensor, attention) -> torch.Tensor:
+        """`forward` for the queries at `rows` of the flattened x (S * L, c) only, against the keys
+        and values of every token of x (S, L, c): the kept tokens of token-level reuse attend to
+        all of their image. The norm runs once per token, the projections split, so no query of an
+        unkept token is computed. Returns (S, k, c), k = rows per sequence."""
+        s, l, c = x.shape
+        hd = c // self.heads
+        w, b = self.qkv.weight, self.qkv.bias
+        nx = self.norm(x)
+        nq = nx.reshape(s * l, c).index_select(0, rows).view(s, -1, c)
+        k = nq.shape[1]
+        q = F.linear(nq, w[:c], b[:c]).view(s, k, self.heads, hd).transpose(1, 2)
+        kv = F.linear(nx, w[c:], b[c:]).view(s, l, 2, self.heads, hd).permute(2, 0, 3, 1, 4)
+        o = attention(q, kv[0], kv[1])
+        return self.proj(o.transpose(1, 2).reshape(s, k, c))
+
     def forward_grid(self, x: torch.Tensor, attend) -> torch.Tensor:
         """The same on image-major tokens (N, n, channels) where they lie; `attend(q, k, v, heads)`
         (a dispatch's `grid_attention`) lays the sequences over them."""
@@ -142,7 +159,33 @@ class SCMBlock(nn.Module):
                                   lambda x: self.motion.forward_grid(x, d.grid_attention(mot_view)))
             return h + self.mlp(h)
 
-        return d.chain(i, x, chain)
+        def tokens(x, pos):
+            return self.forward_tokens(x, pos, temb, cam, frm, layout, d)
+
+        return d.chain(i, x, chain, tokens)
+
+    def forward_tokens(self, x, pos, temb, cam, frm, layout: SCMLayout, d: SCMDispatch) -> torch.Tensor:
+        """The block's output at token positions pos ((batch, k), the same in every image of a
+        batch item), as (images, k, channels). Camera and motion sequences are whole at those
+        positions (every view, every frame), so they and the MLP run on the kept tokens alone;
+        spatial attention runs the kept queries against the keys and values of all of x."""
+        n, t, c = x.shape
+        k = pos.shape[1]
+        rows = layout.token_rows(pos)
+        h_all = x + self.time(temb)[:, None]
+        h = h_all.reshape(n * t, c).index_select(0, rows).view(n, k, c)
+        h = h + self.spatial.forward_queries(h_all, rows, d.attention)
+        sub = SCMLayout(layout.batch, layout.views, layout.frames, k, 1)
+
+        def cam_view(u):
+            return sub.axis_view(u, "camera")
+
+        def mot_view(u):
+            return sub.axis_view(u, "motion")
+
+        h = h + self.camera.forward_grid(h + cam[:, None], d.grid_attention(cam_view))
+        h = h + self.motion.forward_grid(h + frm[:, None], d.grid_attention(mot_view))
+        return h + self.mlp(h)
 
 
 class SCMNet(nn.Module):
@@ -204,7 +247,9 @@ class SCMNet(nn.Module):
         layout = layout or self.token_layout(n, views, frames)
         d = dispatch if dispatch is not None else FullCompute(layout)
         dtype = self.patch.weight.dtype
-        h = self.patch(x.to(dtype)).flatten(2).transpose(1, 2) + self.pos.to(dtype)
+        # Contiguous, token-major: the patch embedding's transpose would otherwise carry channel-first
+        # strides through every residual sum, and each LayerNorm and Linear would copy the stream.
+        h = self.patch(x.to(dtype)).flatten(2).transpose(1, 2).contiguous() + self.pos.to(dtype)
         c_noise = torch.as_tensor(c_noise, device=x.device).float().reshape(-1).expand(n)
         temb = self.time_embed(sinusoidal(c_noise * 250.0, cfg.width).to(dtype))
         az, el = camera[:, 0].float(), camera[:, 1].float()

@@ -1,0 +1,335 @@
+"""Block reuse (block level): the residual of whole spans of blocks reused across model calls,
+a rotating share of the spans recomputed at every call, within a memory bound.
+
+Why spans: the cost of a call is in its blocks, and what a block adds to the stream (its residual
+r = y - x) drifts slowly from one call to the next (DeepCache's and FBCache's observation). One
+residual covers a span of consecutive blocks: reusing it skips every block of the span, and it is
+one cached tensor of the stream's size however long the span is. So the memory bound (bound.py)
+sets the number of spans: the blocks between `head` and `tail` are cut into as many spans as the
+bound holds (each span's residual in 16 bits; two tensors with the forecast), at most `spans`.
+
+Which spans run at a call is decided on the host before the call, from figures read after the
+previous one, so nothing inside a call waits for the device:
+- a span with no residual, or whose residual would be older than `max_age` calls, runs;
+- at least `refresh` spans run at every call, the oldest first (a rotating share: the refresh
+  cost is spread over the calls, not paid in the periodic full recomputes of a fixed-interval
+  cache; by default spans // (max_age + 1), which a single span cannot have);
+- every other span is reused while its estimated error stays under `threshold`. The estimate is
+  the span's own measured drift (the relative change of its residual between its last two
+  computes, per unit of log(sigma), times the distance in log(sigma) it would be reused at), or
+  with the forecast the measured error rate of the forecast itself; taken on the device whenever
+  the span runs and read on the host once per call (`end_call`). Until a span has run twice,
+  `drift_prior` stands in (0: run).
+  The estimate is weighed by how much the call's output moves the denoised image
+  (`output_weight`): at the last steps of a schedule the network's output barely reaches it, and
+  a reused span costs almost nothing there.
+
+Reuse either as-is (r_t ~ r_t0) or forecast to first order from the last two computes, as
+TaylorSeer and FoCa do: r_t ~ r_t0 + (r_t0 - r_t1) * (t - t0) / (t0 - t1), t = log(sigma).
+
+Every span runs and stores on the first call of a stream, and after calls skipped whole (Chain
+Bypass's step skip) beyond `max_skipped`: a skipped call's output is already a forecast, and a
+residual reused across it compounds two approximations (measured on the embedded model at 6 steps
+with one skipped call between: 29.0 dB against the step skip's own 47.2 dB). Past end_percent the
+residuals are freed and every block runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .base import Accelerator
+from .bound import CallBound, check_bound, half_dtype
+from .spans import output_weight, plan_spans, position
+from ..memory import nbytes
+from .config import MechanismConfig
+
+NAME = "block_reuse"
+
+
+@dataclass(frozen=True)
+class BlockReuseConfig(MechanismConfig):
+    threshold: float = 0.25     # estimated relative error of a reused span under which it is reused
+    max_age: int = 2            # calls a span's residual may be reused after it was computed
+    max_skipped: int = 0        # calls skipped whole (the step skip) between two that run, still reused across
+    head: int = 1               # first blocks, always computed
+    tail: int = 0               # last blocks, always computed
+    spans: int = 0              # cached spans at most (0 = as many as the memory bound holds)
+    refresh: int = -1           # spans recomputed at every call (oldest first); -1: spans // (max_age + 1)
+    forecast: int = 1           # 1: first-order forecast from the last two computes; 0: reuse as-is
+    drift_prior: float = 0.08   # drift assumed until a span has run twice (0 = run it first)
+    weigh_output: bool = True   # scale the estimate by how much the call's output moves the image
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    memory_fraction: float = 0.1  # cache bound, as a share of a full call's working memory (bound.py)
+    max_cache_mb: float = 0.0   # explicit cache bound in MiB (0 = from memory_fraction)
+    signal_stride: int = 8      # every n-th token enters the drift measure
+
+    def validate(self) -> None:
+        check_bound(self)
+        if self.threshold < 0:
+            raise ValueError(f"BlockReuseConfig.threshold must be >= 0 (0 = never reuse), got {self.threshold}")
+        if int(self.max_age) < 1:
+            raise ValueError(f"BlockReuseConfig.max_age must be >= 1 call, got {self.max_age}")
+        if not 0 <= int(self.max_skipped) < int(self.max_age):
+            raise ValueError(f"BlockReuseConfig.max_skipped must be within [0, max_age), got {self.max_skipped}")
+        if int(self.refresh) < -1:
+            raise ValueError(f"BlockReuseConfig.refresh must be >= 0, or -1 for spans // (max_age + 1), got {self.refresh}")
+        for name in ("head", "tail", "spans"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"BlockReuseConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.forecast not in (0, 1):
+            raise ValueError(f"BlockReuseConfig.forecast must be 0 (as-is) or 1 (first order), got {self.forecast}")
+        if self.drift_prior < 0:
+            raise ValueError(f"BlockReuseConfig.drift_prior must be >= 0 (0 = measure first), got {self.drift_prior}")
+
+
+class _Entry:
+    """One span: its residual as last computed (16 bits), the difference to the compute before
+    (forecast only), the call indices of those two computes, and the measured drift."""
+
+    __slots__ = ("r", "d", "at", "pos", "prev_pos", "drift", "pending")
+
+    def __init__(self):
+        self.r = self.d = None
+        self.at = None                   # call index of the last compute (for max_age)
+        self.pos = self.prev_pos = None  # log(sigma) of the last two computes
+        self.drift = None    # host float: relative change per unit of log(sigma) (as-is), or the
+                             # forecast's error rate
+        self.pending = None  # device scalar measured at this call, read in end_call
+
+
+class BlockReuseState:
+    def __init__(self):
+        self.entries: dict = {}       # span -> _Entry
+        self.spans: Optional[list] = None  # [(first, last)] once planned
+        self.inner: dict = {}         # block -> its span
+        self.mode = "store"           # this call: "store" (run all, keep), "plan" (self.plan), "off"
+        self.plan: dict = {}          # span -> True (run) / False (reuse), in "plan" mode
+        self.open = None              # (span, accumulator, old samples) of the span being computed
+        self.depth = 0                # blocks seen (where the run did not say)
+        self.bound = CallBound()
+        self.forecast = False         # the forecast is on (asked for, and two tensors a span fit)
+        self.last_ran = None
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def drop_cached(self) -> None:
+        self.entries.clear()
+        self.open = None
+
+    def nbytes(self) -> int:
+        return sum(nbytes(e.r) + nbytes(e.d) for e in self.entries.values())
+
+
+class BlockReuse(Accelerator):
+    name = NAME
+    state_class = BlockReuseState
+
+    def __init__(self, config: Optional[BlockReuseConfig] = None):
+        super().__init__()
+        self.config = BlockReuseConfig.from_dict(config)
+
+    def begin_call(self, dispatch) -> None:
+        if dispatch.stats is not None:
+            dispatch.stats.calls_aside.setdefault(self.name, 0)
+
+    # --- the call: decided before any block runs ----------------------------------------------
+    def call(self, dispatch, x, nxt, space=None):
+        cfg = self.config
+        step = dispatch.step
+        if step is None:
+            return nxt()
+        st = self.state(dispatch)
+        gap = None if st.last_ran is None else step.index - st.last_ran
+        st.last_ran = step.index
+        st.open = None
+        if gap is None:
+            st.bound.begin(x)
+        if step.percent > cfg.end_percent:
+            st.entries.clear()  # never reused again in this run: free it now
+            st.mode = "off"
+        elif gap is None or gap > cfg.max_age or gap - 1 > cfg.max_skipped:
+            st.entries.clear()
+            st.mode = "store"
+            if gap is not None and dispatch.stats is not None:  # after a long jump: nothing reusable
+                dispatch.stats.calls_aside[self.name] = dispatch.stats.calls_aside.get(self.name, 0) + 1
+        elif step.percent < cfg.start_percent or cfg.threshold <= 0 or not st.spans:
+            st.mode = "store"
+        else:
+            st.mode = "plan"
+            st.plan = self._decide(st, step.index, position(step.sigma),
+                                   output_weight(step.sigma, space) if cfg.weigh_output else 1.0)
+        return nxt()
+
+    def _decide(self, st, call: int, pos: float, weight: float) -> dict:
+        """span -> run (True) or reuse (False) at this call, from host figures only."""
+        cfg = self.config
+        plan, reusable = {}, []
+        for i in range(len(st.spans)):
+            e = st.entries.get(i)
+            if e is None or e.r is None or call - e.at > cfg.max_age:
+                plan[i] = True
+                continue
+            drift = e.drift if e.drift is not None else (cfg.drift_prior or None)
+            if drift is None:
+                plan[i] = True
+                continue
+            if st.forecast and e.d is not None and e.prev_pos is not None:
+                estimate = drift * abs(pos - e.pos) * abs(pos - e.prev_pos)
+            else:
+                estimate = drift * abs(pos - e.pos)
+            plan[i] = not estimate * weight < cfg.threshold
+            if not plan[i]:
+                reusable.append((e.at, i))
+        # The rotating share: the oldest reusable spans run anyway (ties in span order).
+        share = cfg.refresh if cfg.refresh >= 0 else len(st.spans) // (cfg.max_age + 1)
+        owed = share - sum(plan.values())
+        for _, i in sorted(reusable)[:max(owed, 0)]:
+            plan[i] = True
+        return plan
+
+    def _settle(self, dispatch, st, block: int, x: torch.Tensor) -> bool:
+        """Plans the spans at the first cached block of the first call that knows the depth (the
+        run's stats say it; else it is counted over the first call). False until then."""
+        cfg = self.config
+        depth = dispatch.stats.blocks if dispatch.stats is not None and dispatch.stats.blocks else st.depth
+        if not depth:
+            st.depth = max(st.depth, block + 1)  # counted this call, planned at the next
+            return False
+        if block < cfg.head:
+            return False
+        bound = st.bound.settle(cfg, x)
+        one = x.numel() * half_dtype(x.dtype).itemsize
+        # The forecast holds two tensors a span; where the bound cannot hold even one span so,
+        # the spans reuse as-is (one tensor each) rather than not at all.
+        st.forecast = bool(cfg.forecast) and bound >= 2 * one
+        fits = bound // (one * (2 if st.forecast else 1))
+        count = min(fits, cfg.spans) if cfg.spans else fits
+        st.spans = plan_spans(depth, cfg.head, cfg.tail, count)
+        st.inner = {blk: i for i, (a, b) in enumerate(st.spans) for blk in range(a, b + 1)}
+        if dispatch.stats is not None:
+            dispatch.stats.cache_bound(bound)
+        return True
+
+    # --- the blocks ---------------------------------------------------------------------------
+    def chain(self, dispatch, block, x, nxt):
+        step = dispatch.step
+        if step is None:
+            return nxt(x)
+        st = self.state(dispatch)
+        if st.spans is None and not self._settle(dispatch, st, block, x):
+            return nxt(x)
+        span = st.inner.get(block)
+        if span is None or st.mode == "off":
+            return nxt(x)
+        first, last = st.spans[span]
+        if st.mode == "plan" and not st.plan.get(span, True):
+            if dispatch.stats is not None:
+                dispatch.stats.block_reused(block, block == first)
+            if block != first:
+                return x  # the span's residual was added at its first block
+            e = st.entries[span]
+            out = x + e.r  # in x's dtype: no copy of the residual is made
+            if st.forecast and e.d is not None and e.prev_pos is not None:
+                out.add_(e.d, alpha=(position(step.sigma) - e.pos) / (e.pos - e.prev_pos))
+            return out
+        if block == first:
+            self._open(st, span, x)
+        y = nxt(x)
+        if block == last and st.open is not None and st.open[0] == span:
+            if y is x:
+                raise RuntimeError("block reuse: a block handed back its own input tensor (updated in place); "
+                                   "the span's residual cannot be taken")
+            self._close(st, span, y, step.index, position(step.sigma))
+            if dispatch.stats is not None:
+                dispatch.stats.span_ran()
+        return y
+
+    def _open(self, st, span: int, x: torch.Tensor) -> None:
+        """Starts a span's new residual as -x in one of its 16-bit tensors, so that neither the span
+        input nor a full-precision residual is held while the span runs: the tensor that becomes
+        free is the accumulator (the forecast's old difference, or with as-is reuse the residual
+        itself, whose strided sample the drift measure keeps)."""
+        cfg = self.config
+        if st.open is not None:  # an earlier span whose last block never ran: half-written
+            st.entries.pop(st.open[0], None)
+        e = st.entries.get(span)
+        if e is None or e.r is None or e.r.shape != x.shape:
+            e = st.entries[span] = _Entry()
+            e.r = torch.empty(x.shape, dtype=half_dtype(x.dtype), device=x.device)
+            acc, old = e.r, None
+        else:
+            s = cfg.signal_stride
+            old = (e.r[:, ::s].float(), None if e.d is None or e.prev_pos is None else e.d[:, ::s].float())
+            if st.forecast:
+                if e.d is None:
+                    e.d = torch.empty_like(e.r)
+                acc = e.d
+            else:
+                acc = e.r
+        acc.copy_(x.detach()).neg_()
+        st.open = (span, acc, old)
+
+    def _close(self, st, span: int, y: torch.Tensor, call: int, pos: float) -> None:
+        """The span's new residual y - x into its tensors, in place, with its drift measure left on
+        the device for end_call."""
+        cfg = self.config
+        _, acc, old = st.open
+        st.open = None
+        e = st.entries[span]
+        acc.add_(y.detach())                                  # acc = the new residual, in 16 bits
+        if old is None:  # a new entry
+            e.d, e.at, e.pos, e.prev_pos, e.drift = None, call, pos, None, None
+            return
+        old_r, old_d = old
+        new_s = acc[:, ::cfg.signal_stride].float()
+        if pos != e.pos:  # (a second call at the same noise level, e.g. Heun's, measures nothing)
+            scale = new_s.abs().mean().clamp_min(1e-12)
+            if st.forecast and old_d is not None:
+                # The forecast this call would have made, against what it computed: the error rate.
+                guess = old_r + old_d * ((pos - e.pos) / (e.pos - e.prev_pos))
+                e.pending = (new_s - guess).abs().mean() / scale / abs((pos - e.pos) * (pos - e.prev_pos))
+            else:
+                e.pending = (new_s - old_r).abs().mean() / scale / abs(pos - e.pos)
+        if acc is e.d:
+            e.d.sub_(e.r)          # the difference to the residual before
+            e.r.add_(e.d)          # the new residual
+        e.at = call
+        if pos != e.pos:
+            e.prev_pos, e.pos = e.pos, pos
+        else:
+            e.prev_pos = None      # no difference over a step: no forecast until the next compute
+
+    def end_call(self, dispatch) -> None:
+        if dispatch.step is None:
+            return
+        st = self.state(dispatch)
+        if st.open is not None:  # a span whose last block never ran (an outer accelerator skipped it)
+            st.entries.pop(st.open[0], None)
+            st.open = None
+        waiting = [(i, e) for i, e in st.entries.items() if e.pending is not None]
+        if not waiting:
+            return
+        values = torch.stack([e.pending.float() for _, e in waiting]).tolist()  # one host read per call
+        for (i, e), v in zip(waiting, values):
+            # With the forecast, a span's second compute measures the as-is drift (no forecast yet):
+            # the forecast's estimate from it errs large, which only runs the span sooner.
+            e.pending, e.drift = None, v
+            if dispatch.stats is not None:
+                dispatch.stats.signal(f"block_reuse.s{i}", v, self.config.threshold)
+
+
+
+# quality / balanced: thresholds measured on an H200 GPU (BENCHMARKS.md, "Per-call levels");
+# fast reuses further and longer.
+PRESETS = {
+    "off": None,
+    "quality": BlockReuseConfig(threshold=0.12),
+    "balanced": BlockReuseConfig(threshold=0.25),
+    "fast": BlockReuseConfig(threshold=0.4, max_age=3),
+}

@@ -1,0 +1,377 @@
+"""Token reuse (token level): each call runs spans of blocks on a share of the token positions only
+(the positions whose input changed most), and takes the rest from the span's cached residual.
+
+A kept position is kept in every image of its batch item, so its camera sequence (all views) and
+motion sequence (all frames) are whole: camera and motion attention, their projections and the
+MLP run on the kept tokens alone, and spatial attention runs the kept queries against the keys and
+values of every token (the block's `tokens(x, pos)`, reached through the dispatch as
+`nxt.tokens`). The unkept tokens' outputs are the span input plus its cached residual. Inside a
+span of several blocks the unkept tokens' state at an inner block, which the kept queries read as
+keys and values, is the span input plus the share of the cached residual the blocks before it
+added (linear in the blocks): the only approximation beyond the reuse itself.
+
+How many: the share of positions a span computes is its estimated error over `threshold`, at
+least `keep_min`: the estimate is, as in block reuse, the span's measured drift (the relative
+change of its residual at the positions it computed, per unit of log(sigma) since the span last
+ran, read on the host once per call) times the distance in log(sigma) to the span's last run,
+weighed by how much the call's output moves the denoised image (block_reuse.output_weight). So a
+call where the residuals move runs every position, and the last steps of a schedule few. The share
+is rounded up to one of `buckets` fixed sizes (a bounded set of shapes for the kernels' plans and
+caches), on the host, from figures of the previous call.
+
+Which positions: the top k by the change of the span's input since each position was last
+computed (a channel subsample, normalised per batch item), on the device (top-k, no host sync).
+Positions whose reuse would make them older than `max_age` calls are forced into the top k, and k
+is raised to cover them from the age histogram read after the previous call.
+
+Like block reuse it recomputes everything on a stream's first call and after calls skipped whole
+beyond `max_skipped`.
+
+Memory: one residual per span in 16 bits plus a channel subsample of its input and the call each
+position was computed at; the blocks between `head` and `tail` are cut into as many spans as the
+bound of bound.py holds, at most `spans`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..memory import nbytes
+from .base import Accelerator
+from .bound import CallBound, check_bound, half_dtype
+from .config import MechanismConfig
+from .spans import output_weight, plan_spans, position
+
+NAME = "token_reuse"
+_FORCED = 1e6  # added to the score of a position past max_age: always in the top k
+
+
+@dataclass(frozen=True)
+class TokenReuseConfig(MechanismConfig):
+    threshold: float = 0.25     # estimated relative error at which a span computes every position
+    keep_min: float = 0.25      # share of the positions a span computes at least
+    buckets: int = 4            # subset sizes: T/buckets, 2T/buckets, ..., T
+    drift_prior: float = 0.08   # drift assumed until a span has been measured (0 = run it first)
+    weigh_output: bool = True   # weigh the estimate by how much the call's output moves the image
+    max_age: int = 2            # calls a position's output may be reused after it was computed
+    max_skipped: int = 0        # calls skipped whole (the step skip) between two that run, still reused across
+    head: int = 1               # first blocks, always computed in full
+    tail: int = 0               # last blocks, always computed in full
+    spans: int = 0              # cached spans at most (0 = as many as the memory bound holds)
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    memory_fraction: float = 0.1  # cache bound, as a share of a full call's working memory (bound.py)
+    max_cache_mb: float = 0.0   # explicit cache bound in MiB (0 = from memory_fraction)
+    channel_stride: int = 8     # every n-th channel enters the change score
+
+    def validate(self) -> None:
+        check_bound(self)
+        if not 0.0 < self.keep_min <= 1.0:
+            raise ValueError(f"TokenReuseConfig.keep_min must be within (0, 1], got {self.keep_min}")
+        if self.threshold < 0:
+            raise ValueError(f"TokenReuseConfig.threshold must be >= 0 (0 = never reuse), got {self.threshold}")
+        if int(self.buckets) < 1:
+            raise ValueError(f"TokenReuseConfig.buckets must be >= 1, got {self.buckets}")
+        if self.drift_prior < 0:
+            raise ValueError(f"TokenReuseConfig.drift_prior must be >= 0 (0 = measure first), got {self.drift_prior}")
+        if int(self.max_age) < 1:
+            raise ValueError(f"TokenReuseConfig.max_age must be >= 1 call, got {self.max_age}")
+        if not 0 <= int(self.max_skipped) < int(self.max_age):
+            raise ValueError(f"TokenReuseConfig.max_skipped must be within [0, max_age), got {self.max_skipped}")
+        for name in ("head", "tail", "spans"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"TokenReuseConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+
+def bucket_size(k: int, tokens: int, buckets: int) -> int:
+    """k rounded up to one of `buckets` evenly spaced sizes of `tokens` (the last is all of them)."""
+    step = -(-tokens // buckets)
+    return min(tokens, max(1, -(-k // step)) * step)
+
+
+class _Entry:
+    """One span: its residual (16 bits), the channel subsample of its input at each position's
+    last compute, and that call's index per position ((batch, tokens) on the device)."""
+
+    __slots__ = ("r", "ref", "at", "pos", "drift", "pending", "hist", "ages")
+
+    def __init__(self):
+        self.r = self.ref = self.at = None
+        self.pos = None       # log(sigma) of the span's last run
+        self.drift = None     # host float: relative residual change per unit of log(sigma)
+        self.pending = None   # this call's measured drift (device scalar), read in end_call
+        self.ages = None      # this call's age histogram per batch item (device), read in end_call
+        self.hist = None      # (call, [[positions per age 0..max_age+1] per batch item]) on the host
+
+
+class _Pass:
+    """The span being computed at this call: the kept positions (None: all), their rows and their
+    span inputs; for a pass of every position, the old residual's sample for the drift."""
+
+    __slots__ = ("span", "pos", "rows", "k", "x_kept", "old")
+
+    def __init__(self, span, pos, rows, k, x_kept, old):
+        self.span, self.pos, self.rows, self.k, self.x_kept, self.old = span, pos, rows, k, x_kept, old
+
+
+class TokenReuseState:
+    def __init__(self):
+        self.entries: dict = {}
+        self.spans: Optional[list] = None
+        self.inner: dict = {}
+        self.mode = "store"       # this call: "store" (every position runs, kept), "plan", "off"
+        self.keep: dict = {}      # span -> k at this call
+        self.cur: Optional[_Pass] = None
+        self.depth = 0
+        self.bound = CallBound()
+        self.last_ran = None
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def drop_cached(self) -> None:
+        self.entries.clear()
+        self.cur = None
+
+    def nbytes(self) -> int:
+        return sum(nbytes(e.r) + nbytes(e.ref) + nbytes(e.at) for e in self.entries.values())
+
+
+class TokenReuse(Accelerator):
+    name = NAME
+    state_class = TokenReuseState
+
+    def __init__(self, config: Optional[TokenReuseConfig] = None):
+        super().__init__()
+        self.config = TokenReuseConfig.from_dict(config)
+
+    def begin_call(self, dispatch) -> None:
+        if dispatch.stats is not None:
+            dispatch.stats.calls_aside.setdefault(self.name, 0)
+
+    # --- the call -----------------------------------------------------------------------------
+    def call(self, dispatch, x, nxt, space=None):
+        cfg = self.config
+        step = dispatch.step
+        if step is None:
+            return nxt()
+        st = self.state(dispatch)
+        gap = None if st.last_ran is None else step.index - st.last_ran
+        st.last_ran = step.index
+        st.cur = None
+        if gap is None:
+            st.bound.begin(x)
+        if step.percent > cfg.end_percent:
+            st.entries.clear()
+            st.mode = "off"
+        elif gap is None or gap > cfg.max_age or gap - 1 > cfg.max_skipped:
+            st.entries.clear()
+            st.mode = "store"
+            if gap is not None and dispatch.stats is not None:  # after a long jump: nothing reusable
+                dispatch.stats.calls_aside[self.name] = dispatch.stats.calls_aside.get(self.name, 0) + 1
+        elif step.percent < cfg.start_percent or not st.spans or cfg.threshold <= 0:
+            st.mode = "store"
+        else:
+            st.mode = "plan"
+            w = output_weight(step.sigma, space) if cfg.weigh_output else 1.0
+            st.keep = {i: self._k(st, i, step.index, position(step.sigma), w) for i in range(len(st.spans))}
+        return nxt()
+
+    def _k(self, st, span: int, call: int, pos: float, weight: float) -> Optional[int]:
+        """Positions the span computes at this call (None: all, through the plain chain)."""
+        cfg = self.config
+        e = st.entries.get(span)
+        if e is None or e.r is None or e.hist is None:
+            return None
+        tokens = e.at.shape[1]
+        drift = e.drift if e.drift is not None else (cfg.drift_prior or None)
+        if drift is None:
+            return None
+        keep = max(drift * abs(pos - e.pos) * weight / cfg.threshold, cfg.keep_min)
+        seen_at, hist = e.hist
+        gap = call - seen_at
+        overdue = max(sum(n for age, n in enumerate(h) if age + gap > cfg.max_age) for h in hist)
+        k = bucket_size(max(math.ceil(min(keep, 1.0) * tokens), int(overdue)), tokens, cfg.buckets)
+        return None if k >= tokens else k
+
+    def _settle(self, dispatch, st, block: int, x: torch.Tensor) -> bool:
+        cfg = self.config
+        depth = dispatch.stats.blocks if dispatch.stats is not None and dispatch.stats.blocks else st.depth
+        if not depth:
+            st.depth = max(st.depth, block + 1)
+            return False
+        if block < cfg.head:
+            return False
+        bound = st.bound.settle(cfg, x)
+        n, t, c = x.shape
+        half = half_dtype(x.dtype).itemsize
+        per_span = n * t * (c + -(-c // cfg.channel_stride)) * half + dispatch.layout.batch * t * 4
+        count = bound // per_span
+        count = min(count, cfg.spans) if cfg.spans else count
+        st.spans = plan_spans(depth, cfg.head, cfg.tail, count)
+        st.inner = {blk: i for i, (a, b) in enumerate(st.spans) for blk in range(a, b + 1)}
+        if dispatch.stats is not None:
+            dispatch.stats.cache_bound(bound)
+        return True
+
+    # --- the blocks ---------------------------------------------------------------------------
+    def chain(self, dispatch, block, x, nxt):
+        step = dispatch.step
+        if step is None:
+            return nxt(x)
+        st = self.state(dispatch)
+        if st.spans is None and not self._settle(dispatch, st, block, x):
+            return nxt(x)
+        span = st.inner.get(block)
+        if span is None or st.mode == "off":
+            return nxt(x)
+        first, last = st.spans[span]
+        k = st.keep.get(span) if st.mode == "plan" else None
+        if k is not None and nxt.tokens is None:  # a block without a token-level form runs whole
+            k = None
+        if block == first:
+            if st.cur is not None:  # an earlier span whose last block never ran: half-written
+                st.entries.pop(st.cur.span, None)
+            st.cur = (self._open_all(dispatch, st, span, x) if k is None
+                      else self._select(dispatch, st, span, x, k, step.index))
+        cur = st.cur
+        if cur is None or cur.span != span:  # an outer accelerator skipped this span's first block
+            return nxt(x)
+        e = st.entries[span]
+        if cur.pos is None:  # every position, through the plain chain
+            y = nxt(x)
+            if block == last:
+                self._close_all(e, cur, y, step.index, position(step.sigma), dispatch.layout.batch)
+                st.cur = None
+            return y
+        h = nxt.tokens(x, cur.pos)                                  # (images, k, c)
+        n, t, c = x.shape
+        # The unkept tokens' state after this block: its input plus the block's share of the cached
+        # residual (x is the span input at the first block, this state at the later ones), so the
+        # span input is never held.
+        out = torch.add(x, e.r, alpha=1.0 / (last - first + 1)).contiguous()
+        out.view(n * t, c).index_copy_(0, cur.rows, h.reshape(-1, c).to(out.dtype))
+        if block == last:
+            self._store_rows(e, cur, h, step.index, position(step.sigma))
+            st.cur = None
+        return out
+
+    def _select(self, dispatch, st, span: int, x: torch.Tensor, k: int, call: int) -> _Pass:
+        """The k positions of each batch item whose input changed most (and those past max_age)."""
+        cfg = self.config
+        e = st.entries[span]
+        lay = dispatch.layout
+        b, t = lay.batch, lay.tokens
+        xs = x.detach()[..., :: cfg.channel_stride].float()
+        ref = e.ref.float()
+        diff = (xs - ref).abs().mean(dim=-1).view(b, -1, t).mean(dim=1)          # (batch, tokens)
+        score = diff / diff.mean(dim=1, keepdim=True).clamp_min(1e-12)
+        score = score + (call - e.at > cfg.max_age).to(score.dtype) * _FORCED
+        pos = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values    # (batch, k)
+        rows = lay.token_rows(pos)
+        x_kept = x.detach().reshape(-1, x.shape[-1]).index_select(0, rows)
+        return _Pass(span, pos, rows, k, x_kept, None)
+
+    def _store_rows(self, e: _Entry, cur: _Pass, h: torch.Tensor, call: int, pos: float) -> None:
+        """The kept positions' new residual, input subsample and compute call, and the drift measured
+        on them (against their residuals of before; counted from the span's last run, so it errs
+        high for positions older than that)."""
+        c = h.shape[-1]
+        r_new = h.reshape(-1, c) - cur.x_kept
+        flat = e.r.view(-1, c)
+        cs = self.config.channel_stride
+        self._measure(e, r_new[::cs, ::cs].float(), flat.index_select(0, cur.rows)[::cs, ::cs].float(), pos)
+        flat.index_copy_(0, cur.rows, r_new.to(e.r.dtype))
+        e.ref.view(flat.shape[0], -1).index_copy_(0, cur.rows, cur.x_kept[:, ::cs].to(e.ref.dtype))
+        e.at.scatter_(1, cur.pos, call)
+        self._ages(e, call)
+
+    def _measure(self, e: _Entry, new: torch.Tensor, old: torch.Tensor, pos: float) -> None:
+        """Relative change of the residual samples, per unit of log(sigma) since the span last ran."""
+        if e.pos is not None and pos != e.pos:
+            e.pending = (new - old).abs().mean() / new.abs().mean().clamp_min(1e-12) / abs(pos - e.pos)
+        e.pos = pos
+
+    def _open_all(self, dispatch, st, span: int, x: torch.Tensor) -> _Pass:
+        """A pass of every position: the new residual starts as -x in the span's own 16-bit tensor
+        (no full-precision copy, and the span input is not held); the old one leaves a sample."""
+        cs = self.config.channel_stride
+        e = st.entries.get(span)
+        n, t, c = x.shape
+        x = x.detach()
+        old = None
+        if e is None or e.r is None or e.r.shape != x.shape:
+            e = st.entries[span] = _Entry()
+            e.r = torch.empty(x.shape, dtype=half_dtype(x.dtype), device=x.device)
+            e.ref = torch.empty((n, t, -(-c // cs)), dtype=e.r.dtype, device=x.device)
+            e.at = torch.empty((dispatch.layout.batch, t), dtype=torch.int32, device=x.device)
+        else:
+            old = e.r.view(n * t, c)[::cs, ::cs].float()
+        e.r.copy_(x).neg_()
+        e.ref.copy_(x[..., ::cs])
+        return _Pass(span, None, None, None, None, old)
+
+    def _close_all(self, e: _Entry, cur: _Pass, y: torch.Tensor, call: int, pos: float, batch: int) -> None:
+        e.r.add_(y.detach())
+        n, t, c = e.r.shape
+        cs = self.config.channel_stride
+        if cur.old is not None:
+            self._measure(e, e.r.view(n * t, c)[::cs, ::cs].float(), cur.old, pos)
+        else:
+            e.pos = pos
+        e.at.fill_(call)
+        width = self.config.max_age + 2
+        e.hist = (call, [[t] + [0] * (width - 1) for _ in range(batch)])
+        e.ages = None
+
+    def _ages(self, e: _Entry, call: int) -> None:
+        age = (call - e.at).clamp(max=self.config.max_age + 1).long()
+        # scatter_add_ rather than bincount: CUDA's bincount reads the maximum on the host (a sync).
+        e.ages = (call, torch.zeros(age.shape[0], self.config.max_age + 2, device=age.device)
+                  .scatter_add_(1, age, torch.ones(age.shape, device=age.device)))
+
+    def end_call(self, dispatch) -> None:
+        if dispatch.step is None:
+            return
+        st = self.state(dispatch)
+        if st.cur is not None:  # a span whose last block never ran: its tensors are half-written
+            st.entries.pop(st.cur.span, None)
+            st.cur = None
+        parts, slots = [], []
+        for i, e in st.entries.items():
+            if e.pending is not None:
+                slots.append((i, "change", 1))
+                parts.append(e.pending.float().reshape(1))
+            if e.ages is not None:
+                slots.append((i, "ages", e.ages[1].numel()))
+                parts.append(e.ages[1].reshape(-1))
+        if not parts:
+            return
+        flat = torch.cat(parts).tolist()  # the one host read per call
+        at = 0
+        for i, kind, size in slots:
+            e = st.entries[i]
+            vals = flat[at:at + size]
+            at += size
+            if kind == "change":
+                e.pending, e.drift = None, vals[0]
+                if dispatch.stats is not None:
+                    dispatch.stats.signal(f"token_reuse.s{i}", vals[0], self.config.threshold)
+            else:
+                call, _ = e.ages
+                width = self.config.max_age + 2
+                e.hist = (call, [vals[j:j + width] for j in range(0, size, width)])
+                e.ages = None
+
+
+
+# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels"): balanced is the default, fast t0.4.
+PRESETS = {
+    "off": None,
+    "quality": TokenReuseConfig(threshold=0.15),
+    "balanced": TokenReuseConfig(threshold=0.25),
+    "fast": TokenReuseConfig(threshold=0.4),
+}
