@@ -58,11 +58,13 @@ class _Next:
 class Span:
     """A span a network hands to `SCMDispatch.span`: its `key` (any hashable, unique in a call),
     the dispatch blocks (chains) inside it and how many other modules (res blocks, up/down
-    sampling) it holds, for the account of the work that a reuse of it skips."""
+    sampling) it holds, for the account of the work that a reuse of it skips, and its stream's
+    shape."""
 
     key: object
     blocks: tuple = ()
     modules: int = 0
+    shape: tuple = ()  # the stream's shape at its input (and output), so a cache can be planned first
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -220,7 +220,9 @@ class TokenReuse(Accelerator):
     # --- the blocks ---------------------------------------------------------------------------
     def chain(self, dispatch, block, x, nxt):
         step = dispatch.step
-        if step is None:
+        # A network with spans of its own (a UNet's levels, dispatch.spans) has blocks on several
+        # grids and widths: no span of consecutive blocks shares one stream, so it runs whole.
+        if step is None or dispatch.spans:
             return nxt(x)
         st = self.state(dispatch)
         if st.spans is None and not self._settle(dispatch, st, block, x):

@@ -457,7 +457,7 @@ class SV4DUNet(nn.Module):
             largest = n * hh * ww * self.cfg.model_channels * TRANSFORMER_ELEMENTS * self.out[2].weight.element_size()
             dispatch = d.in_pieces(memory, x.device, largest)
         if dispatch is not None:
-            dispatch = dispatch.with_spans(self.spans())
+            dispatch = dispatch.with_spans(self.spans(tuple(x.shape)))
         call = self.condition(x, timesteps, context, y, cond_view, views, frames, dispatch)
         emb, per_item = call.emb, frames * views
 
@@ -516,7 +516,7 @@ class SV4DUNet(nn.Module):
         nrb = self.cfg.num_res_blocks
         return [(k - 1) * (nrb + 1) + nrb for k in range(1, len(self.cfg.channel_mult) + 1)]
 
-    def spans(self) -> list[Span]:
+    def spans(self, x_shape: Optional[tuple] = None) -> list[Span]:
         """The UNet's spans for block reuse, outermost first: span k ("unet", k) is everything at
         level k and below (the input blocks from level k - 1's downsampling on, the middle block,
         the output blocks down to the one that consumes level k - 1's last skip connection), a
@@ -526,14 +526,20 @@ class SV4DUNet(nn.Module):
         (span 1 at the top grid with model_channels channels, span 2 a quarter of its pixels at
         twice the channels: half its size, ...), which is what the accelerator caches. The
         shallowest level (its input blocks and its last output blocks) is never inside a span:
-        DeepCache's observation that the high-resolution path is what the output's detail needs."""
+        DeepCache's observation that the high-resolution path is what the output's detail needs.
+        `x_shape` (the call's input (N, C, h, w)) gives each span's stream shape."""
         starts, m_in = self._span_starts(), len(self.input_blocks)
         out = []
         for k, a in enumerate(starts, 1):
             mods = ([m for blk in self.input_blocks[a + 1:] for m in blk] + list(self.middle_block)
                     + [m for blk in self.output_blocks[:m_in - a] for m in blk])
+            shape = ()
+            if x_shape is not None:
+                ds = 2 ** (k - 1)
+                shape = (x_shape[0], self.cfg.model_channels * self.cfg.channel_mult[k - 1],
+                         x_shape[2] // ds, x_shape[3] // ds)
             out.append(Span(("unet", k), tuple(sorted(m.index for m in mods if isinstance(m, SV4DAttentionLayer))),
-                            sum(1 for m in mods if not isinstance(m, SV4DAttentionLayer))))
+                            sum(1 for m in mods if not isinstance(m, SV4DAttentionLayer)), shape))
         return out
 
 
