@@ -348,17 +348,24 @@ def percall_rows(steps):
         return ("block_reuse", BlockReuseConfig(**kw))
 
     # Composing with the step skip: reuse across the calls it skips (max_skipped), further apart.
-    across = BlockReuseConfig(threshold=0.4, max_age=6, max_skipped=5)
-    rows = [("full", [], True), ("block reuse balanced", [("block_reuse", BR["balanced"])], True),
-            ("block reuse fast", [("block_reuse", BR["fast"])], False),
+    def across(age):
+        return ("block_reuse", BlockReuseConfig(threshold=0.4, max_age=age, max_skipped=age - 1))
+
+    few = steps <= 10  # the variants and the timed breakdowns only where a row is cheap
+    rows = [("full", [], few), ("block reuse balanced", [("block_reuse", BR["balanced"])], few),
             ("step skip fast", [("step", STEP["fast"])], False),
+            ("Turbo4D fast", turbo4d_specs("fast"), False),
+            ("step skip fast + block reuse across skips (max_age 6)", [("step", STEP["fast"]), across(6)], False),
+            ("step skip fast + block reuse across skips (max_age 20)", [("step", STEP["fast"]), across(20)], False),
+            ("step skip balanced + block reuse across skips (max_age 20)",
+             [("step", STEP["balanced"]), across(20)], False),
             ("step skip fast + block reuse balanced", [("step", STEP["fast"]), ("block_reuse", BR["balanced"])], False),
-            ("step skip fast + block reuse across skips", [("step", STEP["fast"]), ("block_reuse", across)], False),
-            ("step skip balanced + block reuse across skips", [("step", STEP["balanced"]), ("block_reuse", across)], False)]
-    rows += [(f"Turbo4D {p}", turbo4d_specs(p), False) for p in ("fast", "balanced", "quality")]
-    rows += [("block reuse as-is, bound 0.25", [br(threshold=0.25, forecast=0, memory_fraction=0.25)], False),
-             ("block reuse forecast, bound 0.25", [br(threshold=0.25, forecast=1, memory_fraction=0.25)], False),
-             ("step skip balanced", [("step", STEP["balanced"])], False)]
+            ("step skip balanced", [("step", STEP["balanced"])], False)]
+    rows += [(f"Turbo4D {p}", turbo4d_specs(p), False) for p in ("balanced", "quality")]
+    if few:
+        rows += [("block reuse fast", [("block_reuse", BR["fast"])], False),
+                 ("block reuse as-is, bound 0.25", [br(threshold=0.25, forecast=0, memory_fraction=0.25)], False),
+                 ("block reuse forecast, bound 0.25", [br(threshold=0.25, forecast=1, memory_fraction=0.25)], False)]
     return rows
 
 
