@@ -23,11 +23,17 @@ steps instead of the run's (the trivial accelerator: any setting slower or worse
 worth having), "fixed-attn-kN" broadcasts every sub-attention's
 output for N-1 calls after computing it (PAB-like), "fixed-chain-kN" reuses every block's residual
 but the first for N-1 calls (DeepCache-like, the shallow block always runs); both inside the same
-percent window as the accelerators.
+percent window as the accelerators; "fbcache-tX" skips every block but the first while the first
+block's residual differs from the last full call's by less than X (FBCache-like).
+
+Every row's first warm-up run has each model call under torch.cuda.set_sync_debug_mode("error"):
+"syncs-in-call none" in the log (host_sync_in_call in the JSON) proves no call synced with the host;
+otherwise it names where the first sync was.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -40,6 +46,7 @@ from typing import Optional
 import torch
 
 from turbo_core.accel.base import Accelerator
+from turbo_core.accel.block_reuse import BlockReuseConfig
 from turbo_core.accel.bypass import ChainBypassConfig
 from turbo_core.accel.cache import RollingCacheConfig
 from turbo_core.accel.presets import apply_preset, turbo4d_specs
@@ -48,6 +55,7 @@ from turbo_core.accel.registry import build_run
 from turbo_core.accel.run import Turbo4DRun
 from turbo_core.accel.step_skip import StepSkipConfig
 from turbo_core.accel.script import sample_accelerated
+from turbo_core.accel.token_reuse import TokenReuseConfig
 from turbo_core.data.scenes import EVAL_SEED_START, scene_samples
 from turbo_core.diffusion import EDM, karras_sigmas
 from turbo_core.metrics import finite_mean, measure, psnr, ssim
@@ -121,6 +129,76 @@ class FixedIntervalChain(Accelerator):
         return y
 
 
+class _FirstBlockState:
+    def __init__(self):
+        self.r0 = self.rest = self.x_in = None
+        self.skip = False
+
+    def reset(self):
+        self.__init__()
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for t in (self.r0, self.rest) if t is not None)
+
+
+class FirstBlockCache(Accelerator):
+    """FBCache-like (ParaAttention's first-block cache): the first block always runs; when its
+    residual differs from the one of the last call that ran every block by less than `threshold`
+    (relative L1), the other blocks are skipped and their cached residual added. The comparison is
+    read on the host inside the call (one sync per call: this baseline's design, not ours)."""
+
+    name = "fbcache"
+    state_class = _FirstBlockState
+
+    def __init__(self, threshold: float, start: float = 0.0, end: float = 1.0):
+        super().__init__()
+        self.threshold, self.start, self.end = threshold, start, end
+
+    def chain(self, d, block, x, nxt):
+        st, step = self.state(d), d.step
+        if block == 0:
+            x_in = x.clone()
+            y = nxt(x)
+            r0 = (y - x_in).detach()
+            st.skip = False
+            if st.r0 is not None and st.rest is not None and self.start <= step.percent <= self.end:
+                diff = float((r0 - st.r0).abs().mean() / st.r0.abs().mean().clamp_min(1e-12))  # the sync
+                st.skip = diff < self.threshold
+            if not st.skip:
+                st.r0 = r0
+            return y
+        if st.skip:
+            if d.stats is not None:
+                d.stats.block_reused(block, block == 1)
+            return x + st.rest if block == 1 else x
+        if block == 1:
+            st.x_in = x
+        y = nxt(x)
+        if block == d.stats.blocks - 1 and st.x_in is not None:
+            st.rest, st.x_in = (y - st.x_in).detach(), None
+        return y
+
+
+class SyncChecked:
+    """The network with torch.cuda.set_sync_debug_mode("error") around each of its calls: a host
+    sync inside a model call (a .item(), a blocking copy, a data-dependent shape) raises there.
+    The accelerators' per-call hooks outside the network (the step decisions, end_call's one read)
+    are not inside it."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+    def __call__(self, *args, **kwargs):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return self.net(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
 # --- model and data -------------------------------------------------------------------------------
 
 def random_net(config: str, seed: int = 0, std: float = 0.02) -> SCMNet:
@@ -175,6 +253,7 @@ def configurations(args, calibration=None) -> list[dict]:
                      "run": lambda k=k: Turbo4DRun([FixedIntervalAttention(k)])})
         rows.append({"name": f"fixed-chain-k{k}", "family": "fixed",
                      "run": lambda k=k: Turbo4DRun([FixedIntervalChain(k)])})
+    rows += per_call_rows(args)
     # The baseline every accelerator must beat: simply sampling with fewer steps.
     for n in ((3,) if args.tiny else (10, 7, 5, 4, 3, 2)):
         rows.append({"name": f"fewer-steps-{n}", "family": "fewer-steps", "steps": n, "specs": []})
@@ -241,20 +320,74 @@ def configurations(args, calibration=None) -> list[dict]:
     return rows
 
 
+def per_call_rows(args) -> list[dict]:
+    """The per-call levels (block reuse, token reuse): their node presets, block reuse as-is
+    ("block-reuse-asis") beside the forecast (its default), both together (the bound split), each
+    with the step skip (Chain Bypass balanced's whole steps); the FBCache-like baseline beside the
+    DeepCache-like fixed chain."""
+    step = apply_preset([], "step", "balanced")
+    rows = []
+    for lv in ("quality", "balanced", "fast"):
+        for mech, short in (("block_reuse", "block-reuse"), ("token_reuse", "token-reuse")):
+            rows.append({"name": f"{short}-{lv}", "family": "per-call", "specs": apply_preset([], mech, lv)})
+    rows.append({"name": "block-reuse-asis", "family": "per-call",
+                 "specs": [("block_reuse", BlockReuseConfig(forecast=0))]})
+    # Together they share the default bound: half of it each.
+    rows.append({"name": "per-call", "family": "per-call",
+                 "specs": [("block_reuse", BlockReuseConfig(memory_fraction=0.05)),
+                           ("token_reuse", TokenReuseConfig(memory_fraction=0.05))]})
+    for mech, short in (("block_reuse", "block-reuse"), ("token_reuse", "token-reuse")):
+        rows.append({"name": f"{short}+step", "family": "per-call", "specs": step + apply_preset([], mech, "balanced")})
+    # Measured first (drift_prior 0: a span is reused only once it has run twice), alone and with
+    # the step skip's presets.
+    for t in (0.12, 0.25, 0.4):
+        rows.append({"name": f"block-reuse-m-t{t}", "family": "per-call",
+                     "specs": [("block_reuse", BlockReuseConfig(threshold=t, drift_prior=0.0))]})
+    for lv, t in (("quality", 0.12), ("balanced", 0.25), ("fast", 0.4)):
+        rows.append({"name": f"step-{lv}+block-reuse-m-t{t}", "family": "per-call",
+                     "specs": apply_preset([], "step", lv) + [("block_reuse", BlockReuseConfig(threshold=t, drift_prior=0.0))]})
+    for t in (0.05, 0.1, 0.2):
+        rows.append({"name": f"fbcache-t{t}", "family": "fixed", "run": lambda t=t: Turbo4DRun([FirstBlockCache(t)])})
+    return rows
+
+
 def _spec_data(specs) -> list:
     return [[n, c.to_dict() if hasattr(c, "to_dict") else c] for n, c in specs]
 
 
 # --- running --------------------------------------------------------------------------------------
 
-def run_once(net, edm, batch, sigmas, views, frames, row, device):
+def run_once(net, edm, batch, sigmas, views, frames, row, device, sync_check=False):
     if "steps" in row:  # the fewer-steps baseline: the same sampler on a shorter schedule
         sigmas = karras_sigmas(row["steps"], edm.sigma_min, edm.sigma_max, device=sigmas.device)
     run = row["run"]() if "run" in row else build_run(row["specs"])
+    model = SyncChecked(net) if sync_check else net
     with measure(device) as m:
-        x, stats = sample_accelerated(net, edm, None, batch["noise"], sigmas, batch["cond"], batch["camera"],
+        x, stats = sample_accelerated(model, edm, None, batch["noise"], sigmas, batch["cond"], batch["camera"],
                                       views, frames, run=run)
     return x.float().clamp(-1, 1), stats, m
+
+
+def sync_checked_warmup(net, edm, batch, sigmas, views, frames, row, device) -> str:
+    """One untimed run with every model call under torch.cuda.set_sync_debug_mode("error"): "none"
+    when no call synced, else where the first one did (the run is then repeated unchecked)."""
+    if torch.device(device).type != "cuda":
+        run_once(net, edm, batch, sigmas, views, frames, row, device)
+        return "not checked (CPU)"
+    try:
+        run_once(net, edm, batch, sigmas, views, frames, row, device, sync_check=True)
+        return "none"
+    except RuntimeError as e:
+        import traceback
+
+        torch.cuda.set_sync_debug_mode(0)
+        where = [f for f in traceback.extract_tb(e.__traceback__) if "turbo_core" in f.filename or "bench" in f.filename]
+        site = f"{where[-1].filename.split('/')[-1]}:{where[-1].lineno} {where[-1].line}" if where else "?"
+        print(f"  host sync inside a model call ({row['name']}): {str(e).splitlines()[0][:100]} at {site}", flush=True)
+    # Out of the except clause: the exception's frames (and the activations they hold) can go.
+    gc.collect()
+    run_once(net, edm, batch, sigmas, views, frames, row, device)
+    return site
 
 
 def bench(args, net, edm, batch, views, frames, steps, device, rows, log) -> list[dict]:
@@ -263,7 +396,15 @@ def bench(args, net, edm, batch, views, frames, steps, device, rows, log) -> lis
     batch = {k: (v.to(dtype) if k in ("noise", "cond") else v) for k, v in batch.items()}
     results, ref = [], None
     for row in rows:
-        for _ in range(args.warmup):  # kernels for this configuration's shapes, allocator pools
+        # What a previous row left (an exception's frames hold its activations until collected)
+        # must not count in this row's peak memory.
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        # Kernels for this configuration's shapes, allocator pools; the first warm-up run checks
+        # that no model call syncs with the host.
+        syncs = sync_checked_warmup(net, edm, batch, sigmas, views, frames, row, device)
+        for _ in range(args.warmup - 1):
             run_once(net, edm, batch, sigmas, views, frames, row, device)
         times, peaks = [], []
         for _ in range(args.repeats):
@@ -289,12 +430,17 @@ def bench(args, net, edm, batch, views, frames, steps, device, rows, log) -> lis
             "chains_bypassed": s["chains_bypassed"], "chains_total": s["chains_total"],
             "cache_hits": s["cache_hits"], "cache_misses": s["cache_misses"],
             "sequences_computed": s["sequences_computed"], "sequences_total": s["sequences_total"],
-            "cache_memory_peak_mb": s["cache_memory_peak_mb"],
+            "cache_memory_peak_mb": s["cache_memory_peak_mb"], "cache_bound_mb": s["cache_bound_mb"],
+            "model_calls_run": s["model_calls_run"], "model_calls": s["model_calls"],
+            "tokens_computed": s["tokens_computed"], "tokens_offered": s["tokens_offered"],
+            "blocks_reused": s["blocks_reused"], "spans_reused": s["spans_reused"],
+            "host_sync_in_call": syncs,
         }
         results.append(res)
         log(f"{row['name']:<44} {seconds:8.3f}s  compute {stats.compute_fraction:6.3f}  "
             f"PSNR/full {_fmt(res['psnr_vs_full'])}  PSNR/gt {res['psnr_vs_gt']:.2f}  "
-            f"peak {_fmt(res['peak_memory_mb'], 0)} MB  cache {s['cache_memory_peak_mb']:.1f} MB")
+            f"peak {_fmt(res['peak_memory_mb'], 0)} MB  cache {s['cache_memory_peak_mb']:.1f} MB  "
+            f"calls {s['model_calls_run']}/{s['model_calls']}  syncs-in-call {syncs}")
     t_full = results[0]["seconds"]
     for r in results:
         r["speedup"] = t_full / r["seconds"] if r["seconds"] > 0 else None
@@ -309,6 +455,7 @@ def _fmt(v, nd=2):
 
 COLORS = {"full": (0, 0, 0), "cache": (200, 90, 20), "prune": (40, 160, 40), "bypass": (30, 30, 210),
           "turbo4d": (150, 30, 150), "fixed": (120, 120, 120), "fewer-steps": (0, 140, 200),
+          "per-call": (0, 170, 170),
           "sweep-step": (100, 100, 255), "sweep-cache": (230, 170, 120),
           "sweep-prune": (140, 210, 140), "sweep-bypass": (140, 140, 240), "sweep-turbo4d": (210, 140, 210)}
 
@@ -440,6 +587,10 @@ def main(argv=None) -> int:
         for lv in ("quality", "balanced", "fast"):  # presets set on the embedded model, as they ship
             rows.append({"name": f"bypass-{lv}", "family": "bypass", "specs": apply_preset([], "step", lv)})
             rows.append({"name": f"turbo4d-{lv}", "family": "turbo4d", "specs": turbo4d_specs(lv)})
+        rows += per_call_rows(args)
+        for k in (2, 3):
+            rows.append({"name": f"fixed-chain-k{k}", "family": "fixed",
+                         "run": lambda k=k: Turbo4DRun([FixedIntervalChain(k)])})
         for n in (25, 10, 5, 3):
             rows.append({"name": f"fewer-steps-{n}", "family": "fewer-steps", "steps": n, "specs": []})
         if calibration is not None:

@@ -11,11 +11,13 @@ import argparse
 import torch
 
 from bench.bench_accel import DEFAULT_MODEL, HELD_OUT_SEED, load_net, make_batch
+from turbo_core.accel.block_reuse import BlockReuseConfig
 from turbo_core.accel.bypass import ChainBypassConfig
 from turbo_core.accel.cache import RollingCacheConfig
 from turbo_core.accel.presets import turbo4d_specs
 from turbo_core.accel.prune import TokenPrunerConfig
 from turbo_core.accel.script import sample_accelerated
+from turbo_core.accel.token_reuse import TokenReuseConfig
 from turbo_core.diffusion import EDM, karras_sigmas
 from turbo_core.metrics import measure
 
@@ -23,7 +25,11 @@ NEVER_SKIP = {
     "cache (never reuses)": [("cache", RollingCacheConfig(threshold=1e-12, start_percent=0.0))],
     "prune (keeps all)": [("prune", TokenPrunerConfig(keep_start=1.0, keep_end=1.0, adapt=0.0, start_percent=0.0))],
     "bypass (never bypasses)": [("bypass", ChainBypassConfig(threshold=1e-12, start_percent=0.0))],
+    "block_reuse (never reuses)": [("block_reuse", BlockReuseConfig(threshold=0.0))],
+    "token_reuse (keeps all)": [("token_reuse", TokenReuseConfig(keep_min=1.0))],
 }
+PER_CALL = {"block-reuse": [("block_reuse", BlockReuseConfig())],
+            "token-reuse": [("token_reuse", TokenReuseConfig())]}
 
 
 def main(argv=None) -> int:
@@ -34,6 +40,7 @@ def main(argv=None) -> int:
     ap.add_argument("--scenes", type=int, default=None)
     ap.add_argument("--preset", default="balanced")
     ap.add_argument("--rows", type=int, default=18)
+    ap.add_argument("--per-call", action="store_true", help="profile block and token reuse, not a preset")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -54,7 +61,9 @@ def main(argv=None) -> int:
     def run(specs):
         return sample_accelerated(net, edm, specs, noise, sigmas, cond, batch["camera"], views, frames)
 
-    configs = {"full": [], **NEVER_SKIP, f"turbo4d-{args.preset}": turbo4d_specs(args.preset)}
+    configs = {"full": [], **NEVER_SKIP}
+    profiled = list(PER_CALL) if args.per_call else [f"turbo4d-{args.preset}"]
+    configs.update(PER_CALL if args.per_call else {profiled[0]: turbo4d_specs(args.preset)})
     for name, specs in configs.items():
         run(specs)
         times = []
@@ -66,7 +75,7 @@ def main(argv=None) -> int:
         print(f"{name:<28} {t * 1000 / args.steps:8.2f} ms/call  compute {st.compute_fraction:.3f}")
     from torch.profiler import ProfilerActivity, profile
 
-    for name in ("full", f"turbo4d-{args.preset}"):
+    for name in ["full"] + profiled:
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=acts) as prof:
             run(configs[name])

@@ -74,25 +74,46 @@ def _percent_inputs(default_start: float, default_end: float) -> list:
     ]
 
 
-def _inputs(node: Node, mechanisms) -> list:
-    """model, preset, each mechanism's settings (defaults from its config), the shared percent window
-    and storage (defaults from the defining mechanism's config), the calibration file."""
-    d = mechanisms[0].config()
-    out = [io.Model.Input("model", tooltip="A Turbo4D model (from Turbo4D Model Loader or another Turbo4D node)."),
-           io.Combo.Input("preset", options=PRESETS, default="balanced", tooltip=PRESET_TIP)]
+def _setting_inputs(mechanisms, shown: set, optional: bool = False) -> list:
+    out = []
     for mech in mechanisms:
         defaults = mech.config()
         for s in mech.settings:
+            if s.name in shown:  # alternatives share a setting (threshold, max_age): one input
+                continue
+            shown.add(s.name)
             if s.step is None:
                 out.append(io.Int.Input(s.name, default=getattr(defaults, s.name), min=s.min, max=s.max,
-                                        tooltip=s.tooltip))
+                                        tooltip=s.tooltip, optional=optional))
             else:
                 out.append(io.Float.Input(s.name, default=getattr(defaults, s.name), min=s.min, max=s.max,
-                                          step=s.step, tooltip=s.tooltip))
+                                          step=s.step, tooltip=s.tooltip, optional=optional))
+    return out
+
+
+def _inputs(node: Node, mechanisms) -> list:
+    """model, preset, each mechanism's settings (defaults from its config), the shared percent window
+    and storage (defaults from the defining mechanism's config), the calibration file; then, on a
+    node with methods, the method and the settings only its alternatives have (last and optional,
+    so that workflows and API prompts written before a node had methods load and run: with the
+    default method and the config's defaults)."""
+    d = mechanisms[0].config()
+    alternatives = {name for _, name in node.methods}
+    out = [io.Model.Input("model", tooltip="A Turbo4D model (from Turbo4D Model Loader or another Turbo4D node)."),
+           io.Combo.Input("preset", options=PRESETS, default="balanced", tooltip=PRESET_TIP)]
+    shown: set = set()
+    out += _setting_inputs([x for x in mechanisms if x is mechanisms[0] or x.name not in alternatives], shown)
     out += _percent_inputs(d.start_percent, d.end_percent)
     out.append(io.Combo.Input("storage", options=STORAGE, default=d.storage, tooltip=STORAGE_TIP))
     if node.calibration_file:
         out.append(io.String.Input("calibration_file", default="", optional=True, tooltip=CALIBRATION_TIP))
+    if node.methods:
+        labels = [lab for lab, _ in node.methods]
+        out.append(io.Combo.Input("method", options=labels, default=labels[0], optional=True, tooltip=(
+            f"How the node reuses work; the preset or the custom values apply to the chosen one. {labels[0]} "
+            f"(default) is what pays on a GPU (BENCHMARKS.md, 'Per-call levels'); storage applies to "
+            f"{labels[-1]} only (the other keeps its cache in 16 bits on the model's device).")))
+        out += _setting_inputs([x for x in mechanisms if x.name in alternatives], shown, optional=True)
     return out
 
 
@@ -133,12 +154,12 @@ def accelerator_node(node: Node, mechanisms) -> type:
                          description=node.description, inputs=_inputs(node, mechanisms),
                          outputs=[io.Model.Output(display_name="MODEL"), io.String.Output(display_name="settings")])
 
-    def execute(cls, model, preset, storage, calibration_file: str = "", **values) -> io.NodeOutput:
+    def execute(cls, model, preset, storage, calibration_file: str = "", method: str = "", **values) -> io.NodeOutput:
         if calibration_file and calibration_file.strip():
             configs = _calibrated(node, mechanisms, calibration_file)
             return io.NodeOutput(_set(node, mechanisms, model, configs), settings_line(node.title, CUSTOM, configs))
         try:
-            configs = node_configs(node.node_id, preset, {**values, "storage": storage}, storage)
+            configs = node_configs(node.node_id, preset, {**values, "storage": storage}, storage, method or None)
         except ValueError as e:  # config checks name the field; say which node it came from
             raise ValueError(f"{node.title}: {e}") from e
         return io.NodeOutput(_set(node, mechanisms, model, configs), settings_line(node.title, preset, configs))

@@ -1,7 +1,9 @@
 """The "Turbo4D Memory" node: the user's bound on how much GPU memory the accelerators' caches may
 take. MultiView Sampler (SV4D) reads it; without the node the sampler gives the caches whatever
 GPU memory stays free beside the sampling (turbo_core.memory.plan), and keeps the rest in CPU
-memory. The work itself is split into pieces from the free memory either way."""
+memory. The work itself is split into pieces from the free memory either way. The embedded
+model's runs (MultiView Sampler, KSampler) hold their caches to it too (nodes/model.py); the
+per-call levels (block and token reuse) cache no more than it allows, whichever sampler runs."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -30,11 +32,13 @@ class Turbo4DMemory(io.ComfyNode):
             node_id="Turbo4DMemory",
             display_name=NODE,
             category="Turbo4D/accelerate",
-            description="How much GPU memory the accelerators' caches may take; the rest of the cache is kept in CPU "
-                        "memory (slower to reuse). MultiView Sampler (SV4D) reports where the cache was.",
+            description="How much GPU memory the accelerators' caches may take, every sampler and every cache "
+                        "(block and token reuse hold their caches within it; the sub-attention cache and the "
+                        "sequence pruner keep the rest in CPU memory, slower to reuse). The stats line reports "
+                        "the cache against its bound.",
             inputs=[
-                io.Model.Input("model", tooltip="The SV4D model (after the accelerator nodes or before them) that "
-                                                "MultiView Sampler (SV4D) samples."),
+                io.Model.Input("model", tooltip="The Turbo4D or SV4D model (after the accelerator nodes or before "
+                                                "them) that a sampler samples."),
                 io.Float.Input("cache_gpu_gb", default=0.0, min=0.0, max=4096.0, step=0.5,
                                tooltip="GB of GPU memory for the caches. 0 = whatever stays free beside the sampling "
                                        "(the default without this node)."),

@@ -19,6 +19,7 @@ Accelerator contract: accelerator nodes clone the MODEL and store their specs wi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Optional
@@ -35,7 +36,9 @@ import comfy.supported_models_base
 from comfy.patcher_extension import WrappersMP
 
 from turbo_core.accel.registry import build_run
+from turbo_core.accel.stats import MemoryReport
 from turbo_core.diffusion import EDM, call_sigma, per_image_sigma
+from turbo_core.memory import CacheBudget, active_budget, cache_budget
 from turbo_core.models.scm_net import SCMNet
 
 log = logging.getLogger("turbo4d")
@@ -216,10 +219,19 @@ def turbo4d_sample_wrapper(executor, *args, **kwargs):
         torch.cuda.reset_peak_memory_stats(device)
     run.begin()
     to[RUN_KEY] = run
+    # The Turbo4D Memory node's bound (nodes/memory_limit.py) for a run that no sampler planned
+    # memory for (MultiView Sampler (SV4D) sets its own budget from it): every cache of the run,
+    # the per-call levels' included, stays within it on the model's device, the rest in CPU memory.
+    gb = ((to.get(OPTIONS_KEY) or {}).get("memory") or {}).get("cache_gpu_gb") or 0
+    budget = CacheBudget(int(gb * 2**30)) if gb > 0 and active_budget() is None else None
     try:
-        return executor(*args, **kwargs)
+        with cache_budget(budget) if budget is not None else contextlib.nullcontext():
+            return executor(*args, **kwargs)
     finally:
         stats = run.end(torch.cuda.max_memory_allocated(device) if on_cuda else None)
+        if budget is not None:
+            placed = budget.summary()
+            stats.memory = MemoryReport(0, placed["gpu_limit_mb"], placed["gpu_peak_mb"], placed["cpu_peak_mb"])
         stats.notes.extend(n for n in run_notes(guider, to) if n not in stats.notes)
         log.info(stats.format_line())
         sink = to.get(REPORTS_KEY)

@@ -115,3 +115,38 @@ def test_bad_custom_setting_names_the_node_and_field(comfy):
     with pytest.raises(PromptFailed) as e:
         comfy.run(p, timeout=120)
     assert "Semantic Prune" in e.value.message and "start_percent" in e.value.message, e.value.message
+
+
+def memory(node_id, model, gb):
+    return {node_id: {"class_type": "Turbo4DMemory", "inputs": {"model": model, "cache_gpu_gb": gb}}}
+
+
+def test_default_methods_run_the_per_call_levels_within_the_memory_nodes_bound(comfy):
+    # An API prompt written before the nodes had a method (no method input): Turbo4D Cache runs
+    # block reuse, Semantic Prune token reuse; their work and cache bound are in the stats line.
+    # Under a Turbo4D Memory node whose bound is below one cached span, block reuse caches and
+    # reuses nothing, and says so.
+    tiny_gb = 0.5 / 1024  # 0.5 MB: a 16-bit stream of this run is 1.1 MB
+    p = {**loader(), **scene(),
+         **accel("10", "Turbo4DCache", ["1", 0], preset="balanced"),
+         **accel("11", "Turbo4DSemanticPrune", ["1", 0], preset="fast"),
+         **memory("12", ["10", 0], tiny_gb),
+         **sampler("30", ["1", 0]), **sampler("31", ["10", 0]), **sampler("32", ["11", 0]), **sampler("33", ["12", 0]),
+         **report("40", "31", "30"), **report("41", "32", "30"), **report("42", "33", "30")}
+    entry = comfy.run(p, timeout=300)
+    blocks, tokens, bounded = (texts(entry, n)[0] for n in ("31", "32", "33"))
+    reused = re.search(r"(\d+)/(\d+) blocks reused \((\d+) spans? reused, (\d+) run\)", blocks)
+    assert reused and int(reused.group(1)) > 0, blocks
+    cache, bound = map(float, re.search(r"cache ([\d.]+) MB of ([\d.]+) MB bound", blocks).groups())
+    assert 0 < cache <= bound, blocks
+    assert compute_percent(blocks) < 90.0, blocks
+    computed = re.search(r"tokens computed (\d+)/(\d+)", tokens)
+    assert computed and 0 < int(computed.group(1)) < int(computed.group(2)), tokens
+    assert compute_percent(tokens) < 100.0, tokens
+    for n in ("40", "41"):  # within a quality bound of full compute, same seed
+        vs_full = texts(entry, n)[0]
+        assert float(re.search(r"PSNR vs reference ([\d.]+) dB", vs_full).group(1)) >= 25.0, vs_full
+    # The Memory node's bound applies: nothing fits, nothing is reused, and the line shows the bound.
+    assert "blocks reused" not in bounded and compute_percent(bounded) == 100.0, bounded
+    cache, bound = map(float, re.search(r"cache ([\d.]+) MB of ([\d.]+) MB bound", bounded).groups())
+    assert cache == 0.0 and bound <= 0.5, bounded

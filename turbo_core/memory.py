@@ -205,6 +205,14 @@ class CacheBudget:
     def _release(self, place: str, n: int) -> None:
         self.live[place] -= n
 
+    def reserve(self, n: int) -> int:
+        """Sets aside up to `n` bytes of the GPU bound for a cache that allocates its own tensors
+        (the per-call levels, accel/bound.py) for the rest of the run; returns what it got."""
+        n = max(min(int(n), self.gpu_bytes - self.live["gpu"]), 0)
+        self.live["gpu"] += n
+        self.peak["gpu"] = max(self.peak["gpu"], self.live["gpu"])
+        return n
+
     def fits_gpu(self, n: int) -> bool:
         return self.live["gpu"] + n <= self.gpu_bytes
 

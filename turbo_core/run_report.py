@@ -283,9 +283,15 @@ def draw_summary(summary: dict, quality: Optional[dict] = None, width: int = 720
     lines.append(f"block chains bypassed {s.get('chains_bypassed', 0)}/{s.get('chains_total', 0)}, "
                  f"camera+motion sequences pruned {s.get('tokens_pruned_camera_motion', 0)}/"
                  f"{s.get('tokens_total_camera_motion', 0)}")
+    if s.get("blocks_reused") or s.get("tokens_offered"):  # the per-call levels ran
+        lines.append(f"blocks reused {s.get('blocks_reused', 0)}/{s.get('chains_total', 0)} "
+                     f"({s.get('spans_reused', 0)} spans reused, {s.get('spans_run', 0)} run), tokens computed "
+                     f"{s.get('tokens_computed', 0)}/{s.get('tokens_offered', 0)}")
     mem = s.get("peak_memory_mb")
+    bound = s.get("cache_bound_mb")
     lines.append(f"cache hits {s.get('cache_hits', 0)} (misses {s.get('cache_misses', 0)}), cache memory "
-                 f"{s.get('cache_memory_peak_mb', 0):.2f} MB, peak memory "
+                 f"{s.get('cache_memory_peak_mb', 0):.2f} MB"
+                 + ("" if bound is None else f" of {bound:.2f} MB bound") + ", peak memory "
                  + ("n/a (not a CUDA run)" if mem is None else f"{mem:.0f} MB"))
     if quality:
         q = quality

@@ -76,7 +76,16 @@ export function figuresOf(summary, quality, wall) {
   f["tokens pruned"] = `${s.tokens_pruned_camera_motion ?? 0}/${s.tokens_total_camera_motion ?? 0}` +
     pct(s.tokens_pruned_camera_motion, s.tokens_total_camera_motion) + " cam+motion seqs";
   f["cache hits"] = `${s.cache_hits ?? 0} (${s.cache_misses ?? 0} misses)`;
-  f["cache memory"] = `${(s.cache_memory_peak_mb ?? 0).toFixed(2)} MB`;
+  // The per-call levels (block reuse, token reuse): shown when they ran.
+  if (s.blocks_reused) {
+    f["blocks reused"] = `${s.blocks_reused}/${s.chains_total ?? 0}` + pct(s.blocks_reused, s.chains_total) +
+      `, ${s.spans_reused ?? 0} span${s.spans_reused === 1 ? "" : "s"} reused, ${s.spans_run ?? 0} run`;
+  }
+  if (s.tokens_offered) {
+    f["tokens computed"] = `${s.tokens_computed ?? 0}/${s.tokens_offered}` + pct(s.tokens_computed, s.tokens_offered);
+  }
+  f["cache memory"] = `${(s.cache_memory_peak_mb ?? 0).toFixed(2)} MB` +
+    (s.cache_bound_mb != null ? ` of ${s.cache_bound_mb.toFixed(2)} MB bound` : "");
   if (s.notes?.length) f["note"] = s.notes.join("; ");  // e.g. the input resized to the model's size
   if (quality) {
     if (quality.psnr !== undefined) f["PSNR vs full"] = quality.psnr == null ? "exact" : `${quality.psnr.toFixed(2)} dB`;

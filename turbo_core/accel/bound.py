@@ -10,8 +10,9 @@ holds are left out): the bound only errs small. Where the statistics cannot say 
 earlier, larger peak that this call did not raise), an estimate stands in: ESTIMATE_ACTIVATIONS
 tensors of the stream's size, counted.
 
-The Turbo4D Memory node's bound (a `memory.CacheBudget` active around the run) caps it further: a
-run's per-call caches never take more of the GPU than the node allows.
+The Turbo4D Memory node's bound (a `memory.CacheBudget` active around the run) caps it further:
+each per-call cache reserves its bound in the budget when it fixes it, so the run's caches together
+never take more of the GPU than the node allows.
 """
 from __future__ import annotations
 
@@ -71,6 +72,6 @@ class CallBound:
                     ref = ESTIMATE_ACTIVATIONS * stream.numel() * stream.element_size()
                 self.bytes = int(cfg.memory_fraction * ref)
             budget = active_budget()
-            if budget is not None:  # the Turbo4D Memory node's bound, for every cache of the run
-                self.bytes = min(self.bytes, max(budget.gpu_bytes - budget.live["gpu"], 0))
+            if budget is not None:  # the Turbo4D Memory node's bound, shared by every cache of the run
+                self.bytes = budget.reserve(self.bytes)
         return self.bytes

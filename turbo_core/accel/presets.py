@@ -12,19 +12,20 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .cache import RollingCacheConfig
+from .block_reuse import PRESETS as BLOCK_REUSE_PRESETS
 from .mechanisms import PRESET_NAMES, mechanism, names
-from .prune import TokenPrunerConfig
 from .registry import merge_spec, without
 from .step_skip import PRESETS as STEP_PRESETS
 
-# The step skip carries the saving; the cache (and at fast the pruner) work on the calls that run.
+# The step skip carries the saving where it has steps to skip (long schedules); block reuse works on
+# the calls it lets run, and carries the saving on few-step schedules, where there is little to
+# skip (BENCHMARKS.md, "Per-call levels"). The sub-attention cache and the sequence pruner, which
+# cost more than they save on a GPU, are left to their nodes.
 TURBO4D_PRESETS = {
     "off": {},
-    "quality": {"step": STEP_PRESETS["quality"], "cache": RollingCacheConfig(threshold=0.1)},
-    "balanced": {"step": STEP_PRESETS["balanced"], "cache": RollingCacheConfig(threshold=0.2)},
-    "fast": {"step": STEP_PRESETS["fast"], "cache": RollingCacheConfig(threshold=0.3, max_age=5),
-             "prune": TokenPrunerConfig(keep_start=0.45, keep_end=0.3, start_percent=0.1)},
+    "quality": {"step": STEP_PRESETS["quality"], "block_reuse": BLOCK_REUSE_PRESETS["quality"]},
+    "balanced": {"step": STEP_PRESETS["balanced"], "block_reuse": BLOCK_REUSE_PRESETS["balanced"]},
+    "fast": {"step": STEP_PRESETS["fast"], "block_reuse": BLOCK_REUSE_PRESETS["fast"]},
 }
 
 

@@ -1,0 +1,201 @@
+"""Token reuse: a block computed at a subset of token positions is exactly the full block there;
+spans run on the kept tokens skip that share of the camera and motion projections, attention and
+MLP rows and of the spatial queries; the output changes within a bound, no position is reused past
+max_age, the subset sizes come from the fixed buckets, the memory bound holds, nothing syncs with
+the host inside a call, it composes with the step skip, and the statistics are what happened."""
+import pytest
+import torch
+
+from accel_fixtures import CountingAttention, grid_inputs, rel_err, sample, V, F
+from per_call_fixtures import LinearRows, SyncGuarded, cache_probe, plan_probe
+from turbo_core.accel.step_skip import StepSkipConfig
+from turbo_core.accel.registry import build_run
+from turbo_core.accel.token_reuse import TokenReuseConfig, bucket_size
+from turbo_core.dispatch import FullCompute
+from turbo_core.layout import SCMLayout
+
+BIG = 1000.0
+
+
+def apply_token_reuse(specs, cfg):
+    return list(specs) + [("token_reuse", cfg)]
+
+
+@pytest.fixture(scope="module")
+def deep():
+    from turbo_core.models import SCMNet, SCMNetConfig
+
+    torch.manual_seed(5)
+    n = SCMNet(SCMNetConfig(image_size=16, patch_size=2, width=32, depth=4, heads=2))
+    with torch.no_grad():
+        for p in n.parameters():
+            p.normal_(0, 0.05)
+    return n.eval()
+
+
+@pytest.fixture(scope="module")
+def deep_full(deep):
+    return sample(deep, [])[0]
+
+
+def test_block_at_a_subset_of_positions_equals_the_full_block_there(deep):
+    lay = SCMLayout(2, V, F, 8, 8)
+    torch.manual_seed(0)
+    x = torch.randn(lay.images, lay.tokens, 32)
+    temb, cam, frm = (torch.randn(lay.images, 32) for _ in range(3))
+    d = FullCompute(lay, backend="sdpa")
+    blk = deep.blocks[1]
+    captured = {}
+
+    class Probe(FullCompute):
+        def chain(self, block, h, chain, tokens=None):
+            captured["tokens"] = tokens
+            return chain(h)
+
+    y = blk(x, temb, cam, frm, lay, Probe(lay, backend="sdpa"))
+    pos = torch.stack([torch.randperm(lay.tokens)[:20].sort().values, torch.randperm(lay.tokens)[:20].sort().values])
+    part = captured["tokens"](x, pos)
+    expect = torch.stack([y[i][pos[i // (V * F)]] for i in range(lay.images)])
+    assert torch.allclose(part, expect, atol=1e-5), (part - expect).abs().max()
+    every = captured["tokens"](x, torch.arange(lay.tokens).expand(2, -1))
+    assert torch.allclose(every, y, atol=1e-5)
+    del d
+
+
+@pytest.mark.parametrize("cfg", [dict(threshold=0.0), dict(keep_min=1.0)])
+def test_never_reusing_equals_full_compute(deep, deep_full, cfg):
+    # threshold 0 is the off switch; keep_min 1 keeps every position (the whole machinery runs).
+    x, st = sample(deep, apply_token_reuse([], TokenReuseConfig(max_cache_mb=BIG, **cfg)))
+    assert torch.equal(x, deep_full)
+    assert st.summary()["tokens_computed"] == 0
+
+
+def test_reuse_skips_projections_mlp_and_attention_within_bound(deep, deep_full):
+    cfg = TokenReuseConfig(threshold=1.0, spans=1, max_cache_mb=BIG)
+    ref_rows = LinearRows(deep)
+    ref_count = CountingAttention()
+    sample(deep, [], backend=ref_count)
+    ref_rows.close()
+    rows, counting = LinearRows(deep), CountingAttention()
+    run = build_run(apply_token_reuse([], cfg), backend=counting)
+    plans = plan_probe(run, "token_reuse")
+    x, st = sample(deep, None, run=run)
+    rows.close()
+    s = st.summary()
+    assert plans[-1][0] == [(1, 3)]
+    assert 0 < s["tokens_computed"] < s["tokens_offered"]
+    skipped = s["tokens_offered"] - s["tokens_computed"]  # image tokens not run through a block
+    for key in ("camera.proj", "motion.proj", "mlp", "spatial.proj"):
+        # Every per-token layer ran exactly the kept tokens (spatial: its queries' output projection).
+        assert rows.rows[key] == ref_rows.rows[key] - skipped, key
+    # The spatial norm runs on every token once (the keys and values read all of them).
+    assert rows.rows["spatial.norm"] == ref_rows.rows["spatial.norm"]
+    # Camera and motion attention ran only the kept positions' sequences.
+    lay = deep.token_layout(V * F, V, F)
+    for length, per_seq_tokens in ((V, V), (F, F)):
+        assert counting.sequences[length] == ref_count.sequences[length] - skipped // per_seq_tokens
+    assert 0 < rel_err(x, deep_full) < 0.05
+    assert st.compute_fraction < 0.9
+    del lay
+
+
+def test_no_position_is_reused_past_max_age(deep):
+    for max_age in (1, 3):
+        cfg = TokenReuseConfig(threshold=10.0, spans=1, max_age=max_age, max_cache_mb=BIG, weigh_output=False)
+        run = build_run(apply_token_reuse([], cfg))
+        acc = run.accelerators[0]
+        ages = []
+
+        def listener(stats, entry):
+            if entry is None:
+                return
+            for st in acc.streams.values():
+                for e in st.entries.values():
+                    ages.append((entry["step"], int((entry["step"] - e.at).max())))
+
+        run.listeners.append(listener)
+        x, st = sample(deep, None, run=run)
+        assert ages and max(a for _, a in ages) <= max_age, (max_age, ages)
+        assert max(a for _, a in ages) == max_age  # the bound is reached, and held
+        assert st.summary()["tokens_computed"] < st.summary()["tokens_offered"]
+
+
+def test_subset_sizes_come_from_the_buckets(deep):
+    cfg = TokenReuseConfig(threshold=0.5, spans=1, buckets=4, max_cache_mb=BIG)
+    sizes = set()
+    net_tokens = deep.cfg.grid ** 2
+
+    class Sizes(CountingAttention):
+        def __call__(self, q, k, v):
+            if q.shape[-2] != k.shape[-2]:
+                sizes.add(q.shape[-2])
+            return super().__call__(q, k, v)
+
+    sample(deep, apply_token_reuse([], cfg), backend=Sizes())
+    assert sizes and sizes <= {net_tokens // 4, net_tokens // 2, 3 * net_tokens // 4}
+    assert bucket_size(1, 64, 4) == 16 and bucket_size(17, 64, 4) == 32 and bucket_size(64, 64, 4) == 64
+    assert bucket_size(5, 10, 3) == 8 and bucket_size(9, 10, 3) == 10
+
+
+def test_memory_bound_is_never_exceeded(deep):
+    lay = deep.token_layout(V * F, V, F)
+    per_span = lay.images * lay.tokens * (32 + 4) * 2 + lay.batch * lay.tokens * 4
+    for mb, spans in ((per_span * 1.5 / 2**20, 1), (per_span * 3.1 / 2**20, 3), (per_span * 0.9 / 2**20, 0)):
+        run = build_run(apply_token_reuse([], TokenReuseConfig(threshold=1.0, max_cache_mb=mb)))
+        seen = cache_probe(run)
+        plans = plan_probe(run, "token_reuse")
+        x, st = sample(deep, None, run=run)
+        assert len(plans[-1][0]) == spans
+        assert max(seen) <= mb * 2**20
+        if spans == 0:
+            assert st.summary()["tokens_computed"] == 0
+
+
+def test_no_host_sync_inside_a_call(deep):
+    x, st = sample(SyncGuarded(deep), apply_token_reuse([], TokenReuseConfig(threshold=1.0, max_cache_mb=BIG)))
+    assert st.summary()["tokens_computed"] > 0
+
+
+def test_composes_with_the_step_skip(deep):
+    def step(t):
+        return StepSkipConfig(step_threshold=t, start_percent=0.0, end_percent=1.0, kappa_prior=0.4,
+                              step_max_skips=10_000)
+
+    alone, st_alone = sample(deep, [("step", step(0.5))])
+    x, st = sample(deep, [("step", step(0.5))] + apply_token_reuse([], TokenReuseConfig(max_cache_mb=BIG)))
+    assert st.calls_aside["token_reuse"] == 1 and st.summary()["tokens_computed"] == 0
+    assert torch.equal(x, alone)
+    alone, st_alone = sample(deep, [("step", step(0.1))])
+    x, st = sample(deep, [("step", step(0.1))] + apply_token_reuse(
+        [], TokenReuseConfig(threshold=1.0, max_age=8, max_cache_mb=BIG)))
+    assert st.summary()["model_calls_run"] == st_alone.summary()["model_calls_run"]
+    assert st.summary()["tokens_computed"] > 0
+    assert st.compute_fraction < st_alone.compute_fraction
+    assert 0 < rel_err(x, alone) < 0.02
+
+
+def test_config_errors():
+    for bad in (dict(keep_min=0.0), dict(keep_min=1.5), dict(buckets=0), dict(max_age=0), dict(threshold=-1),
+                dict(drift_prior=-1), dict(memory_fraction=2.0), dict(spans=-1)):
+        with pytest.raises(ValueError, match="TokenReuseConfig"):
+            TokenReuseConfig(**bad)
+
+
+def test_interrupted_run_leaves_nothing_and_next_run_is_fresh(deep):
+    from turbo_core.accel.block_reuse import BlockReuseConfig
+
+    for specs in (apply_token_reuse([], TokenReuseConfig(threshold=1.0, max_cache_mb=BIG)),
+                  [("block_reuse", BlockReuseConfig(threshold=0.5, max_cache_mb=BIG))]):
+        run = build_run(specs)
+
+        def interrupt(i, x, den):
+            if i == 6:
+                raise RuntimeError("interrupted by the user")
+
+        with pytest.raises(RuntimeError, match="interrupted"):
+            sample(deep, None, run=run, callback=interrupt)
+        assert all(a.cache_bytes() == 0 and not a.streams for a in run.accelerators)
+        again, st_again = sample(deep, None, run=run)  # the same run object, reused
+        fresh, st_fresh = sample(deep, specs)
+        assert torch.equal(again, fresh)
+        assert st_again.summary() | {"seconds": 0} == st_fresh.summary() | {"seconds": 0}
