@@ -194,8 +194,8 @@ def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2
     (c_in = 1/sqrt(s^2+1), c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_noise = ln(s)/4).
     `calls` stops after that many steps (per-call timing). Returns (per-step ms, breakdowns,
     RunStats); the final sample is appended to `sample_out` when given. `sync_check` (a list): the
-    run's model calls run under torch.cuda.set_sync_debug_mode("error"), and what it raised (or
-    "ok") is appended; the run goes on without the check after a failure."""
+    run's model calls run under torch.cuda.set_sync_debug_mode("error"), what each raised (or that
+    it did not) appended; the first that raises ends the run."""
     from turbo_core.diffusion import v_prediction_space
     from turbo_core.sampling_plans import edm_sigmas
 
@@ -231,13 +231,13 @@ def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2
                                    cond["context"], cond["y"], cond["cond_view"], views, frames,
                                    dispatch=timed_dispatch(d, timer) if timer else d, memory=memory)
 
-                    if sync_check is not None and not sync_check and cuda:
+                    if sync_check is not None and cuda:
                         torch.cuda.set_sync_debug_mode("error")
                         try:
                             f = run.model_call(d, xin, network, space)
-                            sync_check.append("ok")
+                            sync_check.append(f"call {i}: no host sync")
                         except RuntimeError as e:
-                            sync_check.append(str(e)[:300])
+                            sync_check.append(f"call {i}: {str(e)[:300]}")
                             raise
                         finally:
                             torch.cuda.set_sync_debug_mode(0)
@@ -384,7 +384,10 @@ def percall(args, dev, dtype, emit):
     euler_cfg_run(net, frames, views, args.side, 6, [], dev, dtype, calls=2)  # warm-up
     for steps in args.percall_steps:
         ref, full_s = None, None
-        for label, specs, timed_row in percall_rows(steps):
+        rows = percall_rows(steps)
+        if args.percall_rows:  # the full row first, always: it is the reference
+            rows = [r for r in rows if r[0] == "full" or r[0] in args.percall_rows]
+        for label, specs, timed_row in rows:
             if time.perf_counter() > args.deadline:
                 emit({"steps": steps, "row": label, "skipped": "deadline"})
                 continue
@@ -392,9 +395,21 @@ def percall(args, dev, dtype, emit):
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            out, sync = [], ([] if specs else None)
-            ms, _, stats = euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, sample_out=out,
-                                         sync_check=sync)
+            sync = None
+            if cuda and label == "block reuse balanced" and steps == min(args.percall_steps):
+                # Three calls (a store, then reuses) under set_sync_debug_mode("error"), apart from
+                # the timed run: a sync raises there, and the row records it instead of failing.
+                sync = []
+                try:
+                    euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, calls=3, sync_check=sync)
+                except RuntimeError as e:
+                    if not sync:
+                        sync.append(str(e)[:300])
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            out = []
+            ms, _, stats = euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, sample_out=out)
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
             parts = None
             if timed_row:  # the same run again, timed per category (the events cost a little)
@@ -410,7 +425,7 @@ def percall(args, dev, dtype, emit):
                    "spans_reused": stats.spans_reused, "spans_run": stats.spans_run,
                    "blocks_reused": stats.blocks_reused, "calls_aside": dict(stats.calls_aside),
                    "cache_mb": summ["cache_memory_peak_mb"], "cache_bound_mb": summ.get("cache_bound_mb"),
-                   "ms_per_step": [round(m, 1) for m in ms], "sync_check": sync and sync[0],
+                   "ms_per_step": [round(m, 1) for m in ms], "sync_check": sync,
                    "specs": [(n, c.to_dict() if hasattr(c, "to_dict") else c) for n, c in specs]}
             if parts:
                 row["breakdown_ms_per_step"] = mean_parts(parts)
@@ -547,6 +562,7 @@ def main():
     ap.add_argument("--percall", action="store_true", help="block reuse on the UNet's spans, alone, with the step "
                                                            "skip and in the presets (SV4D 2.0 12 x 4)")
     ap.add_argument("--percall-steps", type=int, nargs="+", default=[6, 50])
+    ap.add_argument("--percall-rows", nargs="*", default=[], help="only these rows (by label) and full")
     ap.add_argument("--presets", nargs="+", default=["quality", "balanced", "fast"])
     ap.add_argument("--steps", type=int, default=0, help="override the reference step counts (smoke tests)")
     ap.add_argument("--baseline-calls", type=int, default=5, help="full-compute calls timed (x steps)")
