@@ -315,3 +315,30 @@ def test_a_span_whose_last_block_is_skipped_is_dropped_not_reused():
         else:
             assert torch.all(h == 4.0)  # run or reused, always the real four blocks' sum
     run.end()
+
+
+def test_cache_and_prune_nodes_default_to_the_per_call_levels_with_the_old_methods_a_choice():
+    from turbo_core.accel.cache import RollingCacheConfig
+    from turbo_core.accel.mechanisms import node_configs
+    from turbo_core.accel.prune import TokenPrunerConfig
+    from turbo_core.accel.token_reuse import TokenReuseConfig
+
+    assert node_configs("Turbo4DCache", "balanced") == {"block_reuse": BlockReuseConfig(threshold=0.25), "cache": None}
+    old = node_configs("Turbo4DCache", "fast", storage="fp16", method="sub-attention cache")
+    assert old["block_reuse"] is None and old["cache"].storage == "fp16" and isinstance(old["cache"], RollingCacheConfig)
+    # Custom: the shared inputs (threshold, max_age, the window) go to the chosen method only; the
+    # other method's own inputs (storage) are left out of it.
+    custom = node_configs("Turbo4DCache", "custom", dict(threshold=0.3, max_age=4, start_percent=0.1,
+                                                         end_percent=0.9, storage="native"), "native")
+    assert custom == {"block_reuse": BlockReuseConfig(threshold=0.3, max_age=4, start_percent=0.1, end_percent=0.9),
+                      "cache": None}
+    prune = node_configs("Turbo4DSemanticPrune", "custom", dict(keep_start=0.5, keep_end=0.3, saliency=0.5,
+                                                                max_age=6, threshold=0.4, keep_min=0.5),
+                         method="sequence prune")
+    assert prune["token_reuse"] is None
+    assert prune["prune"] == TokenPrunerConfig(keep_start=0.5, keep_end=0.3, saliency=0.5, max_age=6)
+    assert node_configs("Turbo4DSemanticPrune", "quality")["token_reuse"] == TokenReuseConfig(threshold=0.15)
+    with pytest.raises(ValueError, match="unknown method"):
+        node_configs("Turbo4DCache", "balanced", method="nonsense")
+    with pytest.raises(ValueError, match="unknown settings"):
+        node_configs("Turbo4DCache", "custom", dict(treshold=0.3))

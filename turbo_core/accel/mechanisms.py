@@ -236,6 +236,12 @@ def node_configs(node_id: str, preset: str, values: Optional[dict] = None,
             if unknown:
                 raise ValueError(f"unknown settings {unknown}; known: {sorted(shown)}")
             own = set().union(*({f.name for f in dataclasses.fields(m.config)} for m in active))
+            # A setting only an alternative shows (token reuse's keep_min on Semantic Prune) is that
+            # alternative's, even where another method's config has a field of the same name.
+            first = {x.name for x in members[0].settings}
+            for m in members[1:]:
+                if m.name in alternatives and m.name != chosen:
+                    own -= {x.name for x in m.settings} - first
             values = {k: v for k, v in values.items() if k in own}
         configs = split_settings(active, values)
     else:
