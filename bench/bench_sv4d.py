@@ -14,6 +14,10 @@ sampling, input and output convolutions) and the rest, by CUDA events around the
 sub-attentions and the convolution modules (attention time includes the accelerators' own work on
 it; a bypassed block's time is in "rest"), peak memory, and RunStats' per-level work.
 
+--percall: block reuse on the UNet's nested spans (SV4DUNet.spans) alone, with the step skip and
+in the presets, SV4D 2.0 12 x 4 at 6 and 50 steps; speedup against full compute in the same
+process, PSNR of the final latent against full compute, peak memory.
+
 --memory: SV4D's 21 frames x 9 views at 576 in one pass (with CFG: 378 images) without Turbo4D's
 memory pieces, with them, and with the fast preset's caches under a CacheBudget; then the most
 frames that fit at 9 and at 4 views, with and without the pieces.
@@ -185,11 +189,14 @@ def sv4d_conditioning(frames, views, side, device, dtype, seed=0):
 
 
 def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2.0, timer=None, memory=None,
-                  calls=None, seed=0, progress=False):
+                  calls=None, seed=0, progress=False, sample_out=None, sync_check=None):
     """Euler EDM sampling of one pass with CFG batched (b = 2), SV4D's V-prediction EDM denoiser
     (c_in = 1/sqrt(s^2+1), c_skip = 1/(s^2+1), c_out = -s/sqrt(s^2+1), c_noise = ln(s)/4).
     `calls` stops after that many steps (per-call timing). Returns (per-step ms, breakdowns,
-    RunStats)."""
+    RunStats); the final sample is appended to `sample_out` when given. `sync_check` (a list): the
+    run's model calls run under torch.cuda.set_sync_debug_mode("error"), what each raised (or that
+    it did not) appended; the first that raises ends the run."""
+    from turbo_core.diffusion import v_prediction_space
     from turbo_core.sampling_plans import edm_sigmas
 
     cond = sv4d_conditioning(frames, views, side, device, dtype, seed)
@@ -215,11 +222,27 @@ def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2
 
                 def denoise():  # one sampler step: the CFG-batched call, combined
                     d = run.dispatch(lay, s, sigmas, blocks=net.blocks, dtype=dtype, device=device, work=work)
-                    xin = torch.cat([(x * c_in).to(dtype)] * 2)
-                    f = net(torch.cat([xin, cond["concat"]], 1),
-                            torch.full((2 * n,), 0.25 * math.log(s), device=device),
-                            cond["context"], cond["y"], cond["cond_view"], views, frames,
-                            dispatch=timed_dispatch(d, timer) if timer else d, memory=memory)
+                    xin = torch.cat([torch.cat([(x * c_in).to(dtype)] * 2), cond["concat"]], 1)
+                    # Through the accelerators' call hooks, as the ComfyUI adapter calls it (block
+                    # reuse plans its spans there), with the call's v-prediction output space.
+                    space = v_prediction_space(xin, torch.full((2 * n,), s, device=device), 4)
+                    def network():
+                        return net(xin, torch.full((2 * n,), 0.25 * math.log(s), device=device),
+                                   cond["context"], cond["y"], cond["cond_view"], views, frames,
+                                   dispatch=timed_dispatch(d, timer) if timer else d, memory=memory)
+
+                    if sync_check is not None and cuda:
+                        torch.cuda.set_sync_debug_mode("error")
+                        try:
+                            f = run.model_call(d, xin, network, space)
+                            sync_check.append(f"call {i}: no host sync")
+                        except RuntimeError as e:
+                            sync_check.append(f"call {i}: {str(e)[:300]}")
+                            raise
+                        finally:
+                            torch.cuda.set_sync_debug_mode(0)
+                    else:
+                        f = run.model_call(d, xin, network, space)
                     run.end_call(d)
                     u, c = (c_skip * torch.cat([x, x]) + c_out * f.float()).chunk(2)
                     return u + scale * (c - u)
@@ -242,6 +265,8 @@ def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2
     finally:
         stats = run.end(torch.cuda.max_memory_allocated() if cuda else None)
     assert torch.isfinite(x).all(), "the sample is not finite"
+    if sample_out is not None:
+        sample_out.append(x)
     return step_ms, parts, stats
 
 
@@ -301,6 +326,111 @@ def breakdown(args, dev, dtype, emit):
         del net
         if dev == "cuda":
             torch.cuda.empty_cache()
+
+
+# --- the per-call levels (block reuse on the UNet's spans) ---------------------------------------
+def latent_psnr(x, ref) -> float:
+    """PSNR of a final latent against the full-compute one, per image, the peak being the full
+    compute latent's range (max - min): there is no VAE in this benchmark, and random weights give
+    latents of no fixed range."""
+    from turbo_core.metrics import finite_mean, psnr
+
+    rng = float(ref.max() - ref.min())
+    return round(finite_mean(psnr(x.float(), ref.float(), data_range=rng)), 2)
+
+
+def percall_rows(steps):
+    """(label, specs, timed breakdown) rows of --percall at `steps`, the most wanted first."""
+    from turbo_core.accel.block_reuse import PRESETS as BR, BlockReuseConfig
+    from turbo_core.accel.step_skip import PRESETS as STEP
+
+    def br(**kw):
+        return ("block_reuse", BlockReuseConfig(**kw))
+
+    # Composing with the step skip: reuse across the calls it skips (max_skipped), further apart.
+    def across(age):
+        return ("block_reuse", BlockReuseConfig(threshold=0.4, max_age=age, max_skipped=age - 1))
+
+    few = steps <= 10  # the variants and the timed breakdowns only where a row is cheap
+    rows = [("full", [], few), ("block reuse balanced", [("block_reuse", BR["balanced"])], few),
+            ("step skip fast", [("step", STEP["fast"])], False),
+            ("Turbo4D fast", turbo4d_specs("fast"), False),
+            ("step skip fast + block reuse across skips (max_age 6)", [("step", STEP["fast"]), across(6)], False),
+            ("step skip fast + block reuse across skips (max_age 20)", [("step", STEP["fast"]), across(20)], False),
+            ("step skip balanced + block reuse across skips (max_age 20)",
+             [("step", STEP["balanced"]), across(20)], False),
+            ("step skip fast + block reuse balanced", [("step", STEP["fast"]), ("block_reuse", BR["balanced"])], False),
+            ("step skip balanced", [("step", STEP["balanced"])], False)]
+    rows += [(f"Turbo4D {p}", turbo4d_specs(p), False) for p in ("balanced", "quality")]
+    if few:
+        rows += [("block reuse fast", [("block_reuse", BR["fast"])], False),
+                 ("block reuse as-is, bound 0.25", [br(threshold=0.25, forecast=0, memory_fraction=0.25)], False),
+                 ("block reuse forecast, bound 0.25", [br(threshold=0.25, forecast=1, memory_fraction=0.25)], False)]
+    return rows
+
+
+def percall(args, dev, dtype, emit):
+    """Whole SV4D 2.0 12 x 4 runs (CFG batched) at each of --percall-steps: full compute, block
+    reuse on the UNet's spans alone, with the step skip, the presets: latency and speedup against
+    full compute in the same process, PSNR of the final latent vs full, peak memory, cache memory,
+    spans reused; a CUDA-event breakdown per step for the rows marked so."""
+    import gc
+
+    frames, views = GRIDS["sv4d2"]
+    torch.manual_seed(0)
+    net = make_net("sv4d2", args, dev, dtype)
+    timer = Timer(net, dev)
+    cuda = dev == "cuda"
+    euler_cfg_run(net, frames, views, args.side, 6, [], dev, dtype, calls=2)  # warm-up
+    for steps in args.percall_steps:
+        ref, full_s = None, None
+        rows = percall_rows(steps)
+        if args.percall_rows:  # the full row first, always: it is the reference
+            rows = [r for r in rows if r[0] == "full" or r[0] in args.percall_rows]
+        for label, specs, timed_row in rows:
+            if time.perf_counter() > args.deadline:
+                emit({"steps": steps, "row": label, "skipped": "deadline"})
+                continue
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            sync = None
+            if cuda and label == "block reuse balanced" and steps == min(args.percall_steps):
+                # Three calls (a store, then reuses) under set_sync_debug_mode("error"), apart from
+                # the timed run: a sync raises there, and the row records it instead of failing.
+                sync = []
+                try:
+                    euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, calls=3, sync_check=sync)
+                except RuntimeError as e:
+                    if not sync:
+                        sync.append(str(e)[:300])
+                gc.collect()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            out = []
+            ms, _, stats = euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, sample_out=out)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            parts = None
+            if timed_row:  # the same run again, timed per category (the events cost a little)
+                _, parts, _ = euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, timer=timer)
+            total = sum(ms) / 1000
+            if ref is None:
+                ref, full_s = out[0], total
+            summ = stats.summary()
+            row = {"steps": steps, "row": label, "latency_s": round(total, 3),
+                   "speedup": round(full_s / total, 2), "psnr_vs_full": None if label == "full" else latent_psnr(out[0], ref),
+                   "peak_gb": None if peak is None else round(peak, 2),
+                   "model_calls_run": summ["model_calls_run"], "compute_fraction": summ["compute_fraction"],
+                   "spans_reused": stats.spans_reused, "spans_run": stats.spans_run,
+                   "blocks_reused": stats.blocks_reused, "calls_aside": dict(stats.calls_aside),
+                   "cache_mb": summ["cache_memory_peak_mb"], "cache_bound_mb": summ.get("cache_bound_mb"),
+                   "ms_per_step": [round(m, 1) for m in ms], "sync_check": sync,
+                   "specs": [(n, c.to_dict() if hasattr(c, "to_dict") else c) for n, c in specs]}
+            if parts:
+                row["breakdown_ms_per_step"] = mean_parts(parts)
+            emit(row)
+    timer.close()
 
 
 # --- memory ------------------------------------------------------------------------------------
@@ -429,6 +559,10 @@ def main():
     ap.add_argument("--backends", nargs="+", default=["sdpa", "chunked-sdpa"], choices=list(BACKENDS))
     ap.add_argument("--breakdown", action="store_true", help="whole runs, per-step breakdown, presets")
     ap.add_argument("--memory", action="store_true", help="one-pass memory of 21 x 9 and the largest grids")
+    ap.add_argument("--percall", action="store_true", help="block reuse on the UNet's spans, alone, with the step "
+                                                           "skip and in the presets (SV4D 2.0 12 x 4)")
+    ap.add_argument("--percall-steps", type=int, nargs="+", default=[6, 50])
+    ap.add_argument("--percall-rows", nargs="*", default=[], help="only these rows (by label) and full")
     ap.add_argument("--presets", nargs="+", default=["quality", "balanced", "fast"])
     ap.add_argument("--steps", type=int, default=0, help="override the reference step counts (smoke tests)")
     ap.add_argument("--baseline-calls", type=int, default=5, help="full-compute calls timed (x steps)")
@@ -444,12 +578,13 @@ def main():
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    if args.breakdown or args.memory:
+    if args.breakdown or args.memory or args.percall:
         args.deadline = time.perf_counter() + args.budget_s
         dev = args.device
         dtype = torch.bfloat16 if dev == "cuda" else torch.float32
         rows = []
-        out = args.out or f"bench/results/sv4d_{'breakdown' if args.breakdown else 'memory'}.json"
+        kind = "breakdown" if args.breakdown else "memory" if args.memory else "percall"
+        out = args.out or f"bench/results/sv4d_{kind}.json"
 
         def emit(row):
             rows.append(row)
@@ -459,7 +594,7 @@ def main():
             with open(out, "w") as f:
                 json.dump({**meta, "rows": rows}, f, indent=1)
 
-        (breakdown if args.breakdown else memory_bench)(args, dev, dtype, emit)
+        (breakdown if args.breakdown else memory_bench if args.memory else percall)(args, dev, dtype, emit)
         return rows
     dev, dtype = "cuda", torch.bfloat16
     results = []

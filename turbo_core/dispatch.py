@@ -11,6 +11,12 @@ among all sequences of the axis (None = all of them, in order).
 computed on the image-major tokens where they lie, which runs (through the short-axis kernel of
 `kernels/`) when no accelerator looks at that axis's sequences, sparing the sequence copies.
 
+`span` is the entry of a network's own spans: a part of the network (several blocks, convolutions,
+a whole UNet level with everything below it) given as a function x -> y of x's shape, which an
+accelerator may answer from a cache of its residual y - x (block reuse). A network that has them
+declares them up front (`with_spans`, outermost first; spans may nest), so that an accelerator can
+plan its memory before the first one runs and knows that they, not its chains, are the units.
+
 Execution policy: a dispatch with `pieces` (a memory.MemoryConfig, see `in_pieces`) runs each
 sub-attention's sequences a piece at a time under the accelerators, sized from the free GPU memory,
 and falls back from a grid path that runs out of memory to the sequence path in pieces.
@@ -18,6 +24,7 @@ and falls back from a grid path that runs out of memory to the sequence path in 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -46,6 +53,19 @@ class _Next:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.fn(h)
+
+
+@dataclass(frozen=True)
+class Span:
+    """A span a network hands to `SCMDispatch.span`: its `key` (any hashable, unique in a call),
+    the dispatch blocks (chains) inside it and how many other modules (res blocks, up/down
+    sampling) it holds, for the account of the work that a reuse of it skips, and its stream's
+    shape."""
+
+    key: object
+    blocks: tuple = ()
+    modules: int = 0
+    shape: tuple = ()  # the stream's shape at its input (and output), so a cache can be planned first
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -240,6 +260,36 @@ class SCMDispatch:
             return compute(s, index)
 
         return wrapped
+
+
+    # --- a network's own spans ---------------------------------------------------------------------
+    spans: tuple = ()  # Span, outermost first, as the network declared them (with_spans); () = none
+
+    def with_spans(self, spans: Sequence[Span]) -> "SCMDispatch":
+        """This dispatch (same step, accelerators, stats, policy) with the network's spans declared."""
+        view = copy.copy(self)
+        view.spans = tuple(spans)
+        return view
+
+    def span_of(self, key) -> Optional[Span]:
+        return next((s for s in self.spans if s.key == key), None)
+
+    def span(self, key, x: torch.Tensor, fn: Chain) -> torch.Tensor:
+        """A declared span of the network, fn(x) -> y with y of x's shape, through the accelerators'
+        `span` hooks (each may answer from a cache, or let it run). The blocks inside it go through
+        the dispatch as usual when it runs."""
+        if self.span_of(key) is None:
+            raise ValueError(f"span {key!r} was not declared (with_spans); declared: {[s.key for s in self.spans]}")
+
+        def run_from(i: int, h: torch.Tensor):
+            if i == len(self.accelerators):
+                return fn(h)
+            hook = getattr(self.accelerators[i], "span", None)
+            if hook is None:  # a duck-typed accelerator without spans
+                return run_from(i + 1, h)
+            return hook(self, key, h, lambda h2: run_from(i + 1, h2))
+
+        return run_from(0, x)
 
 
 class FullCompute(SCMDispatch):

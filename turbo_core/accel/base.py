@@ -71,6 +71,10 @@ class Accelerator:
     def chain(self, dispatch: SCMDispatch, block: int, x: torch.Tensor, nxt) -> torch.Tensor:
         return nxt(x)
 
+    def span(self, dispatch: SCMDispatch, key, x: torch.Tensor, nxt) -> torch.Tensor:
+        """A span the network declared (dispatch.spans): nxt(x) runs it."""
+        return nxt(x)
+
     def call(self, dispatch: SCMDispatch, x: torch.Tensor, nxt: Callable[[], torch.Tensor],
              space=None) -> torch.Tensor:
         """The whole model call: x is the network's input, nxt() runs the network and returns its

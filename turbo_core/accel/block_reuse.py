@@ -107,7 +107,8 @@ class BlockReuseState:
     def __init__(self):
         self.entries: dict = {}       # span -> _Entry
         self.spans: Optional[list] = None  # [(first, last)] once planned
-        self.inner: dict = {}         # block -> its span
+        self.inner: dict = {}         # block -> its span (declared spans: key -> its index)
+        self.shapes: list = []        # declared spans: the input shape of each cached one
         self.mode = "store"           # this call: "store" (run all, keep), "plan" (self.plan), "off"
         self.plan: dict = {}          # span -> True (run) / False (reuse), in "plan" mode
         self.open = None              # (span, accumulator, old samples) of the span being computed
@@ -222,7 +223,7 @@ class BlockReuse(Accelerator):
     # --- the blocks ---------------------------------------------------------------------------
     def chain(self, dispatch, block, x, nxt):
         step = dispatch.step
-        if step is None:
+        if step is None or dispatch.spans:  # a network with its own spans: they are the units (span)
             return nxt(x)
         if not getattr(nxt, "stream", False):  # not a stream of blocks (e.g. a UNet's attention layers)
             if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
@@ -240,11 +241,7 @@ class BlockReuse(Accelerator):
                 dispatch.stats.block_reused(block, block == first)
             if block != first:
                 return x  # the span's residual was added at its first block
-            e = st.entries[span]
-            out = x + e.r  # in x's dtype: no copy of the residual is made
-            if st.forecast and e.d is not None and e.prev_pos is not None:
-                out.add_(e.d, alpha=(position(step.sigma) - e.pos) / (e.pos - e.prev_pos))
-            return out
+            return self._reused(st, span, x, step)
         if block == first:
             self._open(st, span, x)
         y = nxt(x)
@@ -257,14 +254,91 @@ class BlockReuse(Accelerator):
                 dispatch.stats.span_ran()
         return y
 
+    def _reused(self, st, span: int, x: torch.Tensor, step) -> torch.Tensor:
+        """x plus the span's cached residual (forecast to this call where on)."""
+        e = st.entries[span]
+        out = x + e.r  # in x's dtype: no copy of the residual is made
+        if st.forecast and e.d is not None and e.prev_pos is not None:
+            out.add_(e.d, alpha=(position(step.sigma) - e.pos) / (e.pos - e.prev_pos))
+        return out
+
+    # --- the network's own spans (dispatch.spans, e.g. a UNet's levels) -------------------------
+    def span(self, dispatch, key, x, nxt):
+        """A declared span: reused from its residual when the call's plan says so, else run with its
+        new residual taken. The spans may nest; one inside a reused span is never reached."""
+        step = dispatch.step
+        if step is None:
+            return nxt(x)
+        st = self.state(dispatch)
+        if st.spans is None:
+            self._settle_declared(dispatch, st, x)
+        i = st.inner.get(key)
+        if i is None or st.mode == "off":
+            return nxt(x)
+        if tuple(x.shape) != st.shapes[i]:
+            raise ValueError(f"block reuse: span {key!r} got a stream of shape {tuple(x.shape)}, declared "
+                             f"{st.shapes[i]}; a network must declare its spans' input shapes (dispatch.Span.shape)")
+        if st.mode == "plan" and not st.plan.get(i, True):
+            if dispatch.stats is not None:
+                for n, b in enumerate(dispatch.span_of(key).blocks):
+                    dispatch.stats.block_reused(b, n == 0)
+            return self._reused(st, i, x, step)
+        opened = self._start(st, i, x)
+        try:
+            y = nxt(x)
+        except BaseException:
+            st.entries.pop(i, None)  # half-written: never reused
+            raise
+        if y is x:
+            raise RuntimeError("block reuse: a span handed back its own input tensor (updated in place); "
+                               "its residual cannot be taken")
+        self._finish(st, i, opened, y, step.index, position(step.sigma))
+        if dispatch.stats is not None:
+            dispatch.stats.span_ran()
+        return y
+
+    def _settle_declared(self, dispatch, st, x: torch.Tensor) -> None:
+        """Which declared spans are cached, at the first one of the run's first call: outermost
+        first while they fit the bound (an outer span's reuse skips everything inside it, so it saves
+        the most), at most `spans` of them; the forecast (two tensors a span) where the bound holds
+        it for the outermost, else every span as-is."""
+        cfg = self.config
+        declared = [s for s in dispatch.spans if s.shape]
+        if not declared:
+            st.spans, st.inner, st.shapes = [], {}, []
+            return
+        # x is the outermost span's input: the bound is measured (or estimated) from it, as the
+        # chains' first cached block's stream is.
+        bound = st.bound.settle(cfg, x)
+        sizes = [math.prod(s.shape) * half_dtype(x.dtype).itemsize for s in declared]
+        st.forecast = bool(cfg.forecast) and bound >= 2 * sizes[0]
+        per = 2 if st.forecast else 1
+        chosen, used = [], 0
+        for s, size in zip(declared, sizes):
+            if cfg.spans and len(chosen) >= cfg.spans:
+                break
+            if used + per * size <= bound:
+                chosen.append(s)
+                used += per * size
+        st.spans = [s.key for s in chosen]
+        st.inner = {s.key: i for i, s in enumerate(chosen)}
+        st.shapes = [tuple(s.shape) for s in chosen]
+        if dispatch.stats is not None:
+            dispatch.stats.cache_bound(bound)
+
     def _open(self, st, span: int, x: torch.Tensor) -> None:
         """Starts a span's new residual as -x in one of its 16-bit tensors, so that neither the span
         input nor a full-precision residual is held while the span runs: the tensor that becomes
         free is the accumulator (the forecast's old difference, or with as-is reuse the residual
         itself, whose strided sample the drift measure keeps)."""
-        cfg = self.config
         if st.open is not None:  # an earlier span whose last block never ran: half-written
             st.entries.pop(st.open[0], None)
+        st.open = self._start(st, span, x)
+
+    def _start(self, st, span: int, x: torch.Tensor) -> tuple:
+        """_open's work, returned as (span, accumulator, old samples) rather than held in st.open
+        (a network's own spans nest, so several are open at once)."""
+        cfg = self.config
         e = st.entries.get(span)
         if e is None or e.r is None or e.r.shape != x.shape:
             e = st.entries[span] = _Entry()
@@ -280,14 +354,17 @@ class BlockReuse(Accelerator):
             else:
                 acc = e.r
         acc.copy_(x.detach()).neg_()
-        st.open = (span, acc, old)
+        return span, acc, old
 
     def _close(self, st, span: int, y: torch.Tensor, call: int, pos: float) -> None:
         """The span's new residual y - x into its tensors, in place, with its drift measure left on
         the device for end_call."""
+        opened, st.open = st.open, None
+        self._finish(st, span, opened, y, call, pos)
+
+    def _finish(self, st, span: int, opened: tuple, y: torch.Tensor, call: int, pos: float) -> None:
         cfg = self.config
-        _, acc, old = st.open
-        st.open = None
+        _, acc, old = opened
         e = st.entries[span]
         acc.add_(y.detach())                                  # acc = the new residual, in 16 bits
         if old is None:  # a new entry

@@ -223,7 +223,9 @@ class TokenReuse(Accelerator):
     # --- the blocks ---------------------------------------------------------------------------
     def chain(self, dispatch, block, x, nxt):
         step = dispatch.step
-        if step is None:
+        # A network with spans of its own (a UNet's levels, dispatch.spans) has blocks on several
+        # grids and widths: no span of consecutive blocks shares one stream, so it runs whole.
+        if step is None or dispatch.spans:
             return nxt(x)
         if not getattr(nxt, "stream", False):  # not a stream of blocks (e.g. a UNet's attention layers)
             if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:

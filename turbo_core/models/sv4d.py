@@ -59,7 +59,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..dispatch import FullCompute, SCMDispatch
+from ..dispatch import FullCompute, SCMDispatch, Span
 from ..layout import SCMLayout
 from ..memory import TRANSFORMER_ELEMENTS, MemoryConfig, piece_budget, run_in_pieces, units_per_piece
 from ..plain import PlainData
@@ -456,6 +456,8 @@ class SV4DUNet(nn.Module):
             n, _, hh, ww = x.shape
             largest = n * hh * ww * self.cfg.model_channels * TRANSFORMER_ELEMENTS * self.out[2].weight.element_size()
             dispatch = d.in_pieces(memory, x.device, largest)
+        if dispatch is not None:
+            dispatch = dispatch.with_spans(self.spans(tuple(x.shape)))
         call = self.condition(x, timesteps, context, y, cond_view, views, frames, dispatch)
         emb, per_item = call.emb, frames * views
 
@@ -469,14 +471,76 @@ class SV4DUNet(nn.Module):
                     h = m(h)
             return h
 
+        # The same blocks in the same order as a flat walk down and up the UNet, grouped into the
+        # nested spans (see `spans`): span k takes the stream after input block starts[k-1] and
+        # returns it after the output block that consumes that block's skip connection.
+        starts, m_in = self._span_starts(), len(self.input_blocks)
+
+        def span_fn(k):
+            def fn(x_span):
+                a = starts[k - 1]
+                h, hs = x_span, [x_span]
+                if k < len(starts):
+                    b = starts[k]
+                    for i in range(a + 1, b + 1):
+                        h = run(self.input_blocks[i], h)
+                        if i < b:
+                            hs.append(h)
+                    h = through(k + 1, h)   # its input (input block b's output) is its own skip
+                    first = m_in - b
+                else:
+                    h = run(self.middle_block, h)
+                    first = 0
+                for j in range(first, m_in - a):
+                    h = run(self.output_blocks[j], torch.cat([h, hs.pop()], dim=1))
+                return h
+            return fn
+
+        def through(k, h):
+            return span_fn(k)(h) if dispatch is None else dispatch.span(("unet", k), h, span_fn(k))
+
+        a = starts[0]
         h, hs = x.to(call.dtype), []
-        for blk in self.input_blocks:
-            h = run(blk, h)
-            hs.append(h)
-        h = run(self.middle_block, h)
-        for blk in self.output_blocks:
-            h = run(blk, torch.cat([h, hs.pop()], dim=1))
+        for i in range(a + 1):
+            h = run(self.input_blocks[i], h)
+            if i < a:
+                hs.append(h)
+        h = through(1, h)
+        for j in range(m_in - a, m_in):
+            h = run(self.output_blocks[j], torch.cat([h, hs.pop()], dim=1))
         return self.out(h)
+
+    def _span_starts(self) -> list[int]:
+        """For span k = 1 .. levels: the input block whose output is its input (the last res block
+        of level k - 1; for the deepest, the last input block)."""
+        nrb = self.cfg.num_res_blocks
+        return [(k - 1) * (nrb + 1) + nrb for k in range(1, len(self.cfg.channel_mult) + 1)]
+
+    def spans(self, x_shape: Optional[tuple] = None) -> list[Span]:
+        """The UNet's spans for block reuse, outermost first: span k ("unet", k) is everything at
+        level k and below (the input blocks from level k - 1's downsampling on, the middle block,
+        the output blocks down to the one that consumes level k - 1's last skip connection), a
+        function of the stream after level k - 1's last input block that returns the stream, of the
+        same shape, after that output block. They nest (span k + 1 inside span k), so a reuse of
+        span k skips every level below k - 1, and each has a residual of its own level's shape
+        (span 1 at the top grid with model_channels channels, span 2 a quarter of its pixels at
+        twice the channels: half its size, ...), which is what the accelerator caches. The
+        shallowest level (its input blocks and its last output blocks) is never inside a span:
+        DeepCache's observation that the high-resolution path is what the output's detail needs.
+        `x_shape` (the call's input (N, C, h, w)) gives each span's stream shape."""
+        starts, m_in = self._span_starts(), len(self.input_blocks)
+        out = []
+        for k, a in enumerate(starts, 1):
+            mods = ([m for blk in self.input_blocks[a + 1:] for m in blk] + list(self.middle_block)
+                    + [m for blk in self.output_blocks[:m_in - a] for m in blk])
+            shape = ()
+            if x_shape is not None:
+                ds = 2 ** (k - 1)
+                shape = (x_shape[0], self.cfg.model_channels * self.cfg.channel_mult[k - 1],
+                         x_shape[2] // ds, x_shape[3] // ds)
+            out.append(Span(("unet", k), tuple(sorted(m.index for m in mods if isinstance(m, SV4DAttentionLayer))),
+                            sum(1 for m in mods if not isinstance(m, SV4DAttentionLayer)), shape))
+        return out
 
 
 # Transient activation elements per token of a VideoResBlock, per input and per output channel:
