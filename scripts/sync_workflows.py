@@ -322,11 +322,12 @@ def turbo4d_stock_ksampler() -> Graph:
     return g
 
 
-def _accelerators(col: Column, model, preset: str, old_methods: bool = False):
+def _accelerators(col: Column, model, preset: str, unet: bool = False):
     """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler.
-    `old_methods`: the Cache and Prune nodes' sub-attention cache and sequence prune (block and token
-    reuse do not reach the SV4D UNets yet)."""
-    methods = ({"method": "sub-attention cache"}, {"method": "sequence prune"}) if old_methods else ({}, {})
+    `unet`: the SV4D UNets. Block reuse (the Cache's default) reuses their declared spans, but token
+    reuse has no one stream of blocks there (each level its own grid), so Semantic Prune keeps its
+    sequence prune on them."""
+    methods = ({}, {"method": "sequence prune"}) if unet else ({}, {})
     byp = col.add("Turbo4DChainBypass", model=model.out(0), preset=preset, threshold=0.08, max_consecutive=2,
                   step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2, end_percent=0.95,
                   storage="native", calibration_file="")
@@ -402,7 +403,7 @@ def sv4d2_video_to_4d() -> Graph:
     vae = left.add("VAELoader", vae_name="vae-ft-mse-840000-ema-pruned.safetensors")
     inp = _sv4d_input(left)
     accs = left.right()
-    fast = _accelerators(accs, model, "balanced", old_methods=True)
+    fast = _accelerators(accs, model, "balanced", unet=True)
     mid = accs.right()
     smp = mid.add("Turbo4DSV4DSampler", model=fast.out(0), clip_vision=clip.out(0), vae=vae.out(0), video=inp.out(1),
                   frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=0.0, seed=23, steps=50, cfg=2.0, min_cfg=1.0,
@@ -432,7 +433,7 @@ def sv4d_video_to_4d() -> Graph:
                   seed=23, steps=20, cfg=2.5, sampler_name="euler", scheduler="karras", denoise=1.0)
     views = col2.add("VAEDecode", samples=ks.out(0), vae=sv3d.out(2))
     accs = col2.right()
-    fast = _accelerators(accs, model, "balanced", old_methods=True)
+    fast = _accelerators(accs, model, "balanced", unet=True)
     mid = accs.right()
     smp = mid.add("Turbo4DSV4DSampler", model=fast.out(0), clip_vision=sv3d.out(1), vae=sv3d.out(2), video=inp.out(1),
                   first_frame_views=views.out(0), frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=10.0, seed=23,

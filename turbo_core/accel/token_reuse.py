@@ -225,9 +225,9 @@ class TokenReuse(Accelerator):
         step = dispatch.step
         # A network with spans of its own (a UNet's levels, dispatch.spans) has blocks on several
         # grids and widths: no span of consecutive blocks shares one stream, so it runs whole.
-        if step is None or dispatch.spans:
+        if step is None:
             return nxt(x)
-        if not getattr(nxt, "stream", False):  # not a stream of blocks (e.g. a UNet's attention layers)
+        if dispatch.spans or not getattr(nxt, "stream", False):  # not a stream of blocks (a UNet's levels)
             if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
                 dispatch.stats.notes.append(NO_STREAM)
             return nxt(x)
