@@ -449,3 +449,34 @@ def test_signal_means_all_reduce_without_a_host_sync(tmp_path):
     r = subprocess.run([sys.executable, "-c", SYNC_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "OK True" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["cfg", "frames"])
+def test_block_and_token_reuse_stand_aside_on_split_calls_on_every_rank_and_say_so(net, mode):
+    """Block and token reuse decide per rank from their own share; until those decisions are made
+    to agree, a split call runs them aside on every rank alike (a span skipped on one rank and run
+    on another, which holds an all-to-all, would hang the group). So the split run is the
+    one-process full-compute result, finishes, and the statistics say why nothing was reused."""
+    from turbo_core.accel.block_reuse import SPLIT_ASIDE as BLOCK_ASIDE, BlockReuseConfig
+    from turbo_core.accel.token_reuse import SPLIT_ASIDE as TOKEN_ASIDE, TokenReuseConfig
+
+    specs = [("block_reuse", BlockReuseConfig(threshold=10.0, drift_prior=0.05, max_cache_mb=64.0)),
+             ("token_reuse", TokenReuseConfig(threshold=10.0, max_cache_mb=64.0))]
+    _, one = run(net, mode, specs, 4)
+    assert one.blocks_reused > 0  # in one process the settings do reuse: else this proves nothing
+    ref, _ = reference(net, mode, [], 4)
+    group = parallel.acquire("cpu:2")
+
+    def hung(*_):
+        raise TimeoutError(f"{mode} split with block/token reuse did not finish in 120 s")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        out, stats = run(net, mode, specs, 4, group)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert (out - ref).abs().max().item() < 1e-4
+    assert stats.blocks_reused == 0
+    assert BLOCK_ASIDE in stats.notes and TOKEN_ASIDE in stats.notes

@@ -43,12 +43,15 @@ import torch
 
 from .base import Accelerator
 from .bound import CallBound, check_bound, half_dtype
-from .spans import output_weight, plan_spans, position
+from .spans import output_weight, plan_spans, position, split_call
 from ..memory import nbytes
 from .config import MechanismConfig
 
 NAME = "block_reuse"
 NO_STREAM = ("block reuse (Turbo4D Cache's default method) found no block stream in this model and reused nothing: choose method 'sub-attention cache'")
+SPLIT_ASIDE = ("block reuse stood aside: the call was split over processes (Turbo4D Multi-GPU), where its "
+               "per-rank decisions are not yet made to agree; every block ran")
+
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,8 @@ class BlockReuse(Accelerator):
         step = dispatch.step
         if step is None or dispatch.spans:  # a network with its own spans: they are the units (span)
             return nxt(x)
+        if split_call(dispatch, SPLIT_ASIDE):
+            return nxt(x)
         if not getattr(nxt, "stream", False):  # not a stream of blocks (e.g. a UNet's attention layers)
             if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
                 dispatch.stats.notes.append(NO_STREAM)
@@ -267,7 +272,7 @@ class BlockReuse(Accelerator):
         """A declared span: reused from its residual when the call's plan says so, else run with its
         new residual taken. The spans may nest; one inside a reused span is never reached."""
         step = dispatch.step
-        if step is None:
+        if step is None or split_call(dispatch, SPLIT_ASIDE):
             return nxt(x)
         st = self.state(dispatch)
         if st.spans is None:

@@ -44,3 +44,14 @@ def plan_spans(depth: int, head: int, tail: int, count: int) -> list[tuple[int, 
         out.append((start, start + size - 1))
         start += size
     return out
+
+
+def split_call(dispatch, note: str) -> bool:
+    """A call split over processes (turbo_core.parallel's ShardedDispatch has a plan): the per-call
+    levels stand aside there, on every rank alike, so no rank skips work (a span holding another
+    rank's all-to-all) that another rank runs. Noted once in the run's statistics."""
+    if getattr(dispatch, "plan", None) is None:
+        return False
+    if dispatch.stats is not None and note not in dispatch.stats.notes:
+        dispatch.stats.notes.append(note)
+    return True

@@ -43,9 +43,11 @@ from ..memory import nbytes
 from .base import Accelerator
 from .bound import CallBound, check_bound, half_dtype
 from .config import MechanismConfig
-from .spans import output_weight, plan_spans, position
+from .spans import output_weight, plan_spans, position, split_call
 
 NAME = "token_reuse"
+SPLIT_ASIDE = ("token reuse stood aside: the call was split over processes (Turbo4D Multi-GPU), whose ranks "
+               "would pick different tokens; every token was computed")
 NO_STREAM = ("token reuse (Semantic Prune's default method) found no block stream in this model and reused nothing: choose method 'sequence prune'")
 _FORCED = 1e6  # added to the score of a position past max_age: always in the top k
 
@@ -225,7 +227,7 @@ class TokenReuse(Accelerator):
         step = dispatch.step
         # A network with spans of its own (a UNet's levels, dispatch.spans) has blocks on several
         # grids and widths: no span of consecutive blocks shares one stream, so it runs whole.
-        if step is None:
+        if step is None or split_call(dispatch, SPLIT_ASIDE):
             return nxt(x)
         if dispatch.spans or not getattr(nxt, "stream", False):  # not a stream of blocks (a UNet's levels)
             if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
