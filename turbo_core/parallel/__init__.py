@@ -23,7 +23,7 @@ import logging
 from typing import Optional
 
 from .engine import ParallelError, ParallelGroup, parse_devices
-from .net import ParallelNet, begin_run, end_run, set_sync_timing
+from .net import ParallelNet, ShardWorker, begin_run, end_run, set_sync_timing
 from .plan import MODES, ShardPlan, choose_plan
 from .script import sample_grid
 
@@ -64,7 +64,7 @@ def shutdown() -> None:
 def from_env() -> Optional[ParallelGroup]:
     """Under torchrun: rank 0's group (the other ranks serve it and exit inside this call)."""
     global _CURRENT
-    g = ParallelGroup.from_env()
+    g = ParallelGroup.from_env(handler=lambda group: ShardWorker(group).handle)
     if g is not None:
         _CURRENT = g
     return g

@@ -134,7 +134,7 @@ class ParallelGroup:
         return group
 
     @classmethod
-    def from_env(cls, serve: bool = True) -> Optional["ParallelGroup"]:
+    def from_env(cls, serve: bool = True, handler: Optional[Callable] = None) -> Optional["ParallelGroup"]:
         """The group of a torchrun launch (None when the environment names none). Ranks > 0 serve
         rank 0 and then exit the process when `serve` (the default); rank 0 gets its group."""
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -151,10 +151,10 @@ class ParallelGroup:
                                     timeout=_timeout())
         group = cls(rank, world, device, store, sync_timing=os.environ.get(ENV_SYNC_TIMING) == "1")
         if rank != 0 and serve:
-            from .net import ShardWorker
-
-            code = group.serve(ShardWorker(group).handle)
-            sys.exit(code)
+            if handler is None:
+                raise ParallelError("ParallelGroup.from_env(serve=True) needs the handler a worker serves with "
+                                    "(turbo_core.parallel.from_env passes the model layer's)")
+            sys.exit(group.serve(handler(group)))
         if rank == 0:
             group._start_watch()
         return group
@@ -412,8 +412,11 @@ def _abort_default_group() -> None:
         log.debug("Turbo4D Multi-GPU: abort: %s", e)
 
 
-def worker_main() -> int:
-    """Entry point of a started worker (`python -m turbo_core.parallel.worker`)."""
+def worker_main(load_handler: Callable[[], Callable]) -> int:
+    """Entry point of a started worker (`python -m turbo_core.parallel.worker`). `load_handler()`
+    imports the model layer and returns group -> command handler; it is called before the worker
+    reports ready, so its import errors reach the driver. (The engine does not import the model
+    layer itself: that layer builds on the engine.)"""
     # A host that ignores SIGTERM passes that on to its children; the group stops its workers with it.
     import signal
 
@@ -427,7 +430,7 @@ def worker_main() -> int:
                               is_master=False, timeout=_timeout())
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        from .net import ShardWorker  # the model layer; imported before ready so its import errors report
+        handler_of = load_handler()  # the model layer; before ready, so its import errors report
 
         store.set(READY_KEY.format(rank), "1")
         dist.init_process_group(backend_for(device), store=store, rank=rank, world_size=int(os.environ["WORLD_SIZE"]),
@@ -443,7 +446,7 @@ def worker_main() -> int:
         return 1
     group = ParallelGroup(rank, int(os.environ["WORLD_SIZE"]), device, store,
                           sync_timing=os.environ.get(ENV_SYNC_TIMING) == "1")
-    return group.serve(ShardWorker(group).handle)
+    return group.serve(handler_of(group))
 
 
 def _die_with_parent() -> None:

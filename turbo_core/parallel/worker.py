@@ -5,5 +5,13 @@ import sys
 
 from turbo_core.parallel.engine import worker_main
 
+
+def shard_worker():
+    """The model layer's command handler (imported here, above both the engine and the layer)."""
+    from turbo_core.parallel.net import ShardWorker
+
+    return lambda group: ShardWorker(group).handle
+
+
 if __name__ == "__main__":
-    sys.exit(worker_main())
+    sys.exit(worker_main(shard_worker))
