@@ -98,3 +98,15 @@ def plan_probe(run, name):
 
     run.listeners.append(listener)
     return seen
+
+
+def deep_net(seed: int):
+    """Four blocks of random weights at small scale, so that spans and head blocks both exist."""
+    from turbo_core.models import SCMNet, SCMNetConfig
+
+    torch.manual_seed(seed)
+    n = SCMNet(SCMNetConfig(image_size=16, patch_size=2, width=32, depth=4, heads=2))
+    with torch.no_grad():
+        for p in n.parameters():
+            p.normal_(0, 0.05)
+    return n.eval()

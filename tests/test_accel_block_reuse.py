@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from accel_fixtures import full, net, random_net, rel_err, sample, CountingAttention
-from per_call_fixtures import LinearRows, SyncGuarded, cache_probe, plan_probe
+from per_call_fixtures import LinearRows, SyncGuarded, cache_probe, deep_net, plan_probe
 from turbo_core.accel.block_reuse import BlockReuseConfig
 from turbo_core.accel.spans import output_weight, plan_spans
 from turbo_core.accel.bound import ESTIMATE_ACTIVATIONS
@@ -34,15 +34,7 @@ def planned(net, cfg, **kw):
 
 @pytest.fixture(scope="module")
 def deep():
-    """Four blocks, so that spans and head blocks both exist."""
-    from turbo_core.models import SCMNet, SCMNetConfig
-
-    torch.manual_seed(3)
-    n = SCMNet(SCMNetConfig(image_size=16, patch_size=2, width=32, depth=4, heads=2))
-    with torch.no_grad():
-        for p in n.parameters():
-            p.normal_(0, 0.05)
-    return n.eval()
+    return deep_net(3)
 
 
 @pytest.fixture(scope="module")

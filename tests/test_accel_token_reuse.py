@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from accel_fixtures import CountingAttention, grid_inputs, rel_err, sample, V, F
-from per_call_fixtures import LinearRows, SyncGuarded, cache_probe, plan_probe
+from per_call_fixtures import LinearRows, SyncGuarded, cache_probe, deep_net, plan_probe
 from turbo_core.accel.step_skip import StepSkipConfig
 from turbo_core.accel.registry import build_run
 from turbo_core.accel.token_reuse import TokenReuseConfig, bucket_size
@@ -23,14 +23,7 @@ def apply_token_reuse(specs, cfg):
 
 @pytest.fixture(scope="module")
 def deep():
-    from turbo_core.models import SCMNet, SCMNetConfig
-
-    torch.manual_seed(5)
-    n = SCMNet(SCMNetConfig(image_size=16, patch_size=2, width=32, depth=4, heads=2))
-    with torch.no_grad():
-        for p in n.parameters():
-            p.normal_(0, 0.05)
-    return n.eval()
+    return deep_net(5)
 
 
 @pytest.fixture(scope="module")

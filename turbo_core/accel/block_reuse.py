@@ -36,59 +36,38 @@ residuals are freed and every block runs.
 from __future__ import annotations
 
 import math
+from collections import namedtuple
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-from .base import Accelerator
-from .bound import CallBound, check_bound, half_dtype
-from .spans import output_weight, plan_spans, position, split_call
+from .bound import half_dtype
+from .spans import SpanReuse, SpanReuseConfig, SpanState, position, split_call
 from ..memory import nbytes
-from .config import MechanismConfig
 
 NAME = "block_reuse"
 NO_STREAM = ("block reuse (Turbo4D Cache's default method) found no block stream in this model and reused nothing: choose method 'sub-attention cache'")
 SPLIT_ASIDE = ("block reuse stood aside: the call was split over processes (Turbo4D Multi-GPU), where its "
                "per-rank decisions are not yet made to agree; every block ran")
 
+# A span being computed: its index, the 16-bit tensor its new residual accumulates in, and the old
+# residual's samples for the drift (None for a new entry).
+_Open = namedtuple("_Open", "span acc old")
 
 
 @dataclass(frozen=True)
-class BlockReuseConfig(MechanismConfig):
-    threshold: float = 0.25     # estimated relative error of a reused span under which it is reused
-    max_age: int = 2            # calls a span's residual may be reused after it was computed
-    max_skipped: int = 0        # calls skipped whole (the step skip) between two that run, still reused across
-    head: int = 1               # first blocks, always computed
-    tail: int = 0               # last blocks, always computed
-    spans: int = 0              # cached spans at most (0 = as many as the memory bound holds)
+class BlockReuseConfig(SpanReuseConfig):
+    # threshold: the estimated relative error of a reused span under which it is reused
     refresh: int = -1           # spans recomputed at every call (oldest first); -1: spans // (max_age + 1)
     forecast: int = 1           # 1: first-order forecast from the last two computes; 0: reuse as-is
-    drift_prior: float = 0.08   # drift assumed until a span has run twice (0 = run it first)
-    weigh_output: bool = True   # scale the estimate by how much the call's output moves the image
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    memory_fraction: float = 0.1  # cache bound, as a share of a full call's working memory (bound.py)
-    max_cache_mb: float = 0.0   # explicit cache bound in MiB (0 = from memory_fraction)
     signal_stride: int = 8      # every n-th token enters the drift measure
 
     def validate(self) -> None:
-        check_bound(self)
-        if self.threshold < 0:
-            raise ValueError(f"BlockReuseConfig.threshold must be >= 0 (0 = never reuse), got {self.threshold}")
-        if int(self.max_age) < 1:
-            raise ValueError(f"BlockReuseConfig.max_age must be >= 1 call, got {self.max_age}")
-        if not 0 <= int(self.max_skipped) < int(self.max_age):
-            raise ValueError(f"BlockReuseConfig.max_skipped must be within [0, max_age), got {self.max_skipped}")
+        super().validate()
         if int(self.refresh) < -1:
             raise ValueError(f"BlockReuseConfig.refresh must be >= 0, or -1 for spans // (max_age + 1), got {self.refresh}")
-        for name in ("head", "tail", "spans"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"BlockReuseConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.forecast not in (0, 1):
             raise ValueError(f"BlockReuseConfig.forecast must be 0 (as-is) or 1 (first order), got {self.forecast}")
-        if self.drift_prior < 0:
-            raise ValueError(f"BlockReuseConfig.drift_prior must be >= 0 (0 = measure first), got {self.drift_prior}")
 
 
 class _Entry:
@@ -106,74 +85,24 @@ class _Entry:
         self.pending = None  # device scalar measured at this call, read in end_call
 
 
-class BlockReuseState:
+class BlockReuseState(SpanState):
+    """SpanState with plan: span -> True (run) / False (reuse); open: an _Open."""
+
     def __init__(self):
-        self.entries: dict = {}       # span -> _Entry
-        self.spans: Optional[list] = None  # [(first, last)] once planned
-        self.inner: dict = {}         # block -> its span (declared spans: key -> its index)
+        super().__init__()
         self.shapes: list = []        # declared spans: the input shape of each cached one
-        self.mode = "store"           # this call: "store" (run all, keep), "plan" (self.plan), "off"
-        self.plan: dict = {}          # span -> True (run) / False (reuse), in "plan" mode
-        self.open = None              # (span, accumulator, old samples) of the span being computed
-        self.depth = 0                # blocks seen (where the run did not say)
-        self.bound = CallBound()
         self.forecast = False         # the forecast is on (asked for, and two tensors a span fit)
-        self.last_ran = None
-
-    def reset(self) -> None:
-        self.bound.release()
-        self.__init__()
-
-    def drop_cached(self) -> None:
-        self.entries.clear()
-        self.open = None
 
     def nbytes(self) -> int:
         return sum(nbytes(e.r) + nbytes(e.d) for e in self.entries.values())
 
 
-class BlockReuse(Accelerator):
+class BlockReuse(SpanReuse):
     name = NAME
-    bounded = True  # its cache within the bound of bound.py (RunStats.cache_bound)
     state_class = BlockReuseState
+    config_class = BlockReuseConfig
 
-    def __init__(self, config: Optional[BlockReuseConfig] = None):
-        super().__init__()
-        self.config = BlockReuseConfig.from_dict(config)
-
-    def begin_call(self, dispatch) -> None:
-        if dispatch.stats is not None:
-            dispatch.stats.calls_aside.setdefault(self.name, 0)
-
-    # --- the call: decided before any block runs ----------------------------------------------
-    def call(self, dispatch, x, nxt, space=None):
-        cfg = self.config
-        step = dispatch.step
-        if step is None:
-            return nxt()
-        st = self.state(dispatch)
-        gap = None if st.last_ran is None else step.index - st.last_ran
-        st.last_ran = step.index
-        st.open = None
-        if gap is None:
-            st.bound.begin(x)
-        if step.percent > cfg.end_percent:
-            st.entries.clear()  # never reused again in this run: free it now
-            st.mode = "off"
-        elif gap is None or gap > cfg.max_age or gap - 1 > cfg.max_skipped:
-            st.entries.clear()
-            st.mode = "store"
-            if gap is not None and dispatch.stats is not None:  # after a long jump: nothing reusable
-                dispatch.stats.calls_aside[self.name] = dispatch.stats.calls_aside.get(self.name, 0) + 1
-        elif step.percent < cfg.start_percent or cfg.threshold <= 0 or not st.spans:
-            st.mode = "store"
-        else:
-            st.mode = "plan"
-            st.plan = self._decide(st, step.index, position(step.sigma),
-                                   output_weight(step.sigma, space) if cfg.weigh_output else 1.0)
-        return nxt()
-
-    def _decide(self, st, call: int, pos: float, weight: float) -> dict:
+    def _plan(self, st, call: int, pos: float, weight: float) -> dict:
         """span -> run (True) or reuse (False) at this call, from host figures only."""
         cfg = self.config
         plan, reusable = {}, []
@@ -200,28 +129,12 @@ class BlockReuse(Accelerator):
             plan[i] = True
         return plan
 
-    def _settle(self, dispatch, st, block: int, x: torch.Tensor) -> bool:
-        """Plans the spans at the first cached block of the first call that knows the depth (the
-        run's stats say it; else it is counted over the first call). False until then."""
-        cfg = self.config
-        depth = dispatch.stats.blocks if dispatch.stats is not None and dispatch.stats.blocks else st.depth
-        if not depth:
-            st.depth = max(st.depth, block + 1)  # counted this call, planned at the next
-            return False
-        if block < cfg.head:
-            return False
-        bound = st.bound.settle(cfg, x)
+    def _fits(self, dispatch, st, x: torch.Tensor, bound: int) -> int:
         one = x.numel() * half_dtype(x.dtype).itemsize
         # The forecast holds two tensors a span; where the bound cannot hold even one span so,
         # the spans reuse as-is (one tensor each) rather than not at all.
-        st.forecast = bool(cfg.forecast) and bound >= 2 * one
-        fits = bound // (one * (2 if st.forecast else 1))
-        count = min(fits, cfg.spans) if cfg.spans else fits
-        st.spans = plan_spans(depth, cfg.head, cfg.tail, count)
-        st.inner = {blk: i for i, (a, b) in enumerate(st.spans) for blk in range(a, b + 1)}
-        if dispatch.stats is not None:
-            dispatch.stats.cache_bound(bound)
-        return True
+        st.forecast = bool(self.config.forecast) and bound >= 2 * one
+        return bound // (one * (2 if st.forecast else 1))
 
     # --- the blocks ---------------------------------------------------------------------------
     def chain(self, dispatch, block, x, nxt):
@@ -248,13 +161,16 @@ class BlockReuse(Accelerator):
                 return x  # the span's residual was added at its first block
             return self._reused(st, span, x, step)
         if block == first:
-            self._open(st, span, x)
+            if st.open is not None:  # an earlier span whose last block never ran: half-written
+                st.entries.pop(st.open.span, None)
+            st.open = self._start(st, span, x)
         y = nxt(x)
-        if block == last and st.open is not None and st.open[0] == span:
+        if block == last and st.open is not None and st.open.span == span:
             if y is x:
                 raise RuntimeError("block reuse: a block handed back its own input tensor (updated in place); "
                                    "the span's residual cannot be taken")
-            self._close(st, span, y, step.index, position(step.sigma))
+            opened, st.open = st.open, None
+            self._finish(st, span, opened, y, step.index, position(step.sigma))
             if dispatch.stats is not None:
                 dispatch.stats.span_ran()
         return y
@@ -331,18 +247,12 @@ class BlockReuse(Accelerator):
         if dispatch.stats is not None:
             dispatch.stats.cache_bound(bound)
 
-    def _open(self, st, span: int, x: torch.Tensor) -> None:
+    def _start(self, st, span: int, x: torch.Tensor) -> _Open:
         """Starts a span's new residual as -x in one of its 16-bit tensors, so that neither the span
         input nor a full-precision residual is held while the span runs: the tensor that becomes
         free is the accumulator (the forecast's old difference, or with as-is reuse the residual
-        itself, whose strided sample the drift measure keeps)."""
-        if st.open is not None:  # an earlier span whose last block never ran: half-written
-            st.entries.pop(st.open[0], None)
-        st.open = self._start(st, span, x)
-
-    def _start(self, st, span: int, x: torch.Tensor) -> tuple:
-        """_open's work, returned as (span, accumulator, old samples) rather than held in st.open
-        (a network's own spans nest, so several are open at once)."""
+        itself, whose strided sample the drift measure keeps). Returned rather than held in st.open:
+        a network's own spans nest, so several are open at once."""
         cfg = self.config
         e = st.entries.get(span)
         if e is None or e.r is None or e.r.shape != x.shape:
@@ -359,15 +269,11 @@ class BlockReuse(Accelerator):
             else:
                 acc = e.r
         acc.copy_(x.detach()).neg_()
-        return span, acc, old
+        return _Open(span, acc, old)
 
-    def _close(self, st, span: int, y: torch.Tensor, call: int, pos: float) -> None:
+    def _finish(self, st, span: int, opened: _Open, y: torch.Tensor, call: int, pos: float) -> None:
         """The span's new residual y - x into its tensors, in place, with its drift measure left on
         the device for end_call."""
-        opened, st.open = st.open, None
-        self._finish(st, span, opened, y, call, pos)
-
-    def _finish(self, st, span: int, opened: tuple, y: torch.Tensor, call: int, pos: float) -> None:
         cfg = self.config
         _, acc, old = opened
         e = st.entries[span]
@@ -394,13 +300,7 @@ class BlockReuse(Accelerator):
         else:
             e.prev_pos = None      # no difference over a step: no forecast until the next compute
 
-    def end_call(self, dispatch) -> None:
-        if dispatch.step is None:
-            return
-        st = self.state(dispatch)
-        if st.open is not None:  # a span whose last block never ran (an outer accelerator skipped it)
-            st.entries.pop(st.open[0], None)
-            st.open = None
+    def _read(self, dispatch, st) -> None:
         waiting = [(i, e) for i, e in st.entries.items() if e.pending is not None]
         if not waiting:
             return

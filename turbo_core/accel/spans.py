@@ -1,5 +1,7 @@
 """What the per-call levels (block_reuse.py, token_reuse.py) share: how a model's blocks are cut
-into spans, where a call is in the schedule, and how much a call's output reaches the image.
+into spans, where a call is in the schedule, how much a call's output reaches the image, and the
+call-level logic around the spans (`SpanReuse`: when a call may reuse at all, the spans' planning
+within the memory bound, the half-written span dropped at the end of a call).
 
 A model hands the accelerators its blocks one by one through `SCMDispatch.chain(block, x, chain)`
 (x the stream entering block `block`, the run's stats giving the depth); a span is a run of
@@ -10,6 +12,12 @@ token-level form (`chain(..., tokens)`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .base import Accelerator
+from .bound import CallBound, check_bound
+from .config import MechanismConfig
 
 
 def output_weight(sigma: float, space) -> float:
@@ -55,3 +63,141 @@ def split_call(dispatch, note: str) -> bool:
     if dispatch.stats is not None and note not in dispatch.stats.notes:
         dispatch.stats.notes.append(note)
     return True
+
+
+@dataclass(frozen=True)
+class SpanReuseConfig(MechanismConfig):
+    """The settings both per-call levels have (each level's module says how it reads threshold)."""
+    threshold: float = 0.25     # estimated relative error of a span's reuse (0 = never reuse)
+    drift_prior: float = 0.08   # drift assumed until a span has been measured (0 = run it first)
+    weigh_output: bool = True   # weigh the estimate by how much the call's output moves the image
+    max_age: int = 2            # calls a cached residual may be reused after it was computed
+    max_skipped: int = 0        # calls skipped whole (the step skip) between two that run, still reused across
+    head: int = 1               # first blocks, always computed
+    tail: int = 0               # last blocks, always computed
+    spans: int = 0              # cached spans at most (0 = as many as the memory bound holds)
+    start_percent: float = 0.0
+    end_percent: float = 1.0
+    memory_fraction: float = 0.1  # cache bound, as a share of a full call's working memory (bound.py)
+    max_cache_mb: float = 0.0   # explicit cache bound in MiB (0 = from memory_fraction)
+
+    def validate(self) -> None:
+        owner = type(self).__name__
+        check_bound(self)
+        if self.threshold < 0:
+            raise ValueError(f"{owner}.threshold must be >= 0 (0 = never reuse), got {self.threshold}")
+        if self.drift_prior < 0:
+            raise ValueError(f"{owner}.drift_prior must be >= 0 (0 = measure first), got {self.drift_prior}")
+        if int(self.max_age) < 1:
+            raise ValueError(f"{owner}.max_age must be >= 1 call, got {self.max_age}")
+        if not 0 <= int(self.max_skipped) < int(self.max_age):
+            raise ValueError(f"{owner}.max_skipped must be within [0, max_age), got {self.max_skipped}")
+        for name in ("head", "tail", "spans"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{owner}.{name} must be >= 0, got {getattr(self, name)}")
+
+
+class SpanState:
+    """One stream's state of a per-call level: its cached spans and this call's decisions."""
+
+    def __init__(self):
+        self.entries: dict = {}       # span -> the level's cache entry
+        self.spans: Optional[list] = None  # the cached spans, once planned
+        self.inner: dict = {}         # block (or a declared span's key) -> its span's index
+        self.mode = "store"           # this call: "store" (every span runs, kept), "plan", "off"
+        self.plan: dict = {}          # span -> the level's decision for this call, in "plan" mode
+        self.open = None              # the span being computed (.span its index): half-written until it closes
+        self.depth = 0                # blocks seen (where the run did not say)
+        self.bound = CallBound()
+        self.last_ran = None          # call index of the stream's last call that ran
+
+    def reset(self) -> None:
+        self.bound.release()
+        self.__init__()
+
+    def drop_cached(self) -> None:
+        self.entries.clear()
+        self.open = None
+
+
+class SpanReuse(Accelerator):
+    """The call-level logic of a per-call level; a subclass decides per span (`_plan`), sizes a span
+    (`_fits`), runs the blocks (`chain`) and reads its figures once per call (`_read`)."""
+
+    bounded = True  # its cache within the bound of bound.py (RunStats.cache_bound)
+    config_class = SpanReuseConfig
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = self.config_class.from_dict(config)
+
+    def begin_call(self, dispatch) -> None:
+        if dispatch.stats is not None:
+            dispatch.stats.calls_aside.setdefault(self.name, 0)
+
+    def call(self, dispatch, x, nxt, space=None):
+        """Decided before any block runs, from figures the host read after the previous call."""
+        cfg = self.config
+        step = dispatch.step
+        if step is None:
+            return nxt()
+        st = self.state(dispatch)
+        gap = None if st.last_ran is None else step.index - st.last_ran
+        st.last_ran = step.index
+        st.open = None
+        if gap is None:
+            st.bound.begin(x)
+        if step.percent > cfg.end_percent:
+            st.entries.clear()  # never reused again in this run: free it now
+            st.mode = "off"
+        elif gap is None or gap > cfg.max_age or gap - 1 > cfg.max_skipped:
+            st.entries.clear()
+            st.mode = "store"
+            if gap is not None and dispatch.stats is not None:  # after a long jump: nothing reusable
+                dispatch.stats.calls_aside[self.name] = dispatch.stats.calls_aside.get(self.name, 0) + 1
+        elif step.percent < cfg.start_percent or cfg.threshold <= 0 or not st.spans:
+            st.mode = "store"
+        else:
+            st.mode = "plan"
+            weight = output_weight(step.sigma, space) if cfg.weigh_output else 1.0
+            st.plan = self._plan(st, step.index, position(step.sigma), weight)
+        return nxt()
+
+    def _plan(self, st, call: int, pos: float, weight: float) -> dict:
+        """span -> this call's decision, from host figures only."""
+        raise NotImplementedError
+
+    def _fits(self, dispatch, st, x, bound: int) -> int:
+        """How many spans the bound holds for a stream like x."""
+        raise NotImplementedError
+
+    def _settle(self, dispatch, st, block: int, x) -> bool:
+        """Plans the spans at the first cached block of the first call that knows the depth (the
+        run's stats say it; else it is counted over the first call). False until then."""
+        cfg = self.config
+        depth = dispatch.stats.blocks if dispatch.stats is not None and dispatch.stats.blocks else st.depth
+        if not depth:
+            st.depth = max(st.depth, block + 1)  # counted this call, planned at the next
+            return False
+        if block < cfg.head:
+            return False
+        bound = st.bound.settle(cfg, x)
+        count = self._fits(dispatch, st, x, bound)
+        count = min(count, cfg.spans) if cfg.spans else count
+        st.spans = plan_spans(depth, cfg.head, cfg.tail, count)
+        st.inner = {blk: i for i, (a, b) in enumerate(st.spans) for blk in range(a, b + 1)}
+        if dispatch.stats is not None:
+            dispatch.stats.cache_bound(bound)
+        return True
+
+    def end_call(self, dispatch) -> None:
+        if dispatch.step is None:
+            return
+        st = self.state(dispatch)
+        if st.open is not None:  # a span whose last block never ran (an outer accelerator skipped it)
+            st.entries.pop(st.open.span, None)
+            st.open = None
+        self._read(dispatch, st)
+
+    def _read(self, dispatch, st) -> None:
+        """The figures this call measured on the device, read in one host read."""

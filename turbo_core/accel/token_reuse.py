@@ -14,7 +14,7 @@ How many: the share of positions a span computes is its estimated error over `th
 least `keep_min`: the estimate is, as in block reuse, the span's measured drift (the relative
 change of its residual at the positions it computed, per unit of log(sigma) since the span last
 ran, read on the host once per call) times the distance in log(sigma) to the span's last run,
-weighed by how much the call's output moves the denoised image (block_reuse.output_weight). So a
+weighed by how much the call's output moves the denoised image (spans.output_weight). So a
 call where the residuals move runs every position, and the last steps of a schedule few. The share
 is rounded up to one of `buckets` fixed sizes (a bounded set of shapes for the kernels' plans and
 caches), on the host, from figures of the previous call.
@@ -40,10 +40,8 @@ from typing import Optional
 import torch
 
 from ..memory import nbytes
-from .base import Accelerator
-from .bound import CallBound, check_bound, half_dtype
-from .config import MechanismConfig
-from .spans import output_weight, plan_spans, position, split_call
+from .bound import half_dtype
+from .spans import SpanReuse, SpanReuseConfig, SpanState, position, split_call
 
 NAME = "token_reuse"
 SPLIT_ASIDE = ("token reuse stood aside: the call was split over processes (Turbo4D Multi-GPU), whose ranks "
@@ -53,40 +51,18 @@ _FORCED = 1e6  # added to the score of a position past max_age: always in the to
 
 
 @dataclass(frozen=True)
-class TokenReuseConfig(MechanismConfig):
-    threshold: float = 0.25     # estimated relative error at which a span computes every position
+class TokenReuseConfig(SpanReuseConfig):
+    # threshold: the estimated relative error at which a span computes every position
     keep_min: float = 0.25      # share of the positions a span computes at least
     buckets: int = 4            # subset sizes: T/buckets, 2T/buckets, ..., T
-    drift_prior: float = 0.08   # drift assumed until a span has been measured (0 = run it first)
-    weigh_output: bool = True   # weigh the estimate by how much the call's output moves the image
-    max_age: int = 2            # calls a position's output may be reused after it was computed
-    max_skipped: int = 0        # calls skipped whole (the step skip) between two that run, still reused across
-    head: int = 1               # first blocks, always computed in full
-    tail: int = 0               # last blocks, always computed in full
-    spans: int = 0              # cached spans at most (0 = as many as the memory bound holds)
-    start_percent: float = 0.0
-    end_percent: float = 1.0
-    memory_fraction: float = 0.1  # cache bound, as a share of a full call's working memory (bound.py)
-    max_cache_mb: float = 0.0   # explicit cache bound in MiB (0 = from memory_fraction)
     channel_stride: int = 8     # every n-th channel enters the change score
 
     def validate(self) -> None:
-        check_bound(self)
+        super().validate()
         if not 0.0 < self.keep_min <= 1.0:
             raise ValueError(f"TokenReuseConfig.keep_min must be within (0, 1], got {self.keep_min}")
-        if self.threshold < 0:
-            raise ValueError(f"TokenReuseConfig.threshold must be >= 0 (0 = never reuse), got {self.threshold}")
         if int(self.buckets) < 1:
             raise ValueError(f"TokenReuseConfig.buckets must be >= 1, got {self.buckets}")
-        if self.drift_prior < 0:
-            raise ValueError(f"TokenReuseConfig.drift_prior must be >= 0 (0 = measure first), got {self.drift_prior}")
-        if int(self.max_age) < 1:
-            raise ValueError(f"TokenReuseConfig.max_age must be >= 1 call, got {self.max_age}")
-        if not 0 <= int(self.max_skipped) < int(self.max_age):
-            raise ValueError(f"TokenReuseConfig.max_skipped must be within [0, max_age), got {self.max_skipped}")
-        for name in ("head", "tail", "spans"):
-            if int(getattr(self, name)) < 0:
-                raise ValueError(f"TokenReuseConfig.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def bucket_size(k: int, tokens: int, buckets: int) -> int:
@@ -120,70 +96,20 @@ class _Pass:
         self.span, self.pos, self.rows, self.k, self.x_kept, self.old = span, pos, rows, k, x_kept, old
 
 
-class TokenReuseState:
-    def __init__(self):
-        self.entries: dict = {}
-        self.spans: Optional[list] = None
-        self.inner: dict = {}
-        self.mode = "store"       # this call: "store" (every position runs, kept), "plan", "off"
-        self.keep: dict = {}      # span -> k at this call
-        self.cur: Optional[_Pass] = None
-        self.depth = 0
-        self.bound = CallBound()
-        self.last_ran = None
-
-    def reset(self) -> None:
-        self.bound.release()
-        self.__init__()
-
-    def drop_cached(self) -> None:
-        self.entries.clear()
-        self.cur = None
+class TokenReuseState(SpanState):
+    """SpanState with plan: span -> k positions to compute at this call (None: all); open: a _Pass."""
 
     def nbytes(self) -> int:
         return sum(nbytes(e.r) + nbytes(e.ref) + nbytes(e.at) for e in self.entries.values())
 
 
-class TokenReuse(Accelerator):
+class TokenReuse(SpanReuse):
     name = NAME
-    bounded = True  # its cache within the bound of bound.py (RunStats.cache_bound)
     state_class = TokenReuseState
+    config_class = TokenReuseConfig
 
-    def __init__(self, config: Optional[TokenReuseConfig] = None):
-        super().__init__()
-        self.config = TokenReuseConfig.from_dict(config)
-
-    def begin_call(self, dispatch) -> None:
-        if dispatch.stats is not None:
-            dispatch.stats.calls_aside.setdefault(self.name, 0)
-
-    # --- the call -----------------------------------------------------------------------------
-    def call(self, dispatch, x, nxt, space=None):
-        cfg = self.config
-        step = dispatch.step
-        if step is None:
-            return nxt()
-        st = self.state(dispatch)
-        gap = None if st.last_ran is None else step.index - st.last_ran
-        st.last_ran = step.index
-        st.cur = None
-        if gap is None:
-            st.bound.begin(x)
-        if step.percent > cfg.end_percent:
-            st.entries.clear()
-            st.mode = "off"
-        elif gap is None or gap > cfg.max_age or gap - 1 > cfg.max_skipped:
-            st.entries.clear()
-            st.mode = "store"
-            if gap is not None and dispatch.stats is not None:  # after a long jump: nothing reusable
-                dispatch.stats.calls_aside[self.name] = dispatch.stats.calls_aside.get(self.name, 0) + 1
-        elif step.percent < cfg.start_percent or not st.spans or cfg.threshold <= 0:
-            st.mode = "store"
-        else:
-            st.mode = "plan"
-            w = output_weight(step.sigma, space) if cfg.weigh_output else 1.0
-            st.keep = {i: self._k(st, i, step.index, position(step.sigma), w) for i in range(len(st.spans))}
-        return nxt()
+    def _plan(self, st, call: int, pos: float, weight: float) -> dict:
+        return {i: self._k(st, i, call, pos, weight) for i in range(len(st.spans))}
 
     def _k(self, st, span: int, call: int, pos: float, weight: float) -> Optional[int]:
         """Positions the span computes at this call (None: all, through the plain chain)."""
@@ -202,25 +128,11 @@ class TokenReuse(Accelerator):
         k = bucket_size(max(math.ceil(min(keep, 1.0) * tokens), int(overdue)), tokens, cfg.buckets)
         return None if k >= tokens else k
 
-    def _settle(self, dispatch, st, block: int, x: torch.Tensor) -> bool:
-        cfg = self.config
-        depth = dispatch.stats.blocks if dispatch.stats is not None and dispatch.stats.blocks else st.depth
-        if not depth:
-            st.depth = max(st.depth, block + 1)
-            return False
-        if block < cfg.head:
-            return False
-        bound = st.bound.settle(cfg, x)
+    def _fits(self, dispatch, st, x: torch.Tensor, bound: int) -> int:
         n, t, c = x.shape
         half = half_dtype(x.dtype).itemsize
-        per_span = n * t * (c + -(-c // cfg.channel_stride)) * half + dispatch.layout.batch * t * 4
-        count = bound // per_span
-        count = min(count, cfg.spans) if cfg.spans else count
-        st.spans = plan_spans(depth, cfg.head, cfg.tail, count)
-        st.inner = {blk: i for i, (a, b) in enumerate(st.spans) for blk in range(a, b + 1)}
-        if dispatch.stats is not None:
-            dispatch.stats.cache_bound(bound)
-        return True
+        per_span = n * t * (c + -(-c // self.config.channel_stride)) * half + dispatch.layout.batch * t * 4
+        return bound // per_span
 
     # --- the blocks ---------------------------------------------------------------------------
     def chain(self, dispatch, block, x, nxt):
@@ -240,15 +152,15 @@ class TokenReuse(Accelerator):
         if span is None or st.mode == "off":
             return nxt(x)
         first, last = st.spans[span]
-        k = st.keep.get(span) if st.mode == "plan" else None
+        k = st.plan.get(span) if st.mode == "plan" else None
         if k is not None and nxt.tokens is None:  # a block without a token-level form runs whole
             k = None
         if block == first:
-            if st.cur is not None:  # an earlier span whose last block never ran: half-written
-                st.entries.pop(st.cur.span, None)
-            st.cur = (self._open_all(dispatch, st, span, x) if k is None
-                      else self._select(dispatch, st, span, x, k, step.index))
-        cur = st.cur
+            if st.open is not None:  # an earlier span whose last block never ran: half-written
+                st.entries.pop(st.open.span, None)
+            st.open = (self._open_all(dispatch, st, span, x) if k is None
+                       else self._select(dispatch, st, span, x, k, step.index))
+        cur = st.open
         if cur is None or cur.span != span:  # an outer accelerator skipped this span's first block
             return nxt(x)
         e = st.entries[span]
@@ -256,7 +168,7 @@ class TokenReuse(Accelerator):
             y = nxt(x)
             if block == last:
                 self._close_all(e, cur, y, step.index, position(step.sigma), dispatch.layout.batch)
-                st.cur = None
+                st.open = None
             return y
         h = nxt.tokens(x, cur.pos)                                  # (images, k, c)
         n, t, c = x.shape
@@ -267,7 +179,7 @@ class TokenReuse(Accelerator):
         out.view(n * t, c).index_copy_(0, cur.rows, h.reshape(-1, c).to(out.dtype))
         if block == last:
             self._store_rows(e, cur, h, step.index, position(step.sigma))
-            st.cur = None
+            st.open = None
         return out
 
     def _select(self, dispatch, st, span: int, x: torch.Tensor, k: int, call: int) -> _Pass:
@@ -344,13 +256,7 @@ class TokenReuse(Accelerator):
         e.ages = (call, torch.zeros(age.shape[0], self.config.max_age + 2, device=age.device)
                   .scatter_add_(1, age, torch.ones(age.shape, device=age.device)))
 
-    def end_call(self, dispatch) -> None:
-        if dispatch.step is None:
-            return
-        st = self.state(dispatch)
-        if st.cur is not None:  # a span whose last block never ran: its tensors are half-written
-            st.entries.pop(st.cur.span, None)
-            st.cur = None
+    def _read(self, dispatch, st) -> None:
         parts, slots = [], []
         for i, e in st.entries.items():
             if e.pending is not None:
