@@ -197,7 +197,8 @@ def begin_run(group: ParallelGroup, specs: Sequence = (), backend: str = "short-
         torch.cuda.reset_peak_memory_stats(group.device)
     group.command({"op": "begin", "specs": list(specs or []), "backend": backend})
     # reference: the workers drop a run's perceiver keys/values at its end, so each run sends its own.
-    group.state.update(run=True, modes={}, notes=[], run_started=time.perf_counter(), reference=None)
+    group.state.update(run=True, modes={}, notes=[], run_started=time.perf_counter(), reference=None,
+                       references_sent=0)
 
 
 def end_run(group: ParallelGroup, stats=None) -> Optional[dict]:
@@ -211,6 +212,8 @@ def end_run(group: ParallelGroup, stats=None) -> Optional[dict]:
     summaries = group.command({"op": "end"}, lambda: group.comm.gather_objects(mine))
     out = {"world": group.world, "backend": group.backend, "devices": [str(d) for d in group.devices],
            "calls_by_mode": dict(group.state.get("modes", {})), "notes": list(group.state.get("notes", [])),
+           # TrajectoryCrafter: reference latents sent, each making every worker's perceiver keys/values once.
+           "references_sent": group.state.get("references_sent", 0),
            "comm_timed": group.comm.timed,
            "ranks": [{k: v for k, v in s.items() if k != "done"} for s in summaries]}
     if stats is not None:
@@ -411,6 +414,7 @@ class ParallelNet:
         group.command({"op": "reference", "shape": tuple(src.shape), "dtype": str(src.dtype).replace("torch.", "")},
                       lambda: group.comm.broadcast(src))
         group.state["reference"] = weakref.ref(reference)
+        group.state["references_sent"] = group.state.get("references_sent", 0) + 1
 
     def _call_scm(self, x, c_noise, camera, views, frames, frame_index=None, dispatch=None, layout=None):
         net, group = self.net, self.group
