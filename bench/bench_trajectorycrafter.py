@@ -5,6 +5,8 @@ pack's accelerators, fewer steps, and diffusers' own cache hooks on its CogVideo
     python -m bench.bench_trajectorycrafter --part peers --device cuda:1 --out peers.json
     python -m bench.bench_trajectorycrafter --merge ours.json peers.json --out bench/results/bench_trajectorycrafter_h200.json
     python -m bench.bench_trajectorycrafter --tiny --device cpu --out /tmp/tc.json   # CPU smoke test
+    python -m bench.bench_trajectorycrafter --part split --devices cuda:0,cuda:1 --out split.json
+    python -m bench.bench_trajectorycrafter --part split --tiny --devices cpu:2 --device cpu --out /tmp/s.json
 
 The shape is the reference's: 49 frames at 384 x 672 (13 latent frames of 48 x 84, 13,104 video
 tokens + 226 T5 tokens per sequence), 3 reference latent frames for the perceiver (3,024 tokens),
@@ -29,6 +31,14 @@ and sampler; full compute, then each of diffusers' cache hooks that runs on it (
 TaylorSeerCache, PyramidAttentionBroadcast, FasterCache, MagCache with ratios calibrated on the
 full run, which favours it) with its PSNR against its own full run. SeaCache needs a CogVideoX
 adapter diffusers does not ship (its raw_vision_callback) and is left out.
+
+--part split (turbo_core.parallel, the Turbo4D Multi-GPU node's engine): the same run on one GPU
+and with every call's CFG halves on two (`--devices`), weights broadcast once, the perceiver's
+reference keys/values computed once per run on each GPU, whole steps decided on the first GPU:
+ms per call and the run's wall-clock, the split's result against one GPU's, the peak memory of
+each GPU, the share of each GPU's time spent in collectives (a separate short run with every
+collective timed between device syncs, which the timed runs do not pay for), and Chain Bypass
+fast / balanced on one GPU and split.
 
 PSNR is taken on the final latent (16 channels x 13 frames x 48 x 84, the sampler's output before
 the VAE), with the full run's peak-to-peak value as the data range.
@@ -184,11 +194,15 @@ def peak_gb(device):
 
 # --- our network ------------------------------------------------------------------------------------
 def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, timer: Timer = None,
-                stats_out: dict = None):
+                stats_out: dict = None, group=None):
     """One sampling run through a Turbo4DRun as the ComfyUI adapter drives it (whole steps decided
     per step through run.step, every call through run.model_call and the run's dispatch).
     Returns (final latent, seconds, calls run, stats summary, per-step breakdowns); `stats_out`
-    gets the run's RunStats as "stats"."""
+    gets the run's RunStats as "stats". `group` (rank 0 of a turbo_core.parallel group): every
+    call's CFG halves split over its processes, as the Turbo4D Multi-GPU node runs it."""
+    from turbo_core import parallel
+
+    forward = net if group is None else parallel.ParallelNet(net, group, "cfg")
     device = inp.noise.device
     dtype = net.proj_out.weight.dtype
     sig, step_sig, t_of, zsig = schedule(steps)
@@ -199,8 +213,10 @@ def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, 
     sync(device)
     t0 = time.perf_counter()
     run.begin()
+    if group is not None:
+        parallel.begin_run(group, list(specs), run.backend)
     try:
-        ref = net.reference(inp.ref)  # the perceiver's keys/values: once per run
+        ref = net.reference(inp.ref)  # the perceiver's keys/values: once per run (on each process)
         layout = net.token_layout(2, inp.text.shape[1], t, h, w, ref.tokens)
         work = net.block_work(layout)
 
@@ -219,8 +235,8 @@ def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, 
                 def network():
                     calls[0] += 1
                     ts = torch.full((2,), t_of[s], device=device)
-                    return net(lat, inp.text, ts, inpaint=inp.inpaint, reference=ref,
-                               dispatch=timed_dispatch(d, timer) if timer else d).permute(0, 2, 1, 3, 4)
+                    return forward(lat, inp.text, ts, inpaint=inp.inpaint, reference=ref,
+                                   dispatch=timed_dispatch(d, timer) if timer else d).permute(0, 2, 1, 3, 4)
 
                 v = run.model_call(d, x2, network, space)
                 run.end_call(d)
@@ -239,6 +255,8 @@ def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, 
         seconds = time.perf_counter() - t0
     finally:
         stats = run.end(torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None)
+        if group is not None and group.alive:
+            parallel.end_run(group, stats)
         if stats_out is not None:
             stats_out["stats"] = stats
     if not torch.isfinite(x).all():
@@ -324,6 +342,91 @@ def bench_ours(args, emit):
               "peak_gb": peak_gb(dev)})
 
 
+# --- CFG halves on two GPUs ------------------------------------------------------------------------------
+def split_figures(stats, secs: float, calls: int) -> dict:
+    """What a split run's statistics say per process: peak memory, and (when its collectives were
+    timed) the share of its time in them."""
+    par = stats.parallel or {}
+    ranks = par.get("ranks", [])
+    out = {"peak_gb_per_gpu": [None if r.get("peak_memory_mb") is None else round(r["peak_memory_mb"] / 1024, 2)
+                               for r in ranks],
+           "calls_by_mode": par.get("calls_by_mode")}
+    if par.get("comm_timed"):
+        out["comm_share_per_gpu"] = [round(r["comm_seconds"] / r["busy_seconds"], 4) if r.get("busy_seconds") else None
+                                     for r in ranks]
+        out["comm_ms_per_call_per_gpu"] = [round(r["comm_seconds"] * 1000 / max(calls, 1), 2) for r in ranks]
+        out["comm_mb_per_call_per_gpu"] = [round(r["comm_bytes"] / 2**20 / max(calls, 1), 2) for r in ranks]
+    return out
+
+
+def bench_split(args, emit):
+    """One GPU against every call's CFG halves on `args.devices` (the first is this process's)."""
+    from turbo_core import parallel
+
+    dev, dtype, shape = args.device, args.dtype, SHAPES[args.shape]
+    steps = args.steps or shape["steps"]
+    net = random_net(shape["config"], dev, dtype)
+    inp = make_inputs(net.cfg, shape, dev, dtype)
+    t0 = time.perf_counter()
+    group = parallel.acquire(args.devices)
+    started = time.perf_counter() - t0
+    try:
+        sample_ours(net, inp, 1)  # warm-up: kernel choice
+        t0 = time.perf_counter()
+        sample_ours(net, inp, 1, group=group)  # also sends the weights, once
+        emit({"what": "split", "name": "setup", "devices": [str(d) for d in group.devices], "world": group.world,
+              "backend": group.backend, "workers_started_s": round(started, 2),
+              "weights_sent_and_first_call_s": round(time.perf_counter() - t0, 2)})
+        full_steps = args.split_full_steps or steps
+        rows = [("full compute", [], full_steps)]
+        rows += [(f"Chain Bypass {p}", accelerator_specs(p), steps) for p in args.split_presets]
+        full = {}
+        for label, specs, steps in rows:
+            unit = "GPU" if group.backend == "nccl" else "process"
+            for g, where in ((None, f"one {unit}"), (group, f"{group.world} {unit}es (cfg)" if unit == "process"
+                                                     else f"{group.world} GPUs (cfg)")):
+                if time.perf_counter() > args.deadline:
+                    emit({"what": "split", "name": f"{label}, {where}", "skipped": "deadline"})
+                    continue
+                reset_peak(dev)
+                box = {}
+                x, secs, calls, summ, _ = sample_ours(net, inp, steps, specs, stats_out=box, group=g)
+                row = {"what": "split", "name": f"{label}, {where}", "steps": steps, "calls_run": calls,
+                       "latency_s": round(secs, 2), "ms_per_call": round(secs * 1000 / max(calls, 1), 1),
+                       "latency_50_steps_s": round(secs * 50 / steps, 2) if steps != 50 else round(secs, 2),
+                       "peak_gb": peak_gb(dev), "compute_fraction": summ["compute_fraction"]}
+                if g is not None:
+                    row.update(split_figures(box["stats"], secs, calls))
+                full[(label, g is None)] = (x, secs)
+                one = full.get((label, True))
+                if g is not None and one is not None:
+                    row.update(speedup_vs_one_gpu=round(one[1] / secs, 2), psnr_vs_one_gpu_same=round(latent_psnr(x, one[0]), 2),
+                               max_abs_diff_vs_one_gpu_same=round(float((x - one[0]).abs().max()), 5))
+                ref = full.get(("full compute", True))
+                if ref is not None and label != "full compute" and steps == full_steps:
+                    row.update(speedup_vs_one_gpu_full=round(ref[1] / secs, 2), psnr_vs_full=round(latent_psnr(x, ref[0]), 2))
+                emit(row)
+        if time.perf_counter() < args.deadline and args.comm_steps:
+            # Every collective timed between device syncs on every process: the communication
+            # share; these syncs cost time, so this run is not one of the timed ones above.
+            parallel.set_sync_timing(group, True)
+            box = {}
+            _, secs, calls, _, _ = sample_ours(net, inp, args.comm_steps, stats_out=box, group=group)
+            parallel.set_sync_timing(group, False)
+            emit({"what": "split", "name": f"full compute, {group.world} processes (cfg), collectives timed",
+                  "steps": args.comm_steps, "calls_run": calls, "latency_s": round(secs, 2),
+                  "ms_per_call": round(secs * 1000 / max(calls, 1), 1), **split_figures(box["stats"], secs, calls)})
+    finally:
+        parallel.shutdown()
+    del net
+    reset_peak(dev)
+
+
+def accelerator_specs(preset: str) -> list:
+    """The Chain Bypass node's specs at `preset` (the rows accelerator_rows names so)."""
+    return dict(accelerator_rows())[f"Chain Bypass {preset}"]
+
+
 # --- diffusers' CogVideoX and its cache hooks ----------------------------------------------------------
 def diffusers_twin(net: TrajectoryCrafterTransformer):
     """diffusers' CogVideoXTransformer3DModel with `net`'s weights (net without a perceiver)."""
@@ -388,6 +491,8 @@ def peer_configs(steps: int, box, mag_ratios):
     blocks = [r"transformer_blocks\.\d+\.attn1", r"transformer_blocks\.\d+\.ff"]
     out = [("FirstBlockCache threshold 0.1", FirstBlockCacheConfig(threshold=0.1)),
            ("FirstBlockCache threshold 0.3", FirstBlockCacheConfig(threshold=0.3)),
+           ("FirstBlockCache threshold 0.5", FirstBlockCacheConfig(threshold=0.5)),
+           ("FirstBlockCache threshold 0.8", FirstBlockCacheConfig(threshold=0.8)),
            ("FirstBlockCache threshold 1.0", FirstBlockCacheConfig(threshold=1.0)),
            ("TaylorSeerCache interval 5, attn1 + ff", TaylorSeerCacheConfig(cache_identifiers=blocks)),
            ("TaylorSeerCache interval 5, lite (output forecast)", TaylorSeerCacheConfig(use_lite_mode=True)),
@@ -499,8 +604,17 @@ def merge(paths, out):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=("ours", "peers", "all"), default="all")
+    ap.add_argument("--part", choices=("ours", "peers", "all", "split", "split+peers"), default="all",
+                    help="split+peers: the split rows, then the peers (named by --peers) on --device")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--devices", default="cuda:0,cuda:1",
+                    help="split: the processes, --device's first ('cuda:0,cuda:1', or 'cpu:2' on the CPU)")
+    ap.add_argument("--split-presets", nargs="*", default=["fast", "balanced"],
+                    help="split: the Chain Bypass presets run on one GPU and split")
+    ap.add_argument("--split-full-steps", type=int, default=0,
+                    help="split: steps of the full-compute rows (default: the shape's; its 50-step time is scaled)")
+    ap.add_argument("--comm-steps", type=int, default=5,
+                    help="split: steps of the run whose collectives are timed (0: none)")
     ap.add_argument("--tiny", action="store_true", help="the reduced-width network at a small grid (CPU smoke test)")
     ap.add_argument("--steps", type=int, default=0, help="override the shape's step count")
     ap.add_argument("--fewer-steps", type=int, nargs="*", default=[10],
@@ -539,7 +653,9 @@ def main(argv=None) -> int:
 
     if args.part in ("ours", "all"):
         bench_ours(args, emit)
-    if args.part in ("peers", "all"):
+    if args.part in ("split", "split+peers"):
+        bench_split(args, emit)
+    if args.part in ("peers", "all", "split+peers"):
         bench_peers(args, emit)
     return 0
 

@@ -13,7 +13,8 @@
   noisy latents as the model's channels 16..32; `COND_REFERENCE`, a `ReferenceLatents` holding the
   source frames' latents for the perceiver.
 - `TrajectoryCrafterDiffusionModel`: forward through the DIFFUSION_MODEL wrapper executor and the
-  active Turbo4DRun's dispatch (nodes/model.py), the joint / perceiver axes of a JointLayout.
+  active Turbo4DRun's dispatch (nodes/model.py), the joint / perceiver axes of a JointLayout; under
+  Turbo4D Multi-GPU through its split network (the CFG halves on two processes).
 - The perceiver's keys/values depend on the reference latents and the weights only; a per-run
   `ReferenceCache` (put in place by an OUTER_SAMPLE wrapper) computes them at the run's first call
   and every later call, both CFG halves included, reads them.
@@ -171,8 +172,10 @@ class TrajectoryCrafterDiffusionModel(m.ExecutorDiffusionModel):
         work = net.block_work(layout)
         run, d = m.call_dispatch(transformer_options, layout, timesteps, x, net.depth, work=work)
 
+        forward = transformer_options.get(m.NET_KEY) or net  # the Multi-GPU node's split network
+
         def network():
-            out = net(video, context, t, reference=reference, dispatch=d)
+            out = forward(video, context, t, reference=reference, dispatch=d)
             return out.permute(0, 2, 1, 3, 4)
 
         if run is None:

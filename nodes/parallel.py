@@ -21,6 +21,7 @@ from comfy_api.latest import io
 
 from turbo_core import parallel
 from turbo_core.models.scm_net import SCMNet
+from turbo_core.models.trajectorycrafter import TrajectoryCrafterTransformer
 
 from . import model as m
 
@@ -127,11 +128,12 @@ class Turbo4DMultiGPU(io.ComfyNode):
                         "further GPU (torch.distributed, NCCL): the CFG halves on different GPUs, or each GPU a "
                         "slice of the frames or views (motion or camera attention exchanged with an all-to-all). "
                         "The result is the one-GPU result; the accelerator nodes compose (every GPU takes the "
-                        "same decisions). MultiView Sampler and MultiView Sampler (SV4D) honour it (SV4D: the CFG "
-                        "halves only); with one GPU or none it runs on one and says so in the log.",
+                        "same decisions). MultiView Sampler, MultiView Sampler (SV4D) and TrajectoryCrafter Sampler "
+                        "honour it (SV4D and TrajectoryCrafter: the CFG halves only, so cfg > 1); with one GPU or "
+                        "none it runs on one and says so in the log.",
             inputs=[
-                io.Model.Input("model", tooltip="A Turbo4D model (Turbo4D Model Loader, optionally through the "
-                                                "accelerator nodes, in any order)."),
+                io.Model.Input("model", tooltip="A Turbo4D model (Turbo4D Model Loader, SV4D or TrajectoryCrafter "
+                                                "Loader, optionally through the accelerator nodes, in any order)."),
                 io.String.Input("devices", default="all",
                                 tooltip="Which GPUs: 'all' (every visible GPU), or indices such as '0,1'. The GPU "
                                         "ComfyUI runs the model on is always one of them and drives the others. "
@@ -141,7 +143,8 @@ class Turbo4DMultiGPU(io.ComfyNode):
                                tooltip="How a call is split. auto: the CFG halves when cfg > 1 batches them (no "
                                        "exchange inside the network), else the frames or views, whichever splits "
                                        "more evenly. cfg / frames / views force one; a call it cannot split falls "
-                                       "back to auto (the log says so). SV4D models split the CFG halves only."),
+                                       "back to auto (the log says so). SV4D and TrajectoryCrafter models split the "
+                                       "CFG halves only."),
             ],
             outputs=[io.Model.Output(display_name="MODEL", tooltip="The same model, sampled over the chosen processes.")],
         )
@@ -152,7 +155,8 @@ class Turbo4DMultiGPU(io.ComfyNode):
         if mode not in parallel.MODES:
             raise ValueError(f"{NODE}: mode={mode!r}; pick one of {list(parallel.MODES)}.")
         if not isinstance(net, SCMNet) and mode in ("frames", "views"):
-            log.info("%s: SV4D models split only the CFG halves; mode %s runs as cfg.", NODE, mode)
+            log.info("%s: %s models split only the CFG halves; mode %s runs as cfg.", NODE,
+                     "TrajectoryCrafter" if isinstance(net, TrajectoryCrafterTransformer) else "SV4D", mode)
         devs, line = resolve_devices(devices)
         if devs is None:
             log.info("%s", line)

@@ -552,7 +552,8 @@ class TrajectoryCrafterSampler(io.ComfyNode):
                         "(Chain Bypass whole steps included), previews, progress and interrupt work as with KSampler.",
             inputs=[
                 io.Model.Input("model", tooltip="TrajectoryCrafter from its loader, optionally through the Turbo4D "
-                                                "accelerator nodes."),
+                                                "accelerator nodes and Turbo4D Multi-GPU (the CFG halves of every "
+                                                "call on two GPUs)."),
                 io.Conditioning.Input("positive", tooltip="TrajectoryCrafter Conditioning's positive."),
                 io.Conditioning.Input("negative", tooltip="TrajectoryCrafter Conditioning's negative."),
                 io.Latent.Input("latent", tooltip="TrajectoryCrafter Conditioning's latent."),

@@ -22,6 +22,7 @@ the full-size T5 XXL, so the test's own ComfyUI gets a one-file custom node (tes
 builds ComfyUI's same T5 classes at the file's width; every other node is the shipped workflow's.
 """
 import copy
+import re
 import json
 import os
 import shutil
@@ -514,3 +515,34 @@ def test_a_vae_picked_as_the_transformer_names_the_file(tc_server):
         tc_server.run(p, timeout=300)
     assert e.value.node_type == "Turbo4DTrajectoryCrafterLoader"
     assert "model_name='cogvideox_tiny/diffusion_pytorch_model.safetensors'" in e.value.message, e.value.message
+
+
+def test_shipped_workflow_through_multi_gpu_gives_the_one_process_result(tc_server):
+    """The shipped workflow with Turbo4D Multi-GPU (devices 'cpu:2') before a second sampler: every
+    call's CFG halves on two gloo processes, Chain Bypass's decisions and counts as in one process,
+    the decoded video the one-process one (the Report compares them)."""
+    p = small(shipped())
+    (bypass,) = by_type(p, "Turbo4DChainBypass")
+    (sampler,) = by_type(p, "Turbo4DTrajectoryCrafterSampler")
+    (decode,) = by_type(p, "Turbo4DTrajectoryCrafterDecode")
+    p[sampler]["inputs"]["seed"] = 7771  # a seed of its own: ComfyUI would serve a repeated node from its cache
+    p["30"] = {"class_type": "Turbo4DMultiGPU", "inputs": {"model": [bypass, 0], "devices": "cpu:2", "mode": "auto"}}
+    p["31"] = copy.deepcopy(p[sampler])
+    p["31"]["inputs"]["model"] = ["30", 0]
+    p["32"] = copy.deepcopy(p[decode])
+    p["32"]["inputs"]["latent"] = ["31", 0]
+    p["40"] = {"class_type": "Turbo4DReport", "inputs": {"run_stats": ["31", 2], "images": ["32", 0],
+                                                         "reference": [decode, 0], "reference_stats": [sampler, 2]}}
+    entry = tc_server.run(p, timeout=600)
+    outs = entry["outputs"]
+    split, alone = outs["31"]["text"][0], outs[sampler]["text"][0]
+    assert "over 2 processes (cfg)" in split, split
+    assert "processes" not in alone, alone
+    counts = r"(\d+/\d+ block chains bypassed \(\d+ whole steps?\)).*compute ([\d.]+)% of full"
+    assert re.search(counts, split).groups() == re.search(counts, alone).groups(), (split, alone)
+    cmp = outs["40"]["text"][0]
+    m = re.search(r"PSNR vs reference ([\d.]+) dB", cmp)
+    assert "PSNR vs reference exact" in cmp or (m and float(m.group(1)) >= 90.0), cmp
+    log = tc_server.log_text()
+    assert "Turbo4D Multi-GPU: 2 CPU processes (gloo), mode auto" in log
+    assert re.search(r"Turbo4D Multi-GPU: 2 processes \(gloo\), cfg [1-9]\d* calls", log), log[-3000:]

@@ -407,10 +407,28 @@ class PerceiverReference:
     halves stacked) reads row r % batch for its item r. At full size, one reference of 3 latent
     frames (3,024 tokens) holds 21 x 2 x 3,024 x 2,048 values, 0.52 GB in bf16."""
 
-    def __init__(self, kv: list, batch: int, tokens: int):
+    def __init__(self, kv: list, batch: int, tokens: int, source: Optional[torch.Tensor] = None):
         self.kv = kv  # [(k, v)] per perceiver, each (batch, heads, tokens, head_dim)
         self.batch = batch
         self.tokens = tokens
+        # The reference latents these came from (small: 0.4 MB at full size), so that another
+        # process holding the same weights can compute its own copy (turbo_core.parallel).
+        self.source = source
+        self._items: dict = {}
+
+    def items(self, start: int, stop: int) -> "PerceiverReference":
+        """The reference of the batch items start..stop-1 of a call (item r reads row r % batch),
+        as a reference of their own: what one process of a call split by batch items reads. One
+        reference for every item (batch 1) is itself; otherwise the rows are copied once."""
+        if self.batch == 1:
+            return self
+        key = (start, stop)
+        if key not in self._items:
+            rows = torch.arange(start, stop, device=self.kv[0][0].device) % self.batch
+            kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.kv]
+            src = None if self.source is None else self.source.index_select(0, rows.to(self.source.device))
+            self._items[key] = PerceiverReference(kv, stop - start, self.tokens, src)
+        return self._items[key]
 
     def rows(self, j: int, index: Optional[torch.Tensor], n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v of perceiver j for `n` sequences: all of the call's (index None) or its rows `index`."""
@@ -543,7 +561,7 @@ class TrajectoryCrafterTransformer(nn.Module):
         dtype = self.ref_patch_embed.proj.weight.dtype
         tokens = self.ref_patch_embed(ref_latents.to(dtype))
         kv = [m.keys_values(tokens) for m in self.perceiver_cross_attention]
-        return PerceiverReference(kv, tokens.shape[0], tokens.shape[1])
+        return PerceiverReference(kv, tokens.shape[0], tokens.shape[1], ref_latents)
 
     def forward(self, latents: torch.Tensor, text: torch.Tensor, timestep, inpaint: Optional[torch.Tensor] = None,
                 reference=None, dispatch: Optional[SCMDispatch] = None,

@@ -9,6 +9,9 @@ rank 0. `ShardWorker` is the same on the other ranks, driven by rank 0's command
   no file and no shared memory needed, and it works across machines);
 - "begin" / "end": a sampling run; each worker builds the run's accelerators from the same specs,
   and at the end its counters are gathered into rank 0's RunStats;
+- "reference": TrajectoryCrafter's reference latents (sent once per reference object, i.e. once
+  per run): each worker computes the perceiver keys/values itself, as rank 0 did, and every later
+  call of the run reads them;
 - "call": one model call. Rank 0 sends the StepInfo its own run made (the call index, sigma and
   stream), so a worker's accelerators count calls exactly as rank 0's do, including the whole
   steps that rank 0 decided to skip (the step skip is decided on rank 0, on the CFG-combined
@@ -28,6 +31,7 @@ import torch
 from ..dispatch import BACKENDS
 from ..layout import AXES
 from ..models.scm_net import SCMNet
+from ..models.trajectorycrafter import PerceiverReference, TrajectoryCrafterTransformer
 from .dispatch import ShardedDispatch, item_rows, reduced_signals, slice_inputs
 from .engine import ParallelError, ParallelGroup
 from .plan import choose_plan
@@ -149,7 +153,7 @@ def ensure_model(group: ParallelGroup, net: torch.nn.Module) -> None:
 
     t0 = time.perf_counter()
     group.command({"op": "load", "spec": model_spec(net), "entries": entries}, body)
-    group.state["model"] = (weakref.ref(net), key)
+    group.state.update(model=(weakref.ref(net), key), reference=None)  # a new model drops the workers' reference
     log.info("Turbo4D Multi-GPU: sent %s (%.1f M parameters) to %d workers in %.2f s", type(net).__name__,
              key[1] / 1e6, group.world - 1, time.perf_counter() - t0)
 
@@ -192,7 +196,9 @@ def begin_run(group: ParallelGroup, specs: Sequence = (), backend: str = "short-
     if group.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(group.device)
     group.command({"op": "begin", "specs": list(specs or []), "backend": backend})
-    group.state.update(run=True, modes={}, notes=[], run_started=time.perf_counter())
+    # reference: the workers drop a run's perceiver keys/values at its end, so each run sends its own.
+    group.state.update(run=True, modes={}, notes=[], run_started=time.perf_counter(), reference=None,
+                       references_sent=0)
 
 
 def end_run(group: ParallelGroup, stats=None) -> Optional[dict]:
@@ -201,11 +207,13 @@ def end_run(group: ParallelGroup, stats=None) -> Optional[dict]:
     the run's parallel summary (also set as `stats.parallel`). None if the group broke."""
     if not group.alive:
         return None
-    group.state["run"] = False
+    group.state.update(run=False, reference=None)
     mine = _summary(group, stats, group.state.get("run_started"))
     summaries = group.command({"op": "end"}, lambda: group.comm.gather_objects(mine))
     out = {"world": group.world, "backend": group.backend, "devices": [str(d) for d in group.devices],
            "calls_by_mode": dict(group.state.get("modes", {})), "notes": list(group.state.get("notes", [])),
+           # TrajectoryCrafter: reference latents sent, each making every worker's perceiver keys/values once.
+           "references_sent": group.state.get("references_sent", 0),
            "comm_timed": group.comm.timed,
            "ranks": [{k: v for k, v in s.items() if k != "done"} for s in summaries]}
     if stats is not None:
@@ -280,9 +288,21 @@ class ParallelNet:
         return getattr(self.__dict__["net"], name)
 
     def __call__(self, x, *args, **kwargs):
+        if isinstance(self.net, TrajectoryCrafterTransformer):
+            return self._call_joint(x, *args, **kwargs)
         if not isinstance(self.net, SCMNet):
             return self._call_items(x, *args, **kwargs)
         return self._call_scm(x, *args, **kwargs)
+
+    def _cfg_only(self) -> None:
+        """Networks split by batch items only run every mode as cfg; said once per run."""
+        if self.mode in ("auto", "cfg"):
+            return
+        note = f"{type(self.net).__name__} splits only the CFG halves; mode {self.mode} runs as cfg"
+        notes = self.group.state.setdefault("notes", [])
+        if note not in notes:
+            notes.append(note)
+            log.info("Turbo4D Multi-GPU: %s", note)
 
     def _plan(self, layout, dispatch, mode):
         group = self.group
@@ -309,12 +329,7 @@ class ParallelNet:
         net, group = self.net, self.group
         n, views, frames = x.shape[0], int(views), int(frames)
         layout = net.token_layout(n, views, frames, *x.shape[-2:])
-        mode = "cfg" if self.mode in ("auto", "cfg") else self.mode
-        if mode != "cfg":
-            note = f"{type(net).__name__} splits only the CFG halves; mode {self.mode} runs as cfg"
-            if note not in group.state.setdefault("notes", []):
-                group.state["notes"].append(note)
-                log.info("Turbo4D Multi-GPU: %s", note)
+        self._cfg_only()
         plan = self._plan(layout, dispatch, "cfg")
         if plan is None or plan.mode != "cfg":
             return net(x, timesteps, context, y, cond_view, views, frames, dispatch=dispatch, memory=memory)
@@ -340,6 +355,66 @@ class ParallelNet:
             return group.comm.gather_images(out, plan).to(x.device)
 
         return group.command(header, body)
+
+    def _call_joint(self, latents, text, timestep, inpaint=None, reference=None, dispatch=None, rope=None):
+        """TrajectoryCrafter (same signature as its forward), split by its CFG halves: its joint
+        attention runs over every frame of a batch item, so only batch items split. The perceiver's
+        reference keys/values are each rank's own, computed once per reference object (once per
+        run: the adapters compute one per run) from the latents it came from."""
+        net, group = self.net, self.group
+        self._cfg_only()
+        if net.cfg.is_train_cross and reference is not None and not isinstance(reference, PerceiverReference):
+            reference = net.reference(reference)  # raw latents: for this call alone, as the network does
+        b, f, _, hh, ww = latents.shape
+        layout = net.token_layout(b, text.shape[1], f, hh, ww, reference.tokens if reference is not None else 0)
+        plan = self._plan(layout, dispatch, "cfg")
+        if plan is None or plan.mode != "cfg":
+            return net(latents, text, timestep, inpaint=inpaint, reference=reference, dispatch=dispatch, rope=rope)
+        if reference is not None and reference.batch != 1 and b % reference.batch:
+            raise ValueError(f"a call of batch {b} cannot use a reference of batch {reference.batch}")
+        self._send_reference(reference)
+        dev = _comm_device(group)
+        t = torch.as_tensor(timestep, device=latents.device).float().reshape(-1)
+        inputs = {"latents": latents, "text": text, "timestep": t.expand(b) if t.numel() == 1 else t}
+        if inpaint is not None:
+            inputs["inpaint"] = inpaint
+        inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
+        header = {"op": "call_joint", "plan": plan, "step": None if dispatch is None else dispatch.step,
+                  "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
+                  "grid": True if dispatch is None else dispatch.grid,
+                  "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
+
+        def body():
+            for v in inputs.values():
+                group.comm.broadcast(v)
+            sd = (ShardedDispatch.like(dispatch, plan, group.comm) if dispatch is not None
+                  else ShardedDispatch(plan, group.comm))
+            rows = dict(zip(inputs, item_rows(plan, 0, *(v.to(latents.device) for v in inputs.values()))))
+            ref = None if reference is None else reference.items(*plan.bounds(0))
+            with reduced_signals(group.comm):
+                out = net(rows["latents"], rows["text"], rows["timestep"], inpaint=rows.get("inpaint"), reference=ref,
+                          dispatch=sd, rope=rope)
+            # The gather moves "images": a JointLayout's are latent frames, batch-major.
+            full = group.comm.gather_images(out.flatten(0, 1), plan)
+            return full.view(b, *out.shape[1:]).to(latents.device)
+
+        return group.command(header, body)
+
+    def _send_reference(self, reference: Optional[PerceiverReference]) -> None:
+        """Every worker holds the perceiver keys/values of `reference` (its own, computed from the
+        latents it came from; sent once per reference object)."""
+        group = self.group
+        held = group.state.get("reference")
+        if reference is None or (held is not None and held() is reference):
+            return
+        if reference.source is None:
+            raise ParallelError("Turbo4D Multi-GPU: this perceiver reference does not say which latents it came from; "
+                                "make it with TrajectoryCrafterTransformer.reference(latents)")
+        src = reference.source.to(_comm_device(group)).contiguous()
+        group.command({"op": "reference", "shape": tuple(src.shape), "dtype": str(src.dtype).replace("torch.", "")},
+                      lambda: group.comm.broadcast(src))
+        group.state["reference"] = weakref.ref(reference)
+        group.state["references_sent"] = group.state.get("references_sent", 0) + 1
 
     def _call_scm(self, x, c_noise, camera, views, frames, frame_index=None, dispatch=None, layout=None):
         net, group = self.net, self.group
@@ -384,13 +459,22 @@ class ShardWorker:
         self.net: Optional[torch.nn.Module] = None
         self.run = None
         self.memory = None  # the SV4D UNet's MemoryConfig of the current run
+        self.reference: Optional[PerceiverReference] = None  # TrajectoryCrafter's, of the current run
         self.signature: dict = {}
 
     def handle(self, header: dict) -> None:
         op = header["op"]
         if op == "load":
-            self.net = None  # free the old weights before the new arrive
+            self.net = self.reference = None  # free the old weights before the new arrive
             self.net = _receive_model(self.group, header)
+        elif op == "reference":
+            src = self.group.comm.broadcast(torch.empty(header["shape"], dtype=_dtype(header["dtype"]),
+                                                        device=_comm_device(self.group)))
+            if self.net is None:
+                raise RuntimeError("rank 0 sent a reference before any model")
+            self.reference = None  # the previous run's, freed before the new one is made
+            with torch.inference_mode():
+                self.reference = self.net.reference(src.to(self.group.device))
         elif op == "begin":
             from ..accel.registry import build_run
 
@@ -406,14 +490,15 @@ class ShardWorker:
             t0 = time.perf_counter()
             self._call(header)
             self.group.state["busy"] = self.group.state.get("busy", 0.0) + time.perf_counter() - t0
-        elif op == "call_items":
+        elif op in ("call_items", "call_joint"):
             t0 = time.perf_counter()
-            self._call_items(header)
+            (self._call_items if op == "call_items" else self._call_joint)(header)
             self.group.state["busy"] = self.group.state.get("busy", 0.0) + time.perf_counter() - t0
         elif op == "timing":
             self.group.comm.sync_timing = bool(header["sync"])
         elif op == "end":
             run, self.run = self.run, None
+            self.reference = None  # the perceiver keys/values (0.5 GB at full size) go with the run
             summary = _summary(self.group, run.stats if run is not None else None, None)
             if run is not None:
                 run.end()  # frees every cache now
@@ -444,7 +529,30 @@ class ShardWorker:
 
         self._run_call(plan, step, header, x, network, work=net.block_work(lay))
 
-    def _run_call(self, plan, step, header, x, network, work=None) -> None:
+    def _call_joint(self, header: dict) -> None:
+        g, comm = self.group, self.group.comm
+        dev = _comm_device(g)
+        received = {k: comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev))
+                    for k, shape, dt in header["inputs"]}
+        if self.net is None:
+            raise RuntimeError("rank 0 sent a model call before any model")
+        plan, net = header["plan"], self.net
+        rows = dict(zip(received, item_rows(plan, g.rank, *(v.to(g.device) for v in received.values()))))
+        ref = None
+        if net.cfg.is_train_cross:
+            if self.reference is None:
+                raise RuntimeError("rank 0 sent a TrajectoryCrafter call before its reference")
+            ref = self.reference.items(*plan.bounds(g.rank))
+        lay = plan.local_layout(g.rank)
+        x = rows["latents"]
+
+        def network(d):
+            out = net(x, rows["text"], rows["timestep"], inpaint=rows.get("inpaint"), reference=ref, dispatch=d)
+            return out.flatten(0, 1)
+
+        self._run_call(plan, header["step"], header, x, network, work=net.block_work(lay), cost={})
+
+    def _run_call(self, plan, step, header, x, network, work=None, cost=None) -> None:
         """One call of this rank's share: through the run's accelerators when rank 0's call had a
         step (a sampling run), plain otherwise; then the outputs go to rank 0."""
         g, comm, run, net = self.group, self.group.comm, self.run, self.net
@@ -466,7 +574,7 @@ class ShardWorker:
         self.signature[step.stream] = sig
         if run.stats is None:
             blocks = net.blocks if isinstance(getattr(net, "blocks", None), int) else net.depth
-            run.stats = RunStats(blocks=blocks, cost=dict(_cost(net, plan.layout)))
+            run.stats = RunStats(blocks=blocks, cost=dict(_cost(net, plan.layout) if cost is None else cost))
         # Whole steps are rank 0's decision (Turbo4DRun.step, on the CFG-combined image): a call
         # that reaches a worker runs; only the per-call mechanisms act here.
         sd = ShardedDispatch(plan, comm, step, run.per_call, backend=header["backend"], stats=run.stats,

@@ -14,13 +14,17 @@ that grid along one of its three axes into contiguous slices, one per rank:
   outputs back).
 - "views": the same with views and camera attention in the roles of frames and motion.
 
+A call of a network without views (TrajectoryCrafter's joint-token DiT, `layout.JointLayout`: one
+sequence per batch item over all its frames) splits by its CFG halves only; its grid is (batch,
+frames, 1) and an "image" is a latent frame.
+
 Slices are as even as the axis allows (the first ranks take one more where it does not divide).
 Token slices are taken over the image's h*w token positions; a camera/motion sequence is one token
 position, so any token slice holds whole sequences.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -59,6 +63,9 @@ class ShardPlan:
     def __post_init__(self):
         if self.mode not in _DIM:
             raise ValueError(f"unknown parallel mode {self.mode!r}; expected one of {tuple(_DIM)}")
+        if self.mode != "cfg" and not isinstance(self.layout, SCMLayout):
+            raise ValueError(f"a {type(self.layout).__name__} call splits only by its CFG halves (its attention "
+                             f"runs over every frame of a batch item at once), not by {self.mode}")
         if self.axis_length < self.world:
             raise ValueError(f"cannot split {self.axis_length} along {self.mode} over {self.world} ranks")
         if self.crossing is not None and self.layout.tokens < self.world:
@@ -76,7 +83,7 @@ class ShardPlan:
     @property
     def grid(self) -> tuple[int, int, int]:
         lay = self.layout
-        return lay.batch, lay.frames, lay.views
+        return lay.batch, lay.frames, getattr(lay, "views", 1)
 
     @property
     def axis_length(self) -> int:
@@ -98,6 +105,8 @@ class ShardPlan:
         """The layout of the images rank `rank` holds: the call's, with the split axis narrowed."""
         b, f, v = self.local_grid(rank)
         lay = self.layout
+        if self.mode == "cfg":
+            return replace(lay, batch=b)
         return SCMLayout(b, v, f, lay.height, lay.width)
 
     def image_index(self, rank: int, device=None) -> torch.Tensor:
@@ -143,9 +152,13 @@ def choose_plan(layout: SCMLayout, world: int, mode: str = "auto") -> tuple[Opti
             return ShardPlan(mode, layout, world), mode
         except ValueError as e:
             note = f"{mode} not possible ({e}); "
-    b, f, v = layout.batch, layout.frames, layout.views
+    b = layout.batch
     if b >= world and b % world == 0:
         return ShardPlan("cfg", layout, world), note + "cfg"
+    if not isinstance(layout, SCMLayout):
+        return None, note + (f"a {type(layout).__name__} call of batch {b} splits only by its CFG halves (cfg > 1 "
+                             f"over 2 processes, or a multiple of them); runs on one")
+    f, v = layout.frames, layout.views
     candidates = [(m, n) for m, n in (("frames", f), ("views", v)) if n >= world and layout.tokens >= world]
     if not candidates:
         return None, note + (f"a grid of batch {b} x {f} frames x {v} views cannot be split over {world} "
