@@ -390,7 +390,7 @@ def sync_checked_warmup(net, edm, batch, sigmas, views, frames, row, device) -> 
     return site
 
 
-def bench(args, net, edm, batch, views, frames, steps, device, rows, log) -> list[dict]:
+def bench(args, net, edm, batch, views, frames, steps, device, rows, log, on_row=None) -> list[dict]:
     sigmas = karras_sigmas(steps, edm.sigma_min, edm.sigma_max, device=device)
     dtype = next(net.parameters()).dtype
     batch = {k: (v.to(dtype) if k in ("noise", "cond") else v) for k, v in batch.items()}
@@ -441,9 +441,11 @@ def bench(args, net, edm, batch, views, frames, steps, device, rows, log) -> lis
             f"PSNR/full {_fmt(res['psnr_vs_full'])}  PSNR/gt {res['psnr_vs_gt']:.2f}  "
             f"peak {_fmt(res['peak_memory_mb'], 0)} MB  cache {s['cache_memory_peak_mb']:.1f} MB  "
             f"calls {s['model_calls_run']}/{s['model_calls']}  syncs-in-call {syncs}")
-    t_full = results[0]["seconds"]
-    for r in results:
-        r["speedup"] = t_full / r["seconds"] if r["seconds"] > 0 else None
+        t_full = results[0]["seconds"]
+        for r in results:
+            r["speedup"] = t_full / r["seconds"] if r["seconds"] > 0 else None
+        if on_row is not None:  # a run stopped by a time limit keeps the rows it finished
+            on_row(results)
     return results
 
 
@@ -536,6 +538,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs per configuration first")
     ap.add_argument("--calibrated", default=None, help="a calibration JSON (turbo_core.accel.calibrate)")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--no-plot", action="store_true", help="write the JSON only (no speed_quality png)")
     ap.add_argument("--plot-from", default=None, help="only redraw the plot of a saved results JSON")
     args = ap.parse_args(argv)
     if args.plot_from:
@@ -607,21 +610,28 @@ def main(argv=None) -> int:
               f"{steps} Euler steps, {next(net.parameters()).dtype}, {_device_name(device)}")
     print(header, flush=True)
     t0 = time.time()
-    results = bench(args, net, edm, batch, views, frames, steps, device, rows, lambda s: print(s, flush=True))
-    report = {
-        "mode": "large" if args.large else "tiny" if args.tiny else "default",
-        "model": source, "config": net.cfg.to_dict(), "device": _device_name(device),
-        "torch": torch.__version__, "dtype": str(next(net.parameters()).dtype),
-        "views": views, "frames": frames, "scenes": scenes, "seeds": seeds, "steps": steps,
-        "repeats": repeats, "warmup": args.warmup, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "calibration": None if calibration is None else {"mechanism": calibration.mechanism,
-                                                         "field": calibration.field, "value": calibration.value},
-        "title": header, "wall_seconds": time.time() - t0, "rows": results,
-    }
     name = "bench_accel_large" if args.large else "bench_accel"
-    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    plot(results, os.path.join(args.out, "speed_quality_large.png" if args.large else "speed_quality.png"), header)
+
+    def report_of(results):
+        return {
+            "mode": "large" if args.large else "tiny" if args.tiny else "default",
+            "model": source, "config": net.cfg.to_dict(), "device": _device_name(device),
+            "torch": torch.__version__, "dtype": str(next(net.parameters()).dtype),
+            "views": views, "frames": frames, "scenes": scenes, "seeds": seeds, "steps": steps,
+            "repeats": repeats, "warmup": args.warmup, "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "calibration": None if calibration is None else {"mechanism": calibration.mechanism,
+                                                             "field": calibration.field, "value": calibration.value},
+            "title": header, "wall_seconds": time.time() - t0, "rows": results,
+        }
+
+    def save(results):
+        with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+            json.dump(report_of(results), f, indent=2)
+
+    results = bench(args, net, edm, batch, views, frames, steps, device, rows, lambda s: print(s, flush=True),
+                    on_row=save)
+    if not args.no_plot:
+        plot(results, os.path.join(args.out, "speed_quality_large.png" if args.large else "speed_quality.png"), header)
     print(f"wrote {os.path.join(args.out, name + '.json')}")
     return 0
 

@@ -35,6 +35,27 @@ def test_weights_load_with_their_config_and_are_trained():
     assert not torch.equal(net.blocks[0].spatial.qkv.weight, fresh.blocks[0].spatial.qkv.weight)
 
 
+def test_px64_weights_match_their_sha256_config_and_card():
+    """The 64 px benchmark network (BENCHMARKS.md, "At 32 x 32 tokens per image") is the file the
+    model card describes: its sha256, the px64 config (32 x 32 tokens per image), trained."""
+    path = os.path.join(ROOT, "models", "turbo4d_px64.safetensors")
+    with open(os.path.join(ROOT, "models", "turbo4d_px64.sha256")) as f:
+        expected = f.read().split()[0]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    assert h.hexdigest() == expected
+    assert expected in open(os.path.join(ROOT, "MODEL_CARD.md")).read()
+    assert os.path.getsize(path) <= 16 * 2**20
+    meta = read_metadata(path)
+    assert json.loads(meta["config"]) == CONFIGS["px64"].to_dict()
+    assert CONFIGS["px64"].grid == 32
+    assert int(meta["training_steps"]) >= 1000 and json.loads(meta["train_config"])["seed"] == 0
+    net = load_model(path)
+    assert net.cfg.image_size == 64 and net.out.weight.abs().sum() > 0
+
+
 def test_readme_and_model_card_say_up_front_it_is_not_for_real_videos():
     """Where a user first reads about the main job and the model: the embedded model makes blobs of
     real videos, and SV4D through MultiView Sampler (SV4D) is what does them."""

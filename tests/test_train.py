@@ -178,3 +178,27 @@ def test_resume_with_overrides_records_the_change(tmp_path):
     _, meta = load_sharded(run)
     assert json.loads(meta["config_history"]) == [{"step": 2, "changes": {"p_mean": 0.0, "total_steps": 3}}]
     assert json.loads(meta["train_config"])["p_mean"] == 0.0
+
+
+def test_px64_config_has_32x32_tokens_trains_a_step_and_samples_at_64px():
+    """The network the per-call levels are checked on at a realistic token count (BENCHMARKS.md,
+    "At 32 x 32 tokens per image"): the default's network at 64 x 64 px builds, a training step on
+    its 64 px scenes changes it, and the sampler returns every view at 64 px."""
+    from turbo_core.data.synth4d import SceneConfig, render_batch
+    from turbo_core.evaluate import generate
+
+    mcfg = CONFIGS["px64"]
+    assert mcfg.grid == 32 and mcfg.image_size == 64
+    assert (mcfg.width, mcfg.depth, mcfg.heads) == (CONFIGS["default"].width, CONFIGS["default"].depth,
+                                                    CONFIGS["default"].heads)
+    torch.manual_seed(0)
+    tr = Trainer(TrainConfig(model="px64", images_per_step=4, views=(2,), frames=(2,), warmup_steps=1), "cpu")
+    batch = make_batch(0, tr.tcfg, tr.mcfg, "cpu", tr.edm)
+    assert batch["x"].shape == (4, 3, 64, 64)
+    before = tr.net.blocks[0].spatial.qkv.weight.detach().clone()
+    loss, gnorm = tr.train_step(batch)
+    assert torch.isfinite(loss) and torch.isfinite(gnorm) and float(gnorm) > 0
+    assert not torch.equal(before, tr.net.blocks[0].spatial.qkv.weight)
+    data = render_batch([EVAL_SEED_START], SceneConfig(size=64, views=2, frames=2), "cpu")
+    out = generate(tr.ema.eval(), data["images"][:, :, 0], data["cameras"], steps=2)
+    assert out.shape == (1, 2, 2, 3, 64, 64) and torch.isfinite(out).all()

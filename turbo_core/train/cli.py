@@ -22,6 +22,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, help=f"images per step (default {TrainConfig.images_per_step})")
     ap.add_argument("--lr", type=float, help=f"peak learning rate (default {TrainConfig.lr})")
     ap.add_argument("--warmup", type=int, help=f"warm-up steps (default {TrainConfig.warmup_steps})")
+    ap.add_argument("--ema-decay", type=float,
+                    help=f"EMA decay of the exported weights (default {TrainConfig.ema_decay}; a run of a few "
+                         f"thousand steps wants a shorter horizon, e.g. 0.995)")
     ap.add_argument("--seed", type=int, help="seed of the weights and of every step's data (default 0)")
     ap.add_argument("--p-mean", type=float, help=f"log-sigma mean of training noise (default {TrainConfig.p_mean})")
     ap.add_argument("--p-std", type=float, help=f"log-sigma std of training noise (default {TrainConfig.p_std})")
@@ -58,7 +61,7 @@ def main(argv=None):
     if not a.out:
         ap.error("--out runs/NAME is required to train")
     given = {"total_steps": a.steps, "images_per_step": a.batch, "lr": a.lr, "warmup_steps": a.warmup,
-             "seed": a.seed, "p_mean": a.p_mean, "p_std": a.p_std, "default_camera_prob": a.default_camera_prob}
+             "seed": a.seed, "ema_decay": a.ema_decay, "p_mean": a.p_mean, "p_std": a.p_std, "default_camera_prob": a.default_camera_prob}
     overrides = {k: v for k, v in given.items() if v is not None}
     train(a.out, TrainConfig(model=a.config), a.device, minutes=a.minutes, resume=a.resume, compile=a.compile,
           log_every=a.log_every, val_every_min=a.val_every_min, ckpt_every_min=a.ckpt_every_min,
