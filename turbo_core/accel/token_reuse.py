@@ -29,7 +29,9 @@ beyond `max_skipped`.
 
 Memory: one residual per span in 16 bits plus a channel subsample of its input and the call each
 position was computed at; the blocks between `head` and `tail` are cut into as many spans as the
-bound of bound.py holds, at most `spans`.
+bound of bound.py holds, at most `spans`; where it holds the residual but not the sample, a coarser
+sample, and a bound from the memory fraction may be exceeded by SPAN_SLACK for one span (`_fits`).
+On a GPU the norms and the scatter of a token-level call run fused (kernels/token_fuse.py).
 """
 from __future__ import annotations
 
