@@ -338,6 +338,11 @@ def per_call_rows(args) -> list[dict]:
                            ("token_reuse", TokenReuseConfig(memory_fraction=0.05))]})
     for mech, short in (("block_reuse", "block-reuse"), ("token_reuse", "token-reuse")):
         rows.append({"name": f"{short}+step", "family": "per-call", "specs": step + apply_preset([], mech, "balanced")})
+    # Token reuse through the PyTorch operations its fused kernels replace (turbo_core/kernels/
+    # token_fuse.py), beside the default rows in the same process.
+    for lv in ("balanced", "fast"):
+        rows.append({"name": f"token-reuse-{lv}-unfused", "family": "per-call",
+                     "specs": apply_preset([], "token_reuse", lv), "env": {"TURBO4D_TOKEN_FUSE": "torch"}})
     # Measured first (drift_prior 0: a span is reused only once it has run twice), alone and with
     # the step skip's presets.
     for t in (0.12, 0.25, 0.4):
@@ -362,9 +367,18 @@ def run_once(net, edm, batch, sigmas, views, frames, row, device, sync_check=Fal
         sigmas = karras_sigmas(row["steps"], edm.sigma_min, edm.sigma_max, device=sigmas.device)
     run = row["run"]() if "run" in row else build_run(row["specs"])
     model = SyncChecked(net) if sync_check else net
-    with measure(device) as m:
-        x, stats = sample_accelerated(model, edm, None, batch["noise"], sigmas, batch["cond"], batch["camera"],
-                                      views, frames, run=run)
+    saved = {k: os.environ.get(k) for k in row.get("env", {})}
+    os.environ.update(row.get("env", {}))
+    try:
+        with measure(device) as m:
+            x, stats = sample_accelerated(model, edm, None, batch["noise"], sigmas, batch["cond"], batch["camera"],
+                                          views, frames, run=run)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     return x.float().clamp(-1, 1), stats, m
 
 
@@ -434,7 +448,7 @@ def bench(args, net, edm, batch, views, frames, steps, device, rows, log, on_row
             "model_calls_run": s["model_calls_run"], "model_calls": s["model_calls"],
             "tokens_computed": s["tokens_computed"], "tokens_offered": s["tokens_offered"],
             "blocks_reused": s["blocks_reused"], "spans_reused": s["spans_reused"],
-            "host_sync_in_call": syncs,
+            "host_sync_in_call": syncs, "env": row.get("env", {}),
         }
         results.append(res)
         log(f"{row['name']:<44} {seconds:8.3f}s  compute {stats.compute_fraction:6.3f}  "

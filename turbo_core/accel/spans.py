@@ -186,8 +186,8 @@ class SpanReuse(Accelerator):
         count = min(count, cfg.spans) if cfg.spans else count
         st.spans = plan_spans(depth, cfg.head, cfg.tail, count)
         st.inner = {blk: i for i, (a, b) in enumerate(st.spans) for blk in range(a, b + 1)}
-        if dispatch.stats is not None:
-            dispatch.stats.cache_bound(bound)
+        if dispatch.stats is not None:  # as _fits left it (token reuse may raise it to one span)
+            dispatch.stats.cache_bound(st.bound.bytes if st.bound.bytes is not None else bound)
         return True
 
     def end_call(self, dispatch) -> None:

@@ -29,7 +29,9 @@ beyond `max_skipped`.
 
 Memory: one residual per span in 16 bits plus a channel subsample of its input and the call each
 position was computed at; the blocks between `head` and `tail` are cut into as many spans as the
-bound of bound.py holds, at most `spans`.
+bound of bound.py holds, at most `spans`; where it holds the residual but not the sample, a coarser
+sample, and a bound from the memory fraction may be exceeded by SPAN_SLACK for one span (`_fits`).
+On a GPU the norms and the scatter of a token-level call run fused (kernels/token_fuse.py).
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels import token_fuse
 from ..memory import nbytes
 from .bound import half_dtype
 from .spans import SpanReuse, SpanReuseConfig, SpanState, position, split_call
@@ -48,6 +51,12 @@ SPLIT_ASIDE = ("token reuse stood aside: the call was split over processes (Turb
                "would pick different tokens; every token was computed")
 NO_STREAM = ("token reuse (Semantic Prune's default method) found no block stream in this model and reused nothing: choose method 'sequence prune'")
 _FORCED = 1e6  # added to the score of a position past max_age: always in the top k
+# A span whose residual alone takes the whole bound: its input sample may be as coarse as every
+# MAX_STRIDE-th channel, and a bound from the memory fraction may be exceeded by SPAN_SLACK for one
+# span (the fraction is itself an estimate: a tenth of the working set measured, which is below
+# the call's peak, see bound.py).
+MAX_STRIDE = 64
+SPAN_SLACK = 0.05
 
 
 @dataclass(frozen=True)
@@ -75,10 +84,11 @@ class _Entry:
     """One span: its residual (16 bits), the channel subsample of its input at each position's
     last compute, and that call's index per position ((batch, tokens) on the device)."""
 
-    __slots__ = ("r", "ref", "at", "pos", "drift", "pending", "hist", "ages")
+    __slots__ = ("r", "ref", "at", "pos", "drift", "pending", "hist", "ages", "cs")
 
-    def __init__(self):
+    def __init__(self, cs: int = 8):
         self.r = self.ref = self.at = None
+        self.cs = cs          # every cs-th channel is in the input sample (ref)
         self.pos = None       # log(sigma) of the span's last run
         self.drift = None     # host float: relative residual change per unit of log(sigma)
         self.pending = None   # this call's measured drift (device scalar), read in end_call
@@ -90,14 +100,20 @@ class _Pass:
     """The span being computed at this call: the kept positions (None: all), their rows and their
     span inputs; for a pass of every position, the old residual's sample for the drift."""
 
-    __slots__ = ("span", "pos", "rows", "k", "x_kept", "old")
+    __slots__ = ("span", "pos", "rows", "k", "x_kept", "old", "inv")
 
-    def __init__(self, span, pos, rows, k, x_kept, old):
+    def __init__(self, span, pos, rows, k, x_kept, old, inv=None):
         self.span, self.pos, self.rows, self.k, self.x_kept, self.old = span, pos, rows, k, x_kept, old
+        self.inv = inv  # row -> kept index (token_fuse.inverse_rows), where the fused scatter runs
 
 
 class TokenReuseState(SpanState):
-    """SpanState with plan: span -> k positions to compute at this call (None: all); open: a _Pass."""
+    """SpanState with plan: span -> k positions to compute at this call (None: all); open: a _Pass;
+    stride: the input sample's channel stride the spans are held at (TokenReuse._fits)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stride = None
 
     def nbytes(self) -> int:
         return sum(nbytes(e.r) + nbytes(e.ref) + nbytes(e.at) for e in self.entries.values())
@@ -129,10 +145,41 @@ class TokenReuse(SpanReuse):
         return None if k >= tokens else k
 
     def _fits(self, dispatch, st, x: torch.Tensor, bound: int) -> int:
+        """Spans the bound holds, with the input sample's channel stride they are held at (st.stride).
+        Where the configured stride leaves no room for one span, a coarser sample (at most every
+        MAX_STRIDE-th channel) that lets one in; where none does and the bound comes from the
+        memory fraction (an estimate of a tenth of the working set, not max_cache_mb nor the Memory
+        node's budget), one span within SPAN_SLACK over it, and the bound raised to that span (the
+        run's statistics show the bound held)."""
         n, t, c = x.shape
         half = half_dtype(x.dtype).itemsize
-        per_span = n * t * (c + -(-c // self.config.channel_stride)) * half + dispatch.layout.batch * t * 4
-        return bound // per_span
+
+        def per_span(cs: int) -> int:
+            return n * t * (c + -(-c // cs)) * half + dispatch.layout.batch * t * 4
+
+        cs = st.stride = self.config.channel_stride
+        count = bound // per_span(cs)
+        if count:
+            return count
+        strides = [cs]
+        while strides[-1] * 2 <= MAX_STRIDE and strides[-1] < c:
+            strides.append(strides[-1] * 2)
+        for s in strides:
+            if per_span(s) <= bound:
+                st.stride = s
+                return 1
+        if self.config.max_cache_mb > 0 or st.bound.reserved is not None:
+            return 0
+        for s in strides:
+            if per_span(s) <= bound * (1.0 + SPAN_SLACK):
+                st.stride = s
+                st.bound.bytes = per_span(s)
+                if dispatch.stats is not None:
+                    dispatch.stats.notes.append(
+                        f"token reuse: the memory bound ({bound / 2**20:.1f} MB, a tenth of the measured working set) "
+                        f"was {per_span(s) / bound - 1:.1%} short of one span; it holds one ({per_span(s) / 2**20:.1f} MB)")
+                return 1
+        return 0
 
     # --- the blocks ---------------------------------------------------------------------------
     def chain(self, dispatch, block, x, nxt):
@@ -171,12 +218,10 @@ class TokenReuse(SpanReuse):
                 st.open = None
             return y
         h = nxt.tokens(x, cur.pos)                                  # (images, k, c)
-        n, t, c = x.shape
         # The unkept tokens' state after this block: its input plus the block's share of the cached
         # residual (x is the span input at the first block, this state at the later ones), so the
-        # span input is never held.
-        out = torch.add(x, e.r, alpha=1.0 / (last - first + 1)).contiguous()
-        out.view(n * t, c).index_copy_(0, cur.rows, h.reshape(-1, c).to(out.dtype))
+        # span input is never held. One pass on a GPU (token_fuse.fill_rows).
+        out = token_fuse.fill_rows(x, e.r, 1.0 / (last - first + 1), h, cur.rows, cur.inv)
         if block == last:
             self._store_rows(e, cur, h, step.index, position(step.sigma))
             st.open = None
@@ -188,7 +233,7 @@ class TokenReuse(SpanReuse):
         e = st.entries[span]
         lay = dispatch.layout
         b, t = lay.batch, lay.tokens
-        xs = x.detach()[..., :: cfg.channel_stride].float()
+        xs = x.detach()[..., :: e.cs].float()
         ref = e.ref.float()
         diff = (xs - ref).abs().mean(dim=-1).view(b, -1, t).mean(dim=1)          # (batch, tokens)
         score = diff / diff.mean(dim=1, keepdim=True).clamp_min(1e-12)
@@ -196,7 +241,9 @@ class TokenReuse(SpanReuse):
         pos = score.topk(k, dim=1, sorted=False).indices.sort(dim=1).values    # (batch, k)
         rows = lay.token_rows(pos)
         x_kept = x.detach().reshape(-1, x.shape[-1]).index_select(0, rows)
-        return _Pass(span, pos, rows, k, x_kept, None)
+        # The fused scatter's map of every row to its kept index, once for the span's blocks.
+        inv = token_fuse.inverse_rows(rows, x.shape[0] * x.shape[1]) if token_fuse.fused(x) else None
+        return _Pass(span, pos, rows, k, x_kept, None, inv)
 
     def _store_rows(self, e: _Entry, cur: _Pass, h: torch.Tensor, call: int, pos: float) -> None:
         """The kept positions' new residual, input subsample and compute call, and the drift measured
@@ -205,7 +252,7 @@ class TokenReuse(SpanReuse):
         c = h.shape[-1]
         r_new = h.reshape(-1, c) - cur.x_kept
         flat = e.r.view(-1, c)
-        cs = self.config.channel_stride
+        cs = e.cs
         self._measure(e, r_new[::cs, ::cs].float(), flat.index_select(0, cur.rows)[::cs, ::cs].float(), pos)
         flat.index_copy_(0, cur.rows, r_new.to(e.r.dtype))
         e.ref.view(flat.shape[0], -1).index_copy_(0, cur.rows, cur.x_kept[:, ::cs].to(e.ref.dtype))
@@ -221,13 +268,13 @@ class TokenReuse(SpanReuse):
     def _open_all(self, dispatch, st, span: int, x: torch.Tensor) -> _Pass:
         """A pass of every position: the new residual starts as -x in the span's own 16-bit tensor
         (no full-precision copy, and the span input is not held); the old one leaves a sample."""
-        cs = self.config.channel_stride
+        cs = st.stride or self.config.channel_stride
         e = st.entries.get(span)
         n, t, c = x.shape
         x = x.detach()
         old = None
-        if e is None or e.r is None or e.r.shape != x.shape:
-            e = st.entries[span] = _Entry()
+        if e is None or e.r is None or e.r.shape != x.shape or e.cs != cs:
+            e = st.entries[span] = _Entry(cs)
             e.r = torch.empty(x.shape, dtype=half_dtype(x.dtype), device=x.device)
             e.ref = torch.empty((n, t, -(-c // cs)), dtype=e.r.dtype, device=x.device)
             e.at = torch.empty((dispatch.layout.batch, t), dtype=torch.int32, device=x.device)
@@ -240,7 +287,7 @@ class TokenReuse(SpanReuse):
     def _close_all(self, e: _Entry, cur: _Pass, y: torch.Tensor, call: int, pos: float, batch: int) -> None:
         e.r.add_(y.detach())
         n, t, c = e.r.shape
-        cs = self.config.channel_stride
+        cs = e.cs
         if cur.old is not None:
             self._measure(e, e.r.view(n * t, c)[::cs, ::cs].float(), cur.old, pos)
         else:

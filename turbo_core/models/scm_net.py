@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..dispatch import FullCompute, SCMDispatch
+from ..kernels import token_fuse
 from ..layout import SCMLayout
 from ..plain import PlainData
 
@@ -96,15 +97,16 @@ class AxisAttention(nn.Module):
         o = attention(qkv[0], qkv[1], qkv[2])
         return self.proj(o.transpose(1, 2).reshape(s, l, c))
 
-    def forward_queries(self, x: torch.Tensor, rows: torch.Tensor, attention) -> torch.Tensor:
+    def forward_queries(self, x: torch.Tensor, rows: torch.Tensor, attention, normed: bool = False) -> torch.Tensor:
         """`forward` for the queries at `rows` of the flattened x (S * L, c) only, against the keys
         and values of every token of x (S, L, c): the kept tokens of token-level reuse attend to
         all of their image. The norm runs once per token, the projections split, so no query of an
-        unkept token is computed. Returns (S, k, c), k = rows per sequence."""
+        unkept token is computed. Returns (S, k, c), k = rows per sequence. `normed`: x is already
+        self.norm's output (token_fuse.add_layernorm)."""
         s, l, c = x.shape
         hd = c // self.heads
         w, b = self.qkv.weight, self.qkv.bias
-        nx = self.norm(x)
+        nx = x if normed else self.norm(x)
         nq = nx.reshape(s * l, c).index_select(0, rows).view(s, -1, c)
         k = nq.shape[1]
         q = F.linear(nq, w[:c], b[:c]).view(s, k, self.heads, hd).transpose(1, 2)
@@ -112,10 +114,11 @@ class AxisAttention(nn.Module):
         o = attention(q, kv[0], kv[1])
         return self.proj(o.transpose(1, 2).reshape(s, k, c))
 
-    def forward_grid(self, x: torch.Tensor, attend) -> torch.Tensor:
+    def forward_grid(self, x: torch.Tensor, attend, normed: bool = False) -> torch.Tensor:
         """The same on image-major tokens (N, n, channels) where they lie; `attend(q, k, v, heads)`
-        (a dispatch's `grid_attention`) lays the sequences over them."""
-        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        (a dispatch's `grid_attention`) lays the sequences over them. `normed`: x is already
+        self.norm's output."""
+        q, k, v = self.qkv(x if normed else self.norm(x)).chunk(3, dim=-1)
         return self.proj(attend(q, k, v, self.heads))
 
 
@@ -130,8 +133,8 @@ class MLP(nn.Module):
         nn.init.zeros_(self.fc2.weight)
         nn.init.zeros_(self.fc2.bias)
 
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+    def forward(self, x, normed: bool = False):
+        return self.fc2(self.act(self.fc1(x if normed else self.norm(x))))
 
 
 class SCMBlock(nn.Module):
@@ -172,13 +175,18 @@ class SCMBlock(nn.Module):
         """The block's output at token positions pos ((batch, k), the same in every image of a
         batch item), as (images, k, channels). Camera and motion sequences are whole at those
         positions (every view, every frame), so they and the MLP run on the kept tokens alone;
-        spatial attention runs the kept queries against the keys and values of all of x."""
+        spatial attention runs the kept queries against the keys and values of all of x.
+
+        Each norm and the embedding added before it are one pass (token_fuse.add_layernorm: a
+        Triton kernel on a GPU, the same add and LayerNorm module elsewhere); the noise-level
+        embedding is added to the kept tokens alone, the norm reads x with it added on the fly."""
         n, t, c = x.shape
         k = pos.shape[1]
         rows = layout.token_rows(pos)
-        h_all = x + self.time(temb)[:, None]
-        h = h_all.reshape(n * t, c).index_select(0, rows).view(n, k, c)
-        h = h + self.spatial.forward_queries(h_all, rows, d.attention)
+        tproj = self.time(temb)
+        nx = token_fuse.add_layernorm(x, tproj, self.spatial.norm)      # keys and values read every token
+        h = x.reshape(n * t, c).index_select(0, rows).view(n, k, c) + tproj[:, None]
+        h = h + self.spatial.forward_queries(nx, rows, d.attention, normed=True)
         sub = SCMLayout(layout.batch, layout.views, layout.frames, k, 1)
 
         def cam_view(u):
@@ -187,9 +195,11 @@ class SCMBlock(nn.Module):
         def mot_view(u):
             return sub.axis_view(u, "motion")
 
-        h = h + self.camera.forward_grid(h + cam[:, None], d.grid_attention(cam_view))
-        h = h + self.motion.forward_grid(h + frm[:, None], d.grid_attention(mot_view))
-        return h + self.mlp(h)
+        h = h + self.camera.forward_grid(token_fuse.add_layernorm(h, cam, self.camera.norm),
+                                         d.grid_attention(cam_view), normed=True)
+        h = h + self.motion.forward_grid(token_fuse.add_layernorm(h, frm, self.motion.norm),
+                                         d.grid_attention(mot_view), normed=True)
+        return h + self.mlp(token_fuse.add_layernorm(h, None, self.mlp.norm), normed=True)
 
 
 class SCMNet(nn.Module):
