@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -367,6 +368,8 @@ def percall_rows(steps):
     # UNet's attention layers (SV4DUNet.token_spans).
     rows += [(f"Turbo4D {p} (SV4D variant)", turbo4d_specs(p, family="sv4d"), False) for p in ("fast", "balanced")]
     rows += [(f"token reuse {p}", [("token_reuse", TR[p])], False) for p in ("balanced", "fast")]
+    rows += [("token reuse balanced, bound 0.3", [("token_reuse", dataclasses.replace(TR["balanced"], memory_fraction=0.3))],
+              False)]
     if few:
         rows += [("block reuse fast", [("block_reuse", BR["fast"])], False),
                  ("block reuse as-is, bound 0.25", [br(threshold=0.25, forecast=0, memory_fraction=0.25)], False),

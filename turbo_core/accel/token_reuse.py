@@ -297,6 +297,12 @@ class TokenReuse(SpanReuse):
                 dispatch.stats.notes.append(NO_STREAM)
             return False
         if st.spans is None:
+            # Planned where the network's first choice runs (for a UNet, its deepest level): the
+            # bound is measured from the call's peak so far (bound.py), and the levels before it
+            # hold far less of the call's working set than a stream of equal blocks would; the
+            # blocks reached before it run whole once.
+            if block != declared[0].blocks[0]:
+                return False
             self._settle_declared(dispatch, st, declared, x)
         i = st.inner.get(block)
         if i is not None and tuple(x.shape) != st.shapes[i]:
