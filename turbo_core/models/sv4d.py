@@ -162,14 +162,23 @@ class SV4DAttentionLayer(nn.Module):
         g, t = level.group, hh * ww
         units = tokens.reshape(n, t // g, g * c)
 
+        whole = []  # (units, tokens) of a full pass on the layer's own input
+
         def chain(u):
-            return self._chain(u.view(n, t, c), call, level).view(n, t // g, g * c)
+            if u is not units:
+                return self._chain(u.view(n, t, c), call, level).reshape(n, t // g, g * c)
+            # On the layer's own input, and handed on with the plain path's strides where it comes
+            # back unchanged: the res block after it computes bit for bit as without token spans.
+            y = self._chain(tokens, call, level)
+            whole.append((y.reshape(n, t // g, g * c), y))
+            return whole[-1][0]
 
         def part(u, pos):
             return self._tokens(u.view(n, t, c), pos, call, level).view(n, -1, g * c)
 
         out = level.unit_dispatch.chain(self.index, units, chain, part)
-        return out.view(n, t, c).transpose(1, 2).reshape(n, c, hh, ww)
+        y = whole[-1][1] if whole and out is whole[-1][0] else out.view(n, t, c)
+        return y.transpose(1, 2).reshape(n, c, hh, ww)
 
     def _tables(self, call: "SV4DCall", ch: int, dtype) -> tuple:
         """Per-frame / per-view tables of one call, gathered per sequence: (spatial cross token,
