@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -343,6 +344,7 @@ def percall_rows(steps):
     """(label, specs, timed breakdown) rows of --percall at `steps`, the most wanted first."""
     from turbo_core.accel.block_reuse import PRESETS as BR, BlockReuseConfig
     from turbo_core.accel.step_skip import PRESETS as STEP
+    from turbo_core.accel.token_reuse import PRESETS as TR
 
     def br(**kw):
         return ("block_reuse", BlockReuseConfig(**kw))
@@ -362,6 +364,12 @@ def percall_rows(steps):
             ("step skip fast + block reuse balanced", [("step", STEP["fast"]), ("block_reuse", BR["balanced"])], False),
             ("step skip balanced", [("step", STEP["balanced"])], False)]
     rows += [(f"Turbo4D {p}", turbo4d_specs(p), False) for p in ("balanced", "quality")]
+    # The presets' SV4D variants (presets.model_family of the UNet: "sv4d"), and token reuse on the
+    # UNet's attention layers (SV4DUNet.token_spans).
+    rows += [(f"Turbo4D {p} (SV4D variant)", turbo4d_specs(p, family="sv4d"), False) for p in ("fast", "balanced")]
+    rows += [(f"token reuse {p}", [("token_reuse", TR[p])], False) for p in ("balanced", "fast")]
+    rows += [("token reuse balanced, bound 0.3", [("token_reuse", dataclasses.replace(TR["balanced"], memory_fraction=0.3))],
+              False)]
     if few:
         rows += [("block reuse fast", [("block_reuse", BR["fast"])], False),
                  ("block reuse as-is, bound 0.25", [br(threshold=0.25, forecast=0, memory_fraction=0.25)], False),
@@ -396,7 +404,7 @@ def percall(args, dev, dtype, emit):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             sync = None
-            if cuda and label == "block reuse balanced" and steps == min(args.percall_steps):
+            if cuda and label in ("block reuse balanced", "token reuse balanced") and steps == min(args.percall_steps):
                 # Three calls (a store, then reuses) under set_sync_debug_mode("error"), apart from
                 # the timed run: a sync raises there, and the row records it instead of failing.
                 sync = []
@@ -424,6 +432,7 @@ def percall(args, dev, dtype, emit):
                    "model_calls_run": summ["model_calls_run"], "compute_fraction": summ["compute_fraction"],
                    "spans_reused": stats.spans_reused, "spans_run": stats.spans_run,
                    "blocks_reused": stats.blocks_reused, "calls_aside": dict(stats.calls_aside),
+                   "notes": list(stats.notes),
                    "cache_mb": summ["cache_memory_peak_mb"], "cache_bound_mb": summ.get("cache_bound_mb"),
                    "ms_per_step": [round(m, 1) for m in ms], "sync_check": sync,
                    "specs": [(n, c.to_dict() if hasattr(c, "to_dict") else c) for n, c in specs]}

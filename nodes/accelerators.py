@@ -16,7 +16,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from turbo_core.accel.calibrate import load_calibration
-from turbo_core.accel.mechanisms import PRESET_NAMES, Node, node_configs, nodes, settings_line
+from turbo_core.accel.mechanisms import PRESET_NAMES, Node, node_configs, nodes, preset_variant, settings_line
+from turbo_core.accel.presets import model_family, variant_note
 from turbo_core.accel.registry import merge_spec, without
 
 from . import files
@@ -158,11 +159,17 @@ def accelerator_node(node: Node, mechanisms) -> type:
         if calibration_file and calibration_file.strip():
             configs = _calibrated(node, mechanisms, calibration_file)
             return io.NodeOutput(_set(node, mechanisms, model, configs), settings_line(node.title, CUSTOM, configs))
+        family = model_family(m.get_scm_net(model, node.title))
         try:
-            configs = node_configs(node.node_id, preset, {**values, "storage": storage}, storage, method or None)
+            configs = node_configs(node.node_id, preset, {**values, "storage": storage}, storage, method or None,
+                                   family)
         except ValueError as e:  # config checks name the field; say which node it came from
             raise ValueError(f"{node.title}: {e}") from e
-        return io.NodeOutput(_set(node, mechanisms, model, configs), settings_line(node.title, preset, configs))
+        variant = preset_variant(node.node_id, preset, family, method or None)
+        out = _set(node, mechanisms, model, configs)
+        if variant is not None:  # the run's statistics say which variant ran
+            m.add_run_note(out, variant_note(node.title, preset, variant))
+        return io.NodeOutput(out, settings_line(node.title, preset, configs, variant))
 
     def body(ns):
         ns.update(define_schema=classmethod(define_schema), execute=classmethod(execute))

@@ -200,6 +200,14 @@ class StatsSink:
         self.items.append(stats)
 
 
+def add_run_note(model_patcher, note: str) -> None:
+    """A note for the statistics of every run of an already cloned MODEL (run_notes reads it)."""
+    to = model_patcher.model_options.setdefault("transformer_options", {})
+    notes = list(to.get(NOTES_KEY) or [])
+    if note not in notes:
+        to[NOTES_KEY] = notes + [note]
+
+
 def run_notes(guider, transformer_options: dict) -> list:
     """The notes a node left for this run: in the model's transformer_options, or in the positive
     conditioning (MultiView Conditioning's, which the stock KSampler passes on)."""

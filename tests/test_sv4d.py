@@ -119,8 +119,11 @@ def test_every_sub_attention_goes_through_the_dispatch(version):
         assert (layout.height, layout.width) == (side, side)
         assert shape[:2] == {"spatial": (4, n), "camera": (2 * n, 2), "motion": (2 * n, 2)}[axis]
         assert shape[:2] == layout.axis_shape(axis)
+    # Each layer's chain is a token span (SV4DUNet.token_spans): its stream is the level's tokens,
+    # in units of V consecutive tokens where SV4D 2.0's camera pixel groups need them whole.
+    g = 2 if net.cfg.use_3d_attention else 1
     for block, shape in rec.chains:
-        assert shape[:2] == (4, LEVELS[block] ** 2)
+        assert shape == (4, LEVELS[block] ** 2 // g, g * net.attention_levels()[block][1])
 
 
 @pytest.mark.parametrize("version", ["sv4d", "sv4d2"])

@@ -300,14 +300,3 @@ def test_a_span_interrupted_inside_is_dropped_not_reused(unet):
         h.remove()
     assert before == [4] and after == [0]
     assert acc.cache_bytes() == 0
-
-
-def test_token_reuse_on_a_unet_runs_it_whole_and_the_run_says_to_choose_sequence_prune(unet, unet_full):
-    # Semantic Prune's default (token reuse) needs one stream of blocks; a UNet's levels each have
-    # their own grid and width, so it computes everything, and the user must be told, not left to
-    # believe the node did something.
-    from turbo_core.accel.token_reuse import NO_STREAM, TokenReuseConfig
-
-    x, st, _ = sv4d_sample(unet, [("token_reuse", TokenReuseConfig(threshold=10.0, max_cache_mb=BIG))])
-    assert torch.equal(x, unet_full)
-    assert NO_STREAM in st.notes

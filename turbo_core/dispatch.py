@@ -66,6 +66,11 @@ class Span:
     blocks: tuple = ()
     modules: int = 0
     shape: tuple = ()  # the stream's shape at its input (and output), so a cache can be planned first
+    # "residual": a function x -> y handed to `span` (block reuse's unit). "tokens": one dispatch
+    # block (blocks == (block,)) whose chain, handed to `chain` with a token-level form, is a span of
+    # its own on a stream of `shape` (images, tokens, channels) (token reuse's unit where the blocks
+    # do not feed each other one stream, e.g. a UNet's attention layers between its res blocks).
+    form: str = "residual"
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -273,6 +278,10 @@ class SCMDispatch:
 
     def span_of(self, key) -> Optional[Span]:
         return next((s for s in self.spans if s.key == key), None)
+
+    def token_spans(self) -> list:
+        """The declared spans of form "tokens", in the network's order of preference."""
+        return [s for s in self.spans if s.form == "tokens"]
 
     def span(self, key, x: torch.Tensor, fn: Chain) -> torch.Tensor:
         """A declared span of the network, fn(x) -> y with y of x's shape, through the accelerators'

@@ -76,10 +76,17 @@ class Mechanism:
     settings: Sequence[Setting] = ()
     calibrate: Optional[str] = None
     plot: Optional[SignalPlot] = None
+    # {model family: {preset: config}}: a preset's variant for one family of models
+    # (presets.model_family), where it was measured to differ; the others take `presets`.
+    family_presets: dict = dataclasses.field(default_factory=dict)
 
     @property
     def node_id(self) -> str:
         return self.node if isinstance(self.node, str) else self.node.node_id
+
+    def preset(self, name: str, family: Optional[str] = None):
+        """The config of preset `name` for a model of `family` (its variant where it has one)."""
+        return self.family_presets.get(family, {}).get(name, self.presets[name])
 
 
 MECHANISMS = (
@@ -162,7 +169,7 @@ MECHANISMS = (
     Mechanism(
         "block_reuse", "block", block_reuse.BlockReuseConfig, block_reuse.BlockReuse, block_reuse.PRESETS,
         "Turbo4DCache",  # its threshold and max_age are the node's own inputs
-        calibrate="threshold",
+        calibrate="threshold", family_presets=block_reuse.FAMILY_PRESETS,
         plot=SignalPlot("block reuse: measured drift of a span's residual", (40, 110, 200))),
     Mechanism(
         "token_reuse", "token", token_reuse.TokenReuseConfig, token_reuse.TokenReuse, token_reuse.PRESETS,
@@ -218,12 +225,14 @@ def split_settings(mechanisms: Sequence[Mechanism], values: dict) -> dict:
 
 
 def node_configs(node_id: str, preset: str, values: Optional[dict] = None,
-                 storage: Optional[str] = None, method: Optional[str] = None) -> dict:
+                 storage: Optional[str] = None, method: Optional[str] = None,
+                 family: Optional[str] = None) -> dict:
     """{name: config or None (off)} that the node `node_id` sets for each of its mechanisms: the
     preset's, or with "custom" the node's `values`. `storage` (where cached activations live is a
     memory choice, not a speed/quality one) applies to presets too, for the mechanisms that have
     it. `method`: the label of the chosen alternative on a node with methods (None: the default);
-    the other alternatives are off."""
+    the other alternatives are off. `family`: the model's family (presets.model_family), whose
+    variant of a preset a mechanism takes where it has one (preset_variant says which did)."""
     node, members = next((n, ms) for n, ms in nodes() if n.node_id == node_id)
     chosen = node.method(method)
     alternatives = {name for _, name in node.methods}
@@ -247,7 +256,7 @@ def node_configs(node_id: str, preset: str, values: Optional[dict] = None,
     else:
         if preset not in PRESET_NAMES:
             raise ValueError(f"unknown preset {preset!r}; pick one of {PRESET_NAMES}")
-        configs = {m.name: m.presets[preset] for m in active}
+        configs = {m.name: m.preset(preset, family) for m in active}
     configs.update({m.name: None for m in members if m not in active})
     if storage is not None:
         configs = {n: c if c is None or not hasattr(c, "storage") else dataclasses.replace(c, storage=storage)
@@ -255,12 +264,26 @@ def node_configs(node_id: str, preset: str, values: Optional[dict] = None,
     return configs
 
 
-def settings_line(title: str, preset: str, configs: dict) -> str:
-    """What a node reports it set: its configs' settings together, or off."""
+def preset_variant(node_id: str, preset: str, family: Optional[str], method: Optional[str] = None) -> Optional[str]:
+    """The family whose variant of `preset` the node's active mechanisms take (None: the presets
+    every model gets)."""
+    if family is None or preset not in PRESET_NAMES:
+        return None
+    node, members = next((n, ms) for n, ms in nodes() if n.node_id == node_id)
+    chosen = node.method(method)
+    alternatives = {name for _, name in node.methods}
+    active = [m for m in members if m.name not in alternatives or m.name == chosen]
+    return family if any(preset in m.family_presets.get(family, {}) for m in active) else None
+
+
+def settings_line(title: str, preset: str, configs: dict, variant: Optional[str] = None) -> str:
+    """What a node reports it set: its configs' settings together, or off; `variant`: the model
+    family whose variant of the preset was taken."""
     merged = {}
     for c in configs.values():
         if c is not None:
             merged.update(c.to_dict())
     if not merged:
         return f"{title}: off"
-    return f"{title}: {preset} {json.dumps(merged, sort_keys=True)}"
+    label = preset if variant is None else f"{preset} ({variant} variant)"
+    return f"{title}: {label} {json.dumps(merged, sort_keys=True)}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .block_reuse import BlockReuseConfig
+from .block_reuse import FAMILY_PRESETS as BLOCK_FAMILY_PRESETS, BlockReuseConfig
 from .mechanisms import PRESET_NAMES, mechanism, names
 from .registry import merge_spec, without
 from .step_skip import PRESETS as STEP_PRESETS
@@ -30,6 +30,38 @@ TURBO4D_PRESETS = {
     "balanced": {"step": STEP_PRESETS["balanced"], "block_reuse": BlockReuseConfig(threshold=0.25, drift_prior=0.0)},
     "fast": {"step": STEP_PRESETS["fast"], "block_reuse": BlockReuseConfig(threshold=0.4, drift_prior=0.0)},
 }
+
+# Per model family, the presets measured to differ (the others take TURBO4D_PRESETS). The SV4D UNets
+# (BENCHMARKS.md, "Block reuse on the UNet's spans"): there block reuse keeps its reuse across the
+# calls the step skip skips (block_reuse.FAMILY_PRESETS), which paid on SV4D 2.0 at 50 steps; on the
+# embedded model it cost 18 dB at 6 steps, hence the drift_prior 0 and max_skipped 0 above.
+TURBO4D_FAMILY_PRESETS = {
+    family: {name: {"step": STEP_PRESETS[name], "block_reuse": cfg} for name, cfg in variants.items()}
+    for family, variants in BLOCK_FAMILY_PRESETS.items()
+}
+DEFAULT_FAMILY = "default"
+
+
+def model_family(net) -> str:
+    """The preset family of a network: its `preset_family` attribute (SV4DUNet: "sv4d"), else
+    "default" (the embedded model and every other network)."""
+    return str(getattr(net, "preset_family", None) or DEFAULT_FAMILY)
+
+
+def turbo4d_variant(name: str, family: Optional[str] = None) -> str:
+    """The family whose Turbo4D preset `name` a model of `family` runs: `family` where it has its
+    own variant of that preset, else "default"."""
+    _check(name)
+    return family if family in TURBO4D_FAMILY_PRESETS and name in TURBO4D_FAMILY_PRESETS[family] else DEFAULT_FAMILY
+
+
+FAMILY_TITLES = {"sv4d": "SV4D"}
+
+
+def variant_note(title: str, preset: str, family: str) -> str:
+    """The line a run's statistics show for a preset taken in a family's variant."""
+    return (f"{title} {preset}: the {FAMILY_TITLES.get(family, family)} variant of the preset (block reuse kept "
+            f"across the calls the step skip skips; BENCHMARKS.md)")
 
 
 def _check(name: str) -> None:
@@ -52,10 +84,12 @@ def apply_preset(specs, name_of_mechanism: str, name: str) -> list:
     return merge_spec(specs, name_of_mechanism, cfg)
 
 
-def turbo4d_specs(name: str, specs: Optional[list] = None) -> list:
-    """The spec list with every mechanism at the combined preset `name` ("off" removes them)."""
-    _check(name)
+def turbo4d_specs(name: str, specs: Optional[list] = None, family: Optional[str] = None) -> list:
+    """The spec list with every mechanism at the combined preset `name` ("off" removes them), in the
+    variant of the model's `family` (model_family(net)) where it has one (turbo4d_variant)."""
+    variant = turbo4d_variant(name, family)
+    preset = TURBO4D_PRESETS[name] if variant == DEFAULT_FAMILY else TURBO4D_FAMILY_PRESETS[variant][name]
     out = without(specs, names())
-    for mech, cfg in TURBO4D_PRESETS[name].items():
+    for mech, cfg in preset.items():
         out = merge_spec(out, mech, cfg)
     return out

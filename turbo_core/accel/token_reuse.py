@@ -115,6 +115,10 @@ class TokenReuseState(SpanState):
         super().__init__()
         self.stride = None
 
+    def __init__(self):
+        super().__init__()
+        self.shapes: list = []  # declared token spans: the stream shape of each cached one
+
     def nbytes(self) -> int:
         return sum(nbytes(e.r) + nbytes(e.ref) + nbytes(e.at) for e in self.entries.values())
 
@@ -188,12 +192,11 @@ class TokenReuse(SpanReuse):
         # grids and widths: no span of consecutive blocks shares one stream, so it runs whole.
         if step is None or split_call(dispatch, SPLIT_ASIDE):
             return nxt(x)
-        if dispatch.spans or not getattr(nxt, "stream", False):  # not a stream of blocks (a UNet's levels)
-            if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
-                dispatch.stats.notes.append(NO_STREAM)
-            return nxt(x)
         st = self.state(dispatch)
-        if st.spans is None and not self._settle(dispatch, st, block, x):
+        if dispatch.spans or not getattr(nxt, "stream", False):  # not a stream of blocks (a UNet's levels)
+            if not self._declared(dispatch, st, block, x):  # nor a block the network declared a token span
+                return nxt(x)
+        elif st.spans is None and not self._settle(dispatch, st, block, x):
             return nxt(x)
         span = st.inner.get(block)
         if span is None or st.mode == "off":
@@ -330,6 +333,51 @@ class TokenReuse(SpanReuse):
                 e.hist = (call, [vals[j:j + width] for j in range(0, size, width)])
                 e.ages = None
 
+
+    # --- the network's own token spans (dispatch.Span form "tokens", e.g. a UNet's attention layers) ---
+    def _declared(self, dispatch, st, block: int, x: torch.Tensor) -> bool:
+        """Whether `block` is a token span the network declared, each one block on a stream of its
+        own (the spans planned at the first one reached); without any, notes NO_STREAM."""
+        declared = dispatch.token_spans()
+        if not declared:
+            if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
+                dispatch.stats.notes.append(NO_STREAM)
+            return False
+        if st.spans is None:
+            # Planned where the network's first choice runs (for a UNet, its deepest level): the
+            # bound is measured from the call's peak so far (bound.py), and the levels before it
+            # hold far less of the call's working set than a stream of equal blocks would; the
+            # blocks reached before it run whole once.
+            if block != declared[0].blocks[0]:
+                return False
+            self._settle_declared(dispatch, st, declared, x)
+        i = st.inner.get(block)
+        if i is not None and tuple(x.shape) != st.shapes[i]:
+            raise ValueError(f"token reuse: block {block} got a stream of shape {tuple(x.shape)}, declared "
+                             f"{st.shapes[i]}; a network must declare its token spans' shapes (dispatch.Span.shape)")
+        return i is not None
+
+    def _settle_declared(self, dispatch, st, declared: list, x: torch.Tensor) -> None:
+        """Which declared token spans are cached: in the network's order while they fit the bound
+        (each a residual, its input's channel subsample and its positions' compute calls), at most
+        `spans` of them. A span is one block, (block, block), so the blocks' path runs it."""
+        cfg = self.config
+        bound = st.bound.settle(cfg, x)
+        half = half_dtype(x.dtype).itemsize
+        chosen, used = [], 0
+        for s in declared:
+            if cfg.spans and len(chosen) >= cfg.spans:
+                break
+            n, t, c = s.shape
+            size = n * t * (c + -(-c // cfg.channel_stride)) * half + dispatch.layout.batch * t * 4
+            if used + size <= bound:
+                chosen.append(s)
+                used += size
+        st.spans = [(s.blocks[0], s.blocks[0]) for s in chosen]
+        st.inner = {s.blocks[0]: i for i, s in enumerate(chosen)}
+        st.shapes = [tuple(s.shape) for s in chosen]
+        if dispatch.stats is not None:
+            dispatch.stats.cache_bound(bound)
 
 
 # Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels"): balanced (the default) and fast;

@@ -154,8 +154,40 @@ class SV4DAttentionLayer(nn.Module):
         n, c, hh, ww = x.shape
         level = call.level(hh, ww)
         tokens = x.flatten(2).transpose(1, 2)  # (N, h*w, C), a view
-        out = level.dispatch.chain(self.index, tokens, lambda t: self._chain(t, call, level))
-        return out.transpose(1, 2).reshape(n, c, hh, ww)
+        if level.dispatch.span_of(("tokens", self.index)) is None:
+            out = level.dispatch.chain(self.index, tokens, lambda t: self._chain(t, call, level))
+            return out.transpose(1, 2).reshape(n, c, hh, ww)
+        # A token span (SV4DUNet.token_spans): the stream handed over in units of `group` consecutive
+        # tokens (SV4D 2.0's camera pixel groups, whole in every kept unit), with its token form.
+        g, t = level.group, hh * ww
+        units = tokens.reshape(n, t // g, g * c)
+
+        whole = []  # (units, tokens) of a full pass on the layer's own input
+
+        def chain(u):
+            if u is not units:
+                return self._chain(u.view(n, t, c), call, level).reshape(n, t // g, g * c)
+            # On the layer's own input, and handed on with the plain path's strides where it comes
+            # back unchanged: the res block after it computes bit for bit as without token spans.
+            y = self._chain(tokens, call, level)
+            whole.append((y.reshape(n, t // g, g * c), y))
+            return whole[-1][0]
+
+        def part(u, pos):
+            return self._tokens(u.view(n, t, c), pos, call, level).view(n, -1, g * c)
+
+        out = level.unit_dispatch.chain(self.index, units, chain, part)
+        y = whole[-1][1] if whole and out is whole[-1][0] else out.view(n, t, c)
+        return y.transpose(1, 2).reshape(n, c, hh, ww)
+
+    def _tables(self, call: "SV4DCall", ch: int, dtype) -> tuple:
+        """Per-frame / per-view tables of one call, gathered per sequence: (spatial cross token,
+        camera cross token (b*T, C), view embedding (b*V, C), frame embedding (b*T, C), camera and
+        motion blend weights)."""
+        sp, cam = self.transformer_blocks[0], self.time_mix_blocks[0]
+        return (sp.attn2.single_token(call.clip), cam.attn2.single_token(call.clip),
+                self.time_mix_time_embed(call.view_input(ch)), self.time_mix_motion_embed(call.frame_input(ch)),
+                1 - self.time_mixer.alpha(dtype), 1 - getattr(self, self.motion_mixer_name).alpha(dtype))
 
     def _chain(self, tokens: torch.Tensor, call: "SV4DCall", level: "_Level") -> torch.Tensor:
         d, i, lay = level.dispatch, self.index, level.layout
@@ -163,15 +195,7 @@ class SV4DAttentionLayer(nn.Module):
         ch = tokens.shape[-1]
         h = self.proj_in(self.norm(tokens.transpose(1, 2)).transpose(1, 2))
         sp, cam, mot = self.transformer_blocks[0], self.time_mix_blocks[0], self.motion_blocks[0]
-        dtype = h.dtype
-
-        # Per-frame / per-view / per-pixel tables, gathered per sequence inside compute.
-        sp_cross = sp.attn2.single_token(call.clip)                      # (b*T, C)
-        cam_cross = cam.attn2.single_token(call.clip)                    # (b*T, C)
-        emb_view = self.time_mix_time_embed(call.view_input(ch))         # (b*V, C)
-        emb_frame = self.time_mix_motion_embed(call.frame_input(ch))     # (b*T, C)
-        keep_cam = 1 - self.time_mixer.alpha(dtype)
-        keep_mot = 1 - getattr(self, self.motion_mixer_name).alpha(dtype)
+        sp_cross, cam_cross, emb_view, emb_frame, keep_cam, keep_mot = self._tables(call, ch, h.dtype)
 
         def spatial(s, idx):
             rows = level.image_frame if idx is None else level.image_frame[idx]
@@ -212,6 +236,61 @@ class SV4DAttentionLayer(nn.Module):
         h = h + d.attend_grid(i, "motion", h, motion, motion_grid)
         return tokens + self.proj_out(h)
 
+    def _tokens(self, tokens: torch.Tensor, pos: torch.Tensor, call: "SV4DCall", level: "_Level") -> torch.Tensor:
+        """The layer's output at the units `pos` ((batch, k) units of level.group consecutive tokens,
+        the same in every image of a batch item) as (images, k * group, C). Their camera sequences
+        (the V views of a pixel; with SV4D 2.0's pixel groups, the V consecutive pixels of a unit)
+        and motion sequences (the T frames of a pixel) are whole, so camera, motion, their
+        projections and feed-forwards, spatial's queries, output projection and feed-forward run
+        on the kept tokens alone; GroupNorm (its statistics are the image's), proj_in and spatial
+        attention's keys and values run on every token."""
+        d, lay, g = level.dispatch, level.layout, level.group
+        attn = d.attention
+        n, t, ch = tokens.shape
+        b, views, frames = lay.batch, lay.views, lay.frames
+        px = (pos[..., None] * g + torch.arange(g, device=pos.device)).reshape(b, -1)   # (batch, k) tokens
+        k = px.shape[1]
+        rows = lay.token_rows(px)
+        h_all = self.proj_in(self.norm(tokens.transpose(1, 2)).transpose(1, 2))
+        sp, cam, mot = self.transformer_blocks[0], self.time_mix_blocks[0], self.motion_blocks[0]
+        sp_cross, cam_cross, emb_view, emb_frame, keep_cam, keep_mot = self._tables(call, ch, h_all.dtype)
+
+        def kept(a):
+            return a.reshape(n * t, ch).index_select(0, rows).view(n, k, ch)
+
+        h = kept(h_all)
+        nx = sp.norm1(h_all)
+        h = h + sp.attn1.forward_queries(kept(nx), nx, attn)
+        del nx, h_all
+        h = h + sp_cross[level.image_frame][:, None].to(h.dtype)
+        h = h + sp.ff(sp.norm3(h))
+
+        sub = SCMLayout(b, views, frames, k, 1)
+        sub_cam = CameraAxis(sub, level.camera.pixel_groups)
+        # Each kept camera sequence's index among the level's (batch, frame, pixel or pixel group),
+        # in the kept sequences' order, for its CLIP row: with pixel groups, kept group j * kk + r
+        # of a (batch, frame) is the level's group j * t / g + pos[r] (j the view, kk = k / g units).
+        if level.camera.pixel_groups:
+            local = (torch.arange(views, device=pos.device)[None, :, None] * (t // g) + pos[:, None, :]).reshape(b, -1)
+        else:
+            local = px
+        bt = torch.arange(b * frames, device=pos.device).view(b, frames, 1) * t
+        ctx_rows, _ = level.camera.rows(h.device)
+        cr = ctx_rows[(bt + local[:, None, :]).reshape(-1)]
+        cam_view = sub_cam.axis_view
+        e = emb_view[level.image_view][:, None]
+        h = h + keep_cam * (cam.forward_grid(h + e, cam_cross[cr], cam_view, d.grid_attention(cam_view)) - h)
+
+        def mot_view(u):
+            return sub.axis_view(u, "motion")
+
+        cp = level.cond_pixels.view(b, views, t, -1)
+        cp = cp.gather(2, px[:, None, :, None].expand(b, views, k, cp.shape[-1])).reshape(b * views * k, -1)
+        e = emb_frame[level.image_frame][:, None]
+        h = h + keep_mot * (mot.forward_grid(h + e, mot.attn2.single_token(cp), mot_view,
+                                             d.grid_attention(mot_view)) - h)
+        return kept(tokens) + self.proj_out(h)
+
 
 class _Level:
     """Everything one resolution level's layers share in one call: layout, dispatch view,
@@ -222,6 +301,12 @@ class _Level:
         self.layout = SCMLayout(b, v, t, hh, ww)
         self.dispatch = _dispatch_at(call.dispatch, self.layout)
         self.camera = CameraAxis(self.layout, call.cfg.use_3d_attention)
+        # Token reuse's unit (SV4DUNet.token_group): where it is several tokens, the layers' token
+        # spans are handed over on a layout of units.
+        self.group = SV4DUNet.token_group(call.cfg, v)
+        self.unit_dispatch = self.dispatch
+        if self.group > 1 and (hh * ww) % self.group == 0:
+            self.unit_dispatch = _dispatch_at(call.dispatch, SCMLayout(b, v, t, hh * ww // self.group, 1))
         dev = call.emb.device
         n = hh * ww
         self.image_frame = torch.arange(b * t * v, device=dev) // v                      # (N,) rows of (b*T)
@@ -285,6 +370,9 @@ def _transformer_flops(length: int, width: int, ff_in: bool) -> float:
 
 class SV4DUNet(nn.Module):
     """F of SV4D / SV4D 2.0. `state_dict()` keys (with PREFIX) and shapes are the checkpoint's."""
+
+    # The presets' variant for this network (turbo_core.accel.presets.model_family).
+    preset_family = "sv4d"
 
     def __init__(self, cfg: SV4DConfig = SV4DConfig()):
         super().__init__()
@@ -457,7 +545,7 @@ class SV4DUNet(nn.Module):
             largest = n * hh * ww * self.cfg.model_channels * TRANSFORMER_ELEMENTS * self.out[2].weight.element_size()
             dispatch = d.in_pieces(memory, x.device, largest)
         if dispatch is not None:
-            dispatch = dispatch.with_spans(self.spans(tuple(x.shape)))
+            dispatch = dispatch.with_spans(self.spans(tuple(x.shape)) + self.token_spans(tuple(x.shape), views))
         call = self.condition(x, timesteps, context, y, cond_view, views, frames, dispatch)
         emb, per_item = call.emb, frames * views
 
@@ -509,6 +597,29 @@ class SV4DUNet(nn.Module):
         for j in range(m_in - a, m_in):
             h = run(self.output_blocks[j], torch.cat([h, hs.pop()], dim=1))
         return self.out(h)
+
+    @staticmethod
+    def token_group(cfg: SV4DConfig, views: int) -> int:
+        """Tokens per unit of token reuse: SV4D 2.0's camera attention (use_3d_attention) runs over
+        runs of V consecutive tokens of an image (sv4d_blocks.CameraAxis), which a kept unit must
+        hold whole; otherwise one (a camera sequence is one pixel's V views)."""
+        return views if cfg.use_3d_attention else 1
+
+    def token_spans(self, x_shape: tuple, views: int) -> list[Span]:
+        """The attention layers as token spans (dispatch.Span form "tokens", key ("tokens", block)),
+        each on its own stream (images, units, group * width) of its level: the token level's
+        units, deepest levels first (the projections and feed-forwards cost about the same per layer
+        at every level, and a deeper level's stream is half the size, so its cache saves the most
+        per byte). A level whose token count the group does not divide (SV4D 2.0's 9 x 9 middle at
+        4 views, where pixel groups straddle views) has none: it runs whole."""
+        n, _, hh, ww = x_shape
+        g = self.token_group(self.cfg, views)
+        out = []
+        for block, (ds, width) in enumerate(self.attention_levels()):
+            t = (hh // ds) * (ww // ds)
+            if t % g == 0:
+                out.append((-ds, block, Span(("tokens", block), (block,), 0, (n, t // g, g * width), "tokens")))
+        return [s for _, _, s in sorted(out, key=lambda z: z[:2])]
 
     def _span_starts(self) -> list[int]:
         """For span k = 1 .. levels: the input block whose output is its input (the last res block

@@ -68,6 +68,15 @@ class CrossAttention(nn.Module):
         o = attention(q, k, v)
         return self.to_out(o.transpose(1, 2).reshape(s, l, -1))
 
+    def forward_queries(self, xq: torch.Tensor, xkv: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """Self-attention of the queries xq (S, k, dim) against the keys and values of xkv (S, L, dim),
+        the sequences xq's tokens belong to: token reuse's kept tokens attending to all of their image."""
+        s, k, _ = xq.shape
+        q = self.to_q(xq).view(s, k, self.heads, -1).transpose(1, 2)
+        kk, v = (p(xkv).view(s, xkv.shape[1], self.heads, -1).transpose(1, 2) for p in (self.to_k, self.to_v))
+        o = attention(q, kk, v)
+        return self.to_out(o.transpose(1, 2).reshape(s, k, -1))
+
     def forward_grid(self, x: torch.Tensor, attend) -> torch.Tensor:
         """The same on image-major tokens (N, n, dim) where they lie: projections per token, and
         `attend(q, k, v, heads)` (a dispatch's `grid_attention`) lays the sequences over them."""
