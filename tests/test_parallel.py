@@ -6,16 +6,14 @@ reach the caller naming the rank, and the next run succeeds; no worker outlives 
 
 Grids are small (2-3 views x 2-3 frames) and runs short (2-4 steps), so each run takes seconds on a
 2-core CPU; the worker processes of one group are reused between tests."""
-import faulthandler
 import os
 import signal
-import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 import torch
 
+from parallel_guard import finishes_within
 from turbo_core.accel.block_reuse import BlockReuseConfig
 from turbo_core.accel.bypass import ChainBypassConfig
 from turbo_core.accel.cache import RollingCacheConfig
@@ -477,35 +475,6 @@ def test_signal_means_all_reduce_without_a_host_sync(tmp_path):
 
 
 # --- the per-call levels under a split ------------------------------------------------------------
-@contextmanager
-def finishes_within(group, seconds, what):
-    """A hang guard that works while rank 0 is blocked inside a gloo collective (where no Python
-    signal handler runs): after `seconds` a thread dumps rank 0's stacks and kills the workers, so
-    the collective fails and the test fails, naming what hung, instead of waiting forever."""
-    fired = threading.Event()
-
-    def fire():
-        fired.set()
-        faulthandler.dump_traceback(all_threads=True)
-        for pid in worker_pids(group):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    timer = threading.Timer(seconds, fire)
-    timer.start()
-    try:
-        yield
-    except ParallelError:
-        if fired.is_set():
-            pytest.fail(f"{what} hung (did not finish in {seconds} s; rank 0's stacks above)")
-        raise
-    finally:
-        timer.cancel()
-    assert not fired.is_set(), f"{what} took over {seconds} s"
-
-
 @pytest.mark.parametrize("mode", ["cfg", "frames", "views"])
 def test_block_reuse_on_a_split_call_takes_the_one_process_decisions_on_every_rank(net, mode):
     """Block reuse on a split call: every rank reuses the spans one process reuses, at the same
