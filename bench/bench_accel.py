@@ -353,6 +353,35 @@ def per_call_rows(args) -> list[dict]:
                      "specs": apply_preset([], "step", lv) + [("block_reuse", BlockReuseConfig(threshold=t, drift_prior=0.0))]})
     for t in (0.05, 0.1, 0.2):
         rows.append({"name": f"fbcache-t{t}", "family": "fixed", "run": lambda t=t: Turbo4DRun([FirstBlockCache(t)])})
+    # Full compute through PyTorch's LayerNorm (full compute takes the fused norm by default,
+    # turbo_core/kernels/token_fuse.py): the baseline before the kernels reached the full path.
+    rows.append({"name": "full-unfused", "family": "full", "specs": [], "env": {"TURBO4D_TOKEN_FUSE": "torch"}})
+    if getattr(args, "percall_sweep", False):
+        rows += percall_sweep_rows()
+    return rows
+
+
+def percall_sweep_rows() -> list[dict]:
+    """The step skip's balanced preset with the per-call levels kept across the calls it skips
+    (max_skipped, up to max_age 6 calls apart; measured first "m" or on the prior "p"), and with
+    token reuse: candidates for Turbo4D balanced ("sw-..." rows, --percall-sweep)."""
+    step = apply_preset([], "step", "balanced")
+    rows = []
+    for t in (0.25, 0.4):
+        for prior, dp in (("m", 0.0), ("p", 0.08)):
+            for ms in (1, 2, 3, 4, 5):
+                rows.append({"name": f"sw-br-{prior}-t{t}-s{ms}", "family": "sweep-percall",
+                             "specs": step + [("block_reuse", BlockReuseConfig(threshold=t, max_age=6, max_skipped=ms,
+                                                                               drift_prior=dp))]})
+    for t in (0.25, 0.4):
+        rows.append({"name": f"sw-tr-t{t}-s5", "family": "sweep-percall",
+                     "specs": step + [("token_reuse", TokenReuseConfig(threshold=t, max_age=6, max_skipped=5))]})
+        for prior, dp in (("m", 0.0), ("p", 0.08)):  # both levels, the bound split
+            rows.append({"name": f"sw-br-{prior}-t{t}-s5+tr", "family": "sweep-percall",
+                         "specs": step + [("block_reuse", BlockReuseConfig(threshold=t, max_age=6, max_skipped=5,
+                                                                           drift_prior=dp, memory_fraction=0.05)),
+                                          ("token_reuse", TokenReuseConfig(threshold=t, max_age=6, max_skipped=5,
+                                                                           memory_fraction=0.05))]})
     return rows
 
 
@@ -543,6 +572,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="toy size (CONFIGS['tiny'], random weights) for CI")
     ap.add_argument("--large", action="store_true", help="SV4D 2.0 scale, random bf16 weights: latency and memory")
     ap.add_argument("--sweep", action="store_true", help="also sweep each mechanism's main settings")
+    ap.add_argument("--percall-sweep", action="store_true",
+                    help="also the step skip balanced with block/token reuse across skipped calls (sw-* rows)")
     ap.add_argument("--only", default="", help="comma-separated configuration names to run (plus full)")
     ap.add_argument("--scenes", type=int, default=None, help="held-out scenes, batched into one run")
     ap.add_argument("--views", type=int, default=None)

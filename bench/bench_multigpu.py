@@ -39,6 +39,7 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # before any NCCL communicator e
 
 import torch
 
+from bench.device import peak_bytes, sync
 from turbo_core import parallel
 from turbo_core.accel.presets import turbo4d_specs
 from turbo_core.diffusion import EDM, karras_sigmas
@@ -67,11 +68,6 @@ def inputs(net: SCMNet, views: int, frames: int, device, seed: int = 1) -> dict:
     return {"noise": torch.randn(n, 3, s, s, generator=g).to(device),
             "cond": torch.rand(n, 3, s, s, generator=g).mul(2).sub(1).to(device),
             "camera": cams.repeat(frames, 1).to(device)}
-
-
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def one_run(net, data, steps, views, frames, cfg, specs, group, mode, device):
@@ -187,7 +183,7 @@ def sv4d_run(net, model, cond, noise, steps, views, frames, specs, group, device
                 den = run.step(x, s, sigmas, denoise, 1.0)
                 x = x + (x - den) / s * (s_next - s)
     finally:
-        stats = run.end(torch.cuda.max_memory_allocated(device) if cuda else None)
+        stats = run.end(peak_bytes(device))
         if group is not None and group.alive:
             parallel.end_run(group, stats)
     sync(device)

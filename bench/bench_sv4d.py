@@ -367,6 +367,9 @@ def percall_rows(steps):
     # The presets' SV4D variants (presets.model_family of the UNet: "sv4d"), and token reuse on the
     # UNet's attention layers (SV4DUNet.token_spans).
     rows += [(f"Turbo4D {p} (SV4D variant)", turbo4d_specs(p, family="sv4d"), False) for p in ("fast", "balanced")]
+    # Quality has no SV4D variant: the balanced variant's block reuse on the quality step skip.
+    rows += [("step skip quality + block reuse across skips (t0.25, max_age 6, max_skipped 5)",
+              [("step", STEP["quality"]), br(threshold=0.25, max_age=6, max_skipped=5)], False)]
     rows += [(f"token reuse {p}", [("token_reuse", TR[p])], False) for p in ("balanced", "fast")]
     rows += [("token reuse balanced, bound 0.3", [("token_reuse", dataclasses.replace(TR["balanced"], memory_fraction=0.3))],
               False)]

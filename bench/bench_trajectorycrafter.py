@@ -50,7 +50,6 @@ how the trained model's videos look.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -61,6 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.bench_sv4d import timed_dispatch
+from bench.device import peak_bytes, peak_gb, reset_peak, sync
 from turbo_core.accel import mechanisms
 from turbo_core.accel.registry import build_run
 from turbo_core.diffusion import DenoisedSpace
@@ -176,23 +176,6 @@ class Timer:
             h.remove()
 
 
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device):
-    gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gb(device):
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if torch.device(device).type == "cuda" else None
-
-
-# --- our network ------------------------------------------------------------------------------------
 def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, timer: Timer = None,
                 stats_out: dict = None, group=None):
     """One sampling run through a Turbo4DRun as the ComfyUI adapter drives it (whole steps decided
@@ -254,7 +237,7 @@ def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, 
         sync(device)
         seconds = time.perf_counter() - t0
     finally:
-        stats = run.end(torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else None)
+        stats = run.end(peak_bytes(device))
         if group is not None and group.alive:
             parallel.end_run(group, stats)
         if stats_out is not None:

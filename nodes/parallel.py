@@ -33,45 +33,10 @@ WRAPPER_KEY = "turbo4d_parallel"
 
 
 def resolve_devices(devices: str, comfy_device=None) -> tuple[Optional[list], str]:
-    """(devices of the group, rank 0 first; or None to run on one) and a line for the log. rank 0
-    is always the device ComfyUI runs the model on."""
+    """(devices of the group, rank 0 first; or None to run on one) and a line for the log, with rank 0
+    the device ComfyUI runs the model on (turbo_core.parallel.choose_devices)."""
     comfy_device = torch.device(comfy_device if comfy_device is not None else comfy.model_management.get_torch_device())
-    text = (devices or "all").strip().lower()
-    if text.startswith("cpu"):
-        if not text[4:].isdigit() or text[3:4] != ":":
-            raise ValueError(f"{NODE}: devices={devices!r} is not 'all', a list of GPU indices such as '0,1', "
-                             f"or 'cpu:N' with a number N.")
-        if comfy_device.type != "cpu":
-            raise ValueError(f"{NODE}: devices={devices!r} asks for CPU processes, but ComfyUI runs the model on "
-                             f"{comfy_device}. Set devices to 'all' or to GPU indices such as '0,1'.")
-        devs = parallel.parse_devices(text)
-        if len(devs) < 2:
-            return None, f"{NODE}: {len(devs)} CPU process asked for: sampling runs on one."
-        return devs, f"{NODE}: {len(devs)} CPU processes (gloo)"
-    if comfy_device.type != "cuda" or not torch.cuda.is_available():
-        return None, (f"{NODE}: no GPU (ComfyUI runs on {comfy_device}): sampling runs on one process. "
-                      f"devices='cpu:2' runs two CPU processes (meant for tests).")
-    count = torch.cuda.device_count()
-    if text == "all":
-        idx = list(range(count))
-    else:
-        try:
-            idx = [int(s.strip().removeprefix("cuda:")) for s in text.split(",") if s.strip()]
-        except ValueError:
-            raise ValueError(f"{NODE}: devices={devices!r} is not 'all', a list of GPU indices such as '0,1', "
-                             f"or 'cpu:N'.") from None
-        bad = [i for i in idx if not 0 <= i < count]
-        if bad:
-            raise ValueError(f"{NODE}: devices={devices!r} names GPUs {bad}, but this machine has {count} "
-                             f"(0..{count - 1}).")
-    first = comfy_device.index if comfy_device.index is not None else torch.cuda.current_device()
-    if first not in idx:
-        raise ValueError(f"{NODE}: devices={devices!r} leaves out cuda:{first}, the GPU ComfyUI runs the model on "
-                         f"(it is rank 0 and drives the others). Add {first} to the list.")
-    order = [first] + [i for i in dict.fromkeys(idx) if i != first]
-    if len(order) < 2:
-        return None, f"{NODE}: one GPU (cuda:{first}): sampling runs on one."
-    return [torch.device(f"cuda:{i}") for i in order], f"{NODE}: {len(order)} GPUs"
+    return parallel.choose_devices(devices, comfy_device, NODE)
 
 
 def parallel_sample_wrapper(executor, *args, **kwargs):
@@ -97,24 +62,9 @@ def parallel_sample_wrapper(executor, *args, **kwargs):
             try:
                 summary = parallel.end_run(group, run.stats)
                 if summary is not None:
-                    log.info("%s", parallel_line(summary))
+                    log.info("%s", parallel.summary_line(summary, NODE))
             except parallel.ParallelError as e:  # the run's own outcome stands; the group restarts next run
                 log.error("%s: gathering the workers' statistics failed: %s", NODE, e)
-
-
-def parallel_line(summary: dict) -> str:
-    """One line on how the run was split: processes, modes, communication share per rank."""
-    modes = ", ".join(f"{k} {v} calls" for k, v in summary["calls_by_mode"].items()) or "no split call"
-    ranks = summary["ranks"]
-    out = f"{NODE}: {summary['world']} processes ({summary['backend']}), {modes}"
-    if summary.get("comm_timed"):
-        shares = [f"{r['comm_seconds'] / r['busy_seconds'] * 100:.1f}%" for r in ranks if r.get("busy_seconds")]
-        if shares:
-            out += f"; time in collectives per rank {' / '.join(shares)}"
-    peaks = [r["peak_memory_mb"] for r in ranks if r.get("peak_memory_mb") is not None]
-    if peaks:
-        out += "; peak GPU memory " + " / ".join(f"{p / 1024:.1f}" for p in peaks) + " GB"
-    return out
 
 
 class Turbo4DMultiGPU(io.ComfyNode):

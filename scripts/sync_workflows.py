@@ -322,19 +322,17 @@ def turbo4d_stock_ksampler() -> Graph:
     return g
 
 
-def _accelerators(col: Column, model, preset: str, unet: bool = False):
-    """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler.
-    `unet`: the SV4D UNets. Block reuse (the Cache's default) reuses their declared spans, but token
-    reuse has no one stream of blocks there (each level its own grid), so Semantic Prune keeps its
-    sequence prune on them."""
-    methods = ({}, {"method": "sequence prune"}) if unet else ({}, {})
+def _accelerators(col: Column, model, preset: str):
+    """Chain Bypass -> Turbo4D Cache -> Semantic Prune between the loader and the sampler, at the
+    nodes' default methods (block reuse and token reuse), which act on the embedded model's blocks
+    and on the SV4D UNets' declared spans alike."""
     byp = col.add("Turbo4DChainBypass", model=model.out(0), preset=preset, threshold=0.08, max_consecutive=2,
                   step_threshold=0.0, step_max_skips=3, kappa_prior=0.0, start_percent=0.2, end_percent=0.95,
                   storage="native", calibration_file="")
     cache = col.add("Turbo4DCache", model=byp.out(0), preset=preset, threshold=0.15, max_age=3, start_percent=0.15,
-                    end_percent=0.95, storage="native", **methods[0])
+                    end_percent=0.95, storage="native")
     return col.add("Turbo4DSemanticPrune", model=cache.out(0), preset=preset, keep_start=0.5, keep_end=0.3,
-                   saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95, storage="native", **methods[1])
+                   saliency=0.5, max_age=6, start_percent=0.1, end_percent=0.95, storage="native")
 
 
 def turbo4d_accelerated() -> Graph:
@@ -403,7 +401,7 @@ def sv4d2_video_to_4d() -> Graph:
     vae = left.add("VAELoader", vae_name="vae-ft-mse-840000-ema-pruned.safetensors")
     inp = _sv4d_input(left)
     accs = left.right()
-    fast = _accelerators(accs, model, "balanced", unet=True)
+    fast = _accelerators(accs, model, "balanced")
     mid = accs.right()
     smp = mid.add("Turbo4DSV4DSampler", model=fast.out(0), clip_vision=clip.out(0), vae=vae.out(0), video=inp.out(1),
                   frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=0.0, seed=23, steps=50, cfg=2.0, min_cfg=1.0,
@@ -433,7 +431,7 @@ def sv4d_video_to_4d() -> Graph:
                   seed=23, steps=20, cfg=2.5, sampler_name="euler", scheduler="karras", denoise=1.0)
     views = col2.add("VAEDecode", samples=ks.out(0), vae=sv3d.out(2))
     accs = col2.right()
-    fast = _accelerators(accs, model, "balanced", unet=True)
+    fast = _accelerators(accs, model, "balanced")
     mid = accs.right()
     smp = mid.add("Turbo4DSV4DSampler", model=fast.out(0), clip_vision=sv3d.out(1), vae=sv3d.out(2), video=inp.out(1),
                   first_frame_views=views.out(0), frames=SV4D_FRAMES, size=SV4D_SIZE, elevation=10.0, seed=23,

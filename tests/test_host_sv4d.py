@@ -555,6 +555,8 @@ def test_sv4d2_workflow_runs_on_the_reduced_checkpoint(comfy, server_weights):
     assert Image.open(grid).size == (frames * size, views * size)
     texts = [t for o in entry["outputs"].values() for t in o.get("text", [])]
     assert texts and texts[0].startswith("Turbo4D SV4D 2.0, 1 pass:"), texts
+    # The Cache node took its preset's SV4D variant on this model, and the run says so.
+    assert "Turbo4D Cache balanced: the SV4D variant of the preset" in texts[0], texts[0]
 
 
 def test_sv4d_workflow_runs_on_a_full_layout_checkpoint(comfy, server_weights):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from accel_fixtures import F, V, grid_inputs, rel_err, sample
-from per_call_fixtures import deep_net
+from per_call_fixtures import LinearRows, deep_net
 from turbo_core.accel.token_reuse import TokenReuseConfig
 from turbo_core.kernels import token_fuse as tf
 
@@ -55,6 +55,42 @@ def test_token_reuse_through_the_kernels_equals_the_unfused_run(monkeypatch):
     got, st = sample(net, [("token_reuse", cfg)], inputs)
     assert st.summary()["tokens_computed"] == st_ref.summary()["tokens_computed"] > 0
     assert rel_err(got, ref) < 1e-4
+
+
+@needs_kernel
+def test_full_compute_through_the_kernels_equals_the_unfused_run_and_its_layers_see_the_same_rows(monkeypatch):
+    # Full compute takes the fused norm too (every accelerator is measured against the same
+    # kernels); the linear layers' hooks (per_call_fixtures.LinearRows) still see every row, only
+    # the norms' hooks do not (tests counting norms set TURBO4D_TOKEN_FUSE=torch).
+    net = deep_net(5).to(KERNEL_DEVICE)
+    inputs = tuple(t.to(KERNEL_DEVICE) for t in grid_inputs(net, V, F))
+    counts = {}
+    for m in ("torch", "triton"):
+        monkeypatch.setenv(tf.ENV, m)
+        rows = LinearRows(net)
+        counts[m] = (sample(net, [], inputs)[0], dict(rows.rows))
+        rows.close()
+    (ref, ref_rows), (got, got_rows) = counts["torch"], counts["triton"]
+    assert rel_err(got, ref) < 1e-4
+    for key, n in ref_rows.items():
+        assert got_rows.get(key, 0) == (0 if key.endswith(".norm") else n), key
+
+
+def test_full_compute_norms_go_through_the_fused_path(monkeypatch):
+    # TURBO4D_TOKEN_FUSE=triton where the kernels cannot run raises from the norm of a full call:
+    # the full forward's norms are token_fuse.add_layernorm, so a GPU runs them through the kernel.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    net = deep_net(5)
+    inputs = grid_inputs(net, V, F)
+    monkeypatch.setenv(tf.ENV, "triton")
+    with pytest.raises(RuntimeError, match="TURBO4D_TOKEN_FUSE=triton"):
+        sample(net, [], inputs)
+    monkeypatch.setenv(tf.ENV, "torch")
+    rows = LinearRows(net)
+    sample(net, [], inputs)
+    rows.close()
+    # Off the kernels every norm is its module: its hooks see each row it normalises.
+    assert rows.rows["spatial.norm"] == rows.rows["camera.norm"] == rows.rows["motion.norm"] > 0
 
 
 def test_forcing_the_kernels_where_they_cannot_run_names_the_fix(monkeypatch):

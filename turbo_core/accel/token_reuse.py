@@ -114,9 +114,6 @@ class TokenReuseState(SpanState):
     def __init__(self):
         super().__init__()
         self.stride = None
-
-    def __init__(self):
-        super().__init__()
         self.shapes: list = []  # declared token spans: the stream shape of each cached one
 
     def nbytes(self) -> int:

@@ -13,6 +13,9 @@ cached 16-bit residual) followed by an index_copy of the kept tokens' output. He
 - `fill_rows(x, r, a, h, rows, inv)`: out = x + a * r at every row, h at the kept `rows`
   (`inv`, row -> its index in h or -1, from `inverse_rows`).
 
+SCMNet's full forward runs its norms through `add_layernorm` too, so full compute and every
+accelerator are measured with the same norm kernel (not only the token-level calls).
+
 Where the kernels do not apply (no Triton, a CPU tensor, gradients wanted) the same functions run
 as the PyTorch operations they replace (the modules themselves, so hooks on them still count), the
 reference the kernels are checked against (bench/check_token_fuse.py on a GPU).

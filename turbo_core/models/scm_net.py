@@ -93,7 +93,8 @@ class AxisAttention(nn.Module):
 
     def forward(self, seqs: torch.Tensor, attention) -> torch.Tensor:
         s, l, c = seqs.shape
-        qkv = self.qkv(self.norm(seqs)).view(s, l, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(token_fuse.add_layernorm(seqs, None, self.norm)).view(s, l, 3, self.heads, c // self.heads)
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         o = attention(qkv[0], qkv[1], qkv[2])
         return self.proj(o.transpose(1, 2).reshape(s, l, c))
 
@@ -106,7 +107,7 @@ class AxisAttention(nn.Module):
         s, l, c = x.shape
         hd = c // self.heads
         w, b = self.qkv.weight, self.qkv.bias
-        nx = x if normed else self.norm(x)
+        nx = x if normed else token_fuse.add_layernorm(x, None, self.norm)
         nq = nx.reshape(s * l, c).index_select(0, rows).view(s, -1, c)
         k = nq.shape[1]
         q = F.linear(nq, w[:c], b[:c]).view(s, k, self.heads, hd).transpose(1, 2)
@@ -118,7 +119,7 @@ class AxisAttention(nn.Module):
         """The same on image-major tokens (N, n, channels) where they lie; `attend(q, k, v, heads)`
         (a dispatch's `grid_attention`) lays the sequences over them. `normed`: x is already
         self.norm's output."""
-        q, k, v = self.qkv(x if normed else self.norm(x)).chunk(3, dim=-1)
+        q, k, v = self.qkv(x if normed else token_fuse.add_layernorm(x, None, self.norm)).chunk(3, dim=-1)
         return self.proj(attend(q, k, v, self.heads))
 
 
@@ -134,7 +135,7 @@ class MLP(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def forward(self, x, normed: bool = False):
-        return self.fc2(self.act(self.fc1(x if normed else self.norm(x))))
+        return self.fc2(self.act(self.fc1(x if normed else token_fuse.add_layernorm(x, None, self.norm))))
 
 
 class SCMBlock(nn.Module):
@@ -275,7 +276,7 @@ class SCMNet(nn.Module):
         h = h + cam[:, None] + frm[:, None]
         for blk in self.blocks:
             h = blk(h, temb, cam, frm, layout, d)
-        h = self.out(self.norm_out(h))
+        h = self.out(token_fuse.add_layernorm(h, None, self.norm_out))
         p, g = cfg.patch_size, cfg.grid
         h = h.view(n, g, g, p, p, cfg.out_channels).permute(0, 5, 1, 3, 2, 4)
         return h.reshape(n, cfg.out_channels, cfg.image_size, cfg.image_size)

@@ -22,8 +22,8 @@ import atexit
 import logging
 from typing import Optional
 
-from .engine import ParallelError, ParallelGroup, parse_devices
-from .net import ParallelNet, ShardWorker, begin_run, end_run, set_sync_timing
+from .engine import ParallelError, ParallelGroup, choose_devices, parse_devices
+from .net import ParallelNet, ShardWorker, begin_run, end_run, set_sync_timing, summary_line
 from .plan import MODES, ShardPlan, choose_plan
 from .script import sample_grid
 
@@ -73,4 +73,5 @@ def from_env() -> Optional[ParallelGroup]:
 atexit.register(shutdown)
 
 __all__ = ["MODES", "ParallelError", "ParallelGroup", "ParallelNet", "ShardPlan", "acquire", "begin_run",
-           "choose_plan", "current", "end_run", "from_env", "parse_devices", "sample_grid", "set_sync_timing", "shutdown"]
+           "choose_devices", "choose_plan", "current", "end_run", "from_env", "parse_devices", "sample_grid",
+           "set_sync_timing", "shutdown", "summary_line"]

@@ -76,6 +76,49 @@ def parse_devices(devices) -> list[torch.device]:
     return out
 
 
+def choose_devices(devices: str, first: torch.device, name: str = "Turbo4D Multi-GPU") -> tuple[Optional[list], str]:
+    """The group's devices for a user's `devices` text ('all', GPU indices such as '0,1', or 'cpu:N'),
+    rank 0 first and always `first` (the device the host runs the model on, which drives the others),
+    or None where the run stays on one process; and a line for the log. Errors name `name` (the node)
+    and the fix."""
+    text = (devices or "all").strip().lower()
+    if text.startswith("cpu"):
+        if not text[4:].isdigit() or text[3:4] != ":":
+            raise ValueError(f"{name}: devices={devices!r} is not 'all', a list of GPU indices such as '0,1', "
+                             f"or 'cpu:N' with a number N.")
+        if first.type != "cpu":
+            raise ValueError(f"{name}: devices={devices!r} asks for CPU processes, but ComfyUI runs the model on "
+                             f"{first}. Set devices to 'all' or to GPU indices such as '0,1'.")
+        devs = parse_devices(text)
+        if len(devs) < 2:
+            return None, f"{name}: {len(devs)} CPU process asked for: sampling runs on one."
+        return devs, f"{name}: {len(devs)} CPU processes (gloo)"
+    if first.type != "cuda" or not torch.cuda.is_available():
+        return None, (f"{name}: no GPU (ComfyUI runs on {first}): sampling runs on one process. "
+                      f"devices='cpu:2' runs two CPU processes (meant for tests).")
+    count = torch.cuda.device_count()
+    if text == "all":
+        idx = list(range(count))
+    else:
+        try:
+            idx = [int(s.strip().removeprefix("cuda:")) for s in text.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"{name}: devices={devices!r} is not 'all', a list of GPU indices such as '0,1', "
+                             f"or 'cpu:N'.") from None
+        bad = [i for i in idx if not 0 <= i < count]
+        if bad:
+            raise ValueError(f"{name}: devices={devices!r} names GPUs {bad}, but this machine has {count} "
+                             f"(0..{count - 1}).")
+    lead = first.index if first.index is not None else torch.cuda.current_device()
+    if lead not in idx:
+        raise ValueError(f"{name}: devices={devices!r} leaves out cuda:{lead}, the GPU ComfyUI runs the model on "
+                         f"(it is rank 0 and drives the others). Add {lead} to the list.")
+    order = [lead] + [i for i in dict.fromkeys(idx) if i != lead]
+    if len(order) < 2:
+        return None, f"{name}: one GPU (cuda:{lead}): sampling runs on one."
+    return [torch.device(f"cuda:{i}") for i in order], f"{name}: {len(order)} GPUs"
+
+
 def _timeout() -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get(ENV_TIMEOUT, DEFAULT_TIMEOUT_S)))
 

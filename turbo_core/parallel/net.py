@@ -223,6 +223,22 @@ def end_run(group: ParallelGroup, stats=None) -> Optional[dict]:
     return out
 
 
+def summary_line(summary: dict, name: str = "Turbo4D Multi-GPU") -> str:
+    """One line on how a run was split (end_run's summary): processes, modes, communication share and
+    peak GPU memory per rank."""
+    modes = ", ".join(f"{k} {v} calls" for k, v in summary["calls_by_mode"].items()) or "no split call"
+    ranks = summary["ranks"]
+    out = f"{name}: {summary['world']} processes ({summary['backend']}), {modes}"
+    if summary.get("comm_timed"):
+        shares = [f"{r['comm_seconds'] / r['busy_seconds'] * 100:.1f}%" for r in ranks if r.get("busy_seconds")]
+        if shares:
+            out += f"; time in collectives per rank {' / '.join(shares)}"
+    peaks = [r["peak_memory_mb"] for r in ranks if r.get("peak_memory_mb") is not None]
+    if peaks:
+        out += "; peak GPU memory " + " / ".join(f"{p / 1024:.1f}" for p in peaks) + " GB"
+    return out
+
+
 def _summary(group: ParallelGroup, stats, started: Optional[float]) -> dict:
     dev = group.device
     peak = int(torch.cuda.max_memory_allocated(dev)) if dev.type == "cuda" else None
