@@ -126,6 +126,19 @@ bring_back(){
 }
 trap bring_back EXIT
 
+# what to start from, checked before any GPU time is spent
+INIT=${INIT:-models/$NAME}
+if [ "${RESUME:-0}" = 1 ] && [ -f "runs/$RUN/state.safetensors" ]; then
+  FROM=(--resume)
+elif [ "${RESUME:-0}" = 1 ]; then
+  [ -f "$INIT" ] || { echo "RESUME=1 but neither runs/$RUN/state.safetensors nor $INIT is here: carry runs/$RUN or set INIT"; exit 2; }
+  rm -rf "runs/$RUN"
+  FROM=(--init-from "$INIT" --config "$CONFIG" --batch "$BATCH" --lr "$LR" --seed "$SEED")
+else
+  rm -rf "runs/$RUN"
+  FROM=(--config "$CONFIG" --batch "$BATCH" --lr "$LR" --seed "$SEED")
+fi
+
 if [ "$STEPS" = auto ]; then  # the schedule ends with the time: steps that fit MINUTES less ~40 s
   # of start, validation and save
   say "throughput probe, $BATCH images a step"
@@ -134,18 +147,7 @@ if [ "$STEPS" = auto ]; then  # the schedule ends with the time: steps that fit 
   STEPS=$($PY -c "import json; s=json.loads(open('$P').read().splitlines()[-1])['s_per_step']; print(int(($MINUTES*60-40)/s))")
 fi
 
-ARGS=(--out "runs/$RUN" --device cuda --minutes "$MINUTES" --steps "$STEPS" $EXTRA)
-INIT=${INIT:-models/$NAME}
-if [ "${RESUME:-0}" = 1 ] && [ -f "runs/$RUN/state.safetensors" ]; then
-  ARGS+=(--resume)
-elif [ "${RESUME:-0}" = 1 ]; then
-  [ -f "$INIT" ] || { echo "RESUME=1 but neither runs/$RUN/state.safetensors nor $INIT is here: carry runs/$RUN or set INIT"; exit 2; }
-  rm -rf "runs/$RUN"
-  ARGS+=(--init-from "$INIT" --config "$CONFIG" --batch "$BATCH" --lr "$LR" --seed "$SEED")
-else
-  rm -rf "runs/$RUN"
-  ARGS+=(--config "$CONFIG" --batch "$BATCH" --lr "$LR" --seed "$SEED")
-fi
+ARGS=(--out "runs/$RUN" --device cuda --minutes "$MINUTES" --steps "$STEPS" $EXTRA "${FROM[@]}")
 if [ "$NGPU" -gt 1 ]; then
   TRAIN=($PY -m torch.distributed.run --standalone --nproc_per_node "$NGPU" -m turbo_core.train)
 else

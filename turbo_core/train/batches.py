@@ -11,9 +11,10 @@ from .config import TrainConfig, grid_choices
 
 
 def _step_generators(tcfg: TrainConfig, step: int, device, rank: int = 0):
-    # rank r > 0 of a data-parallel run draws from a key space of its own (2^32 apart), so the
-    # processes train on different scenes; rank 0 keeps the single-process keys
-    key = (tcfg.seed * 1_000_003 + step + (rank << 32)) & 0x7FFF_FFFF_FFFF
+    # rank r > 0 of a data-parallel run draws from keys of its own, r * 0x6A09E667 apart (inside
+    # the 32 bits that seed the CPU generator), so the processes train on different scenes; rank 0
+    # keeps the single-process keys
+    key = (tcfg.seed * 1_000_003 + step + rank * 0x6A09E667) & 0x7FFF_FFFF_FFFF
     g = torch.Generator().manual_seed(key)
     gd = torch.Generator(device=device).manual_seed(key ^ 0x5DEECE66D)
     return g, gd
