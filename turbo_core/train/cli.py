@@ -15,7 +15,7 @@ from .shards import compact
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m turbo_core.train",
-                                 description="Trains the embedded default SCM network on procedural 4D scenes.")
+                                 description="Trains the shipped SCM networks (--config default, px64) on procedural 4D scenes.")
     ap.add_argument("--out", help="run folder (state*.safetensors, log.jsonl)")
     ap.add_argument("--config", help=f"model config: {sorted(CONFIGS)} (default: default; with --init-from: "
                                       f"the weights')")
