@@ -257,6 +257,9 @@ def configurations(args, calibration=None) -> list[dict]:
     # The baseline every accelerator must beat: simply sampling with fewer steps.
     for n in ((3,) if args.tiny else (10, 7, 5, 4, 3, 2)):
         rows.append({"name": f"fewer-steps-{n}", "family": "fewer-steps", "steps": n, "specs": []})
+    for name in (args.only or "").split(","):  # any other length named in --only (fewer-steps-11)
+        if name.startswith("fewer-steps-") and name[12:].isdigit() and all(r["name"] != name for r in rows):
+            rows.append({"name": name, "family": "fewer-steps", "steps": int(name[12:]), "specs": []})
     if calibration is not None:
         specs = calibration.specs(turbo4d_specs("balanced"))
         rows.append({"name": f"turbo4d-calibrated({calibration.mechanism}.{calibration.field}={calibration.value})",

@@ -202,3 +202,95 @@ def test_px64_config_has_32x32_tokens_trains_a_step_and_samples_at_64px():
     data = render_batch([EVAL_SEED_START], SceneConfig(size=64, views=2, frames=2), "cpu")
     out = generate(tr.ema.eval(), data["images"][:, :, 0], data["cameras"], steps=2)
     assert out.shape == (1, 2, 2, 3, 64, 64) and torch.isfinite(out).all()
+
+
+def test_warm_start_from_exported_weights_continues_their_step_count_and_restarts_the_schedule(tmp_path):
+    """scripts/gpu_train.sh RESUME=1 with no run state: training continues from the shipped weights
+    (safetensors), counting steps and time on from theirs, with a fresh warm-up and cosine."""
+    run, out = str(tmp_path / "run"), str(tmp_path / "m.safetensors")
+    train(run, TrainConfig(**TOY, total_steps=4, lr=2e-3), "cpu", validate=False)
+    main(["--export", run, "--to", out])
+    shipped = load_model(out).state_dict()
+    warm = str(tmp_path / "warm")
+    # no step yet: the live network and the EMA are the file's weights, the count is the file's
+    tr = train(warm, None, "cpu", validate=False, init_from=out, overrides={"total_steps": 3}, steps=0)
+    assert tr.step == 4 and tr.tcfg.model == "tiny" and tr.tcfg.lr == 2e-3
+    assert (tr.tcfg.schedule_start, tr.tcfg.total_steps) == (4, 7)
+    for k, v in shipped.items():
+        assert torch.equal(tr.net.state_dict()[k], v) and torch.equal(tr.ema.state_dict()[k], v), k
+    assert tr.lr_at(4) == pytest.approx(2e-3 / TOY["warmup_steps"])  # warm-up again, from the new start
+    assert tr.lr_at(6) == pytest.approx(2e-3)                          # then the cosine, to the new end
+    assert tr.lr_at(7) == pytest.approx(0.05 * 2e-3)
+    _, meta = load_sharded(warm)
+    hist = json.loads(meta["config_history"])
+    assert hist[-1]["step"] == 4 and hist[-1]["warm_start"] == "m.safetensors"
+    assert hist[-1]["changes"] == {"total_steps": 7, "schedule_start": 4}
+    # the run then trains on and resumes like any other; its export carries the continued count
+    train(warm, None, "cpu", validate=False, resume=True)
+    again = str(tmp_path / "again.safetensors")
+    main(["--export", warm, "--to", again])
+    assert read_metadata(again)["training_steps"] == "7"
+    assert not torch.equal(load_model(again).state_dict()["out.weight"], shipped["out.weight"])
+
+
+def test_warm_start_refuses_pickles_a_used_run_folder_and_a_missing_length(tmp_path):
+    run, out = str(tmp_path / "run"), str(tmp_path / "m.safetensors")
+    train(run, TrainConfig(**TOY, total_steps=2), "cpu", validate=False)
+    main(["--export", run, "--to", out])
+    pt = tmp_path / "m.pt"
+    pt.write_bytes(b"\x80\x04K\x01.")  # a pickle: never unpickled
+    from turbo_core.models.io import CheckpointError
+    with pytest.raises(CheckpointError, match="safetensors only"):
+        train(str(tmp_path / "w1"), None, "cpu", validate=False, init_from=str(pt), overrides={"total_steps": 2})
+    with pytest.raises(ValueError, match="--resume"):
+        train(run, None, "cpu", validate=False, init_from=out, overrides={"total_steps": 2})
+    with pytest.raises(ValueError, match="--steps N"):
+        train(str(tmp_path / "w2"), None, "cpu", validate=False, init_from=out)
+    with pytest.raises(ValueError, match="--config tiny"):
+        train(str(tmp_path / "w3"), TrainConfig(model="default"), "cpu", validate=False, init_from=out,
+              overrides={"total_steps": 2})
+
+
+def _data_parallel_worker(rank, world, port, run, out_dir):
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        tr = train(run, TrainConfig(**TOY, total_steps=3), "cpu", validate=False, log_every=1)
+        save_file({k: v.contiguous() for k, v in tr.net.state_dict().items()},
+                  os.path.join(out_dir, f"rank{rank}.safetensors"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_parallel_on_two_gloo_processes_keeps_equal_weights_and_trains_on_both_ranks_scenes(tmp_path):
+    """The torchrun path of scripts/gpu_train.sh (NGPU=2) on a CPU: gradients averaged over two
+    processes, each on its own scenes; rank 0 saves; the weights stay identical on both."""
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = str(tmp_path / "ddp")
+    mp.spawn(_data_parallel_worker, args=(2, port, run, str(tmp_path)), nprocs=2, join=True)
+    w0, w1 = (load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1))
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    tensors, meta = load_sharded(run)
+    assert meta["step"] == "3" and json.loads(meta["train_config"])["data_parallel"] == 2
+    assert float(meta["gpu_seconds"]) > 1.5 * float(meta["wall_seconds"])  # two processes' time
+    for k in w0:
+        assert torch.equal(tensors["model." + k], w0[k]), k
+    # the two ranks render different scenes, so the run is not the single-process one
+    tcfg = TrainConfig(**TOY)
+    assert make_batch(1, tcfg, CONFIGS["tiny"], "cpu")["seeds"] != make_batch(1, tcfg, CONFIGS["tiny"], "cpu", rank=1)["seeds"]
+    single = train(str(tmp_path / "single"), TrainConfig(**TOY, total_steps=3), "cpu", validate=False)
+    assert not torch.equal(single.net.state_dict()["out.weight"], w0["out.weight"])
+    log = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    assert log[0]["processes"] == 2 and sum(r.get("event") == "start" for r in log) == 1  # rank 0 alone logs

@@ -10,17 +10,21 @@ from ..models.scm_net import SCMNetConfig
 from .config import TrainConfig, grid_choices
 
 
-def _step_generators(tcfg: TrainConfig, step: int, device):
-    key = (tcfg.seed * 1_000_003 + step) & 0x7FFF_FFFF_FFFF
+def _step_generators(tcfg: TrainConfig, step: int, device, rank: int = 0):
+    # rank r > 0 of a data-parallel run draws from keys of its own, r * 0x6A09E667 apart (inside
+    # the 32 bits that seed the CPU generator), so the processes train on different scenes; rank 0
+    # keeps the single-process keys
+    key = (tcfg.seed * 1_000_003 + step + rank * 0x6A09E667) & 0x7FFF_FFFF_FFFF
     g = torch.Generator().manual_seed(key)
     gd = torch.Generator(device=device).manual_seed(key ^ 0x5DEECE66D)
     return g, gd
 
 
-def make_batch(step: int, tcfg: TrainConfig, mcfg: SCMNetConfig, device, edm: EDM = EDM()) -> dict:
-    """The training batch of `step`: a function of (seed, step) alone."""
+def make_batch(step: int, tcfg: TrainConfig, mcfg: SCMNetConfig, device, edm: EDM = EDM(), rank: int = 0) -> dict:
+    """The training batch of `step` (on process `rank` of a data-parallel run): a function of
+    (seed, step, rank) alone."""
     device = torch.device(device)
-    g, gd = _step_generators(tcfg, step, device)
+    g, gd = _step_generators(tcfg, step, device, rank)
     views, frames = grid_choices(tcfg, mcfg)
     V = views[int(torch.randint(len(views), (1,), generator=g))]
     F = frames[int(torch.randint(len(frames), (1,), generator=g))]

@@ -35,6 +35,8 @@ class TrainConfig(PlainData):
     default_camera_prob: float = 0.6  # otherwise random elevation, start azimuth and span
     elevation_range: tuple = (0.0, 40.0)
     seed: int = 0
+    schedule_start: int = 0           # step where warm-up and cosine begin (a warm start restarts them)
+    data_parallel: int = 1            # processes, each rendering images_per_step images of its own a step
 
     def __post_init__(self):
         if self.model not in CONFIGS:

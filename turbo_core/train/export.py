@@ -23,9 +23,11 @@ def export(run_dir: str, path: str) -> dict:
     net = SCMNet(mcfg)
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     info = {"training_steps": int(meta["step"]),
-            "train_gpu_minutes": round(float(meta.get("wall_seconds", meta["train_seconds"])) / 60, 2),
+            "train_gpu_minutes": round(float(meta.get("gpu_seconds", meta.get("wall_seconds", meta["train_seconds"]))) / 60, 2),
+            "train_wall_minutes": round(float(meta.get("wall_seconds", meta["train_seconds"])) / 60, 2),
             "optimisation_minutes": round(float(meta["train_seconds"]) / 60, 2),
-            "train_device": meta.get("device", "?"), "weights": f"EMA (decay {tcfg.ema_decay}), fp16",
+            "train_device": meta.get("device", "?"),
+            "processes": str(tcfg.data_parallel), "weights": f"EMA (decay {tcfg.ema_decay}), fp16",
             "objective": (f"EDM F_theta (sigma_data {mcfg.sigma_data}, log-normal sigma P_mean {tcfg.p_mean} "
                           f"P_std {tcfg.p_std}), {tcfg.cond_dropout:.0%} condition dropout"),
             "config_history": meta.get("config_history", "[]"),

@@ -9,6 +9,7 @@ import time
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..data.scenes import MEAN_SEED_START, VAL_SEED_START
 from ..data.synth4d import SceneConfig, render_batch
@@ -57,8 +58,11 @@ class Trainer:
         self.step = 0
         self.train_seconds = 0.0   # optimisation steps only, summed over resumed chunks
         self.wall_seconds = 0.0    # whole runs (data, validation, saves included), summed likewise
+        self.gpu_seconds = 0.0     # wall time x processes (devices) of each chunk, summed likewise
         self.history: list = []    # config changes made on resume: [{"step": s, "changes": {...}}]
         self.autocast = cuda
+        self.rank, self.world = _group()
+        self.sync_weights()
         self.forward = torch.compile(self.net) if compile else self.net
         self.attention = TrainingAttention()
         if cuda:
@@ -70,20 +74,23 @@ class Trainer:
 
     def lr_at(self, step: int) -> float:
         t = self.tcfg
+        step, total = step - t.schedule_start, t.total_steps - t.schedule_start
         if step < t.warmup_steps:
             return t.lr * (step + 1) / t.warmup_steps
-        p = min(1.0, (step - t.warmup_steps) / max(1, t.total_steps - t.warmup_steps))
+        p = min(1.0, (step - t.warmup_steps) / max(1, total - t.warmup_steps))
         return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
     def train_step(self, batch: Optional[dict] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step on `batch` (default: the step's own batch). Returns (loss, grad norm)
         as device tensors, so a caller that does not read them does not wait for the GPU."""
         if batch is None:
-            batch = make_batch(self.step, self.tcfg, self.mcfg, self.device, self.edm)
+            batch = make_batch(self.step, self.tcfg, self.mcfg, self.device, self.edm, rank=self.rank)
         self.net.train()
         loss = edm_loss(self.forward, batch, self.edm, self.autocast, self.attention)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            self._average_gradients()
         gnorm = torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.tcfg.grad_clip)
         lr = self.lr_at(self.step)
         for grp in self.opt.param_groups:
@@ -92,6 +99,25 @@ class Trainer:
         self._ema_update()
         self.step += 1
         return loss.detach(), gnorm.detach()
+
+    @torch.no_grad()
+    def sync_weights(self):
+        """Every process of a data-parallel group takes rank 0's weights and EMA."""
+        if self.world > 1:
+            for t in list(self.net.state_dict().values()) + list(self.ema.state_dict().values()):
+                dist.broadcast(t, 0)
+
+    @torch.no_grad()
+    def _average_gradients(self):
+        # One all-reduce of all gradients flattened (6.6 M floats for the default network): every
+        # process then clips, steps and updates its EMA identically, so the weights stay equal
+        # without the DDP wrapper around a network whose forward goes through a dispatch.
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= self.world
+        for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            g.copy_(r)
 
     @torch.no_grad()
     def _ema_update(self):
@@ -122,7 +148,8 @@ class Trainer:
     def state_metadata(self) -> dict:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.state_dict()["param_groups"]]
         return {"format": STATE_FORMAT, "step": str(self.step), "train_seconds": repr(self.train_seconds),
-                "wall_seconds": repr(self.wall_seconds), "config_history": json.dumps(self.history),
+                "wall_seconds": repr(self.wall_seconds), "gpu_seconds": repr(self.gpu_seconds),
+                "config_history": json.dumps(self.history),
                 "train_config": json.dumps(self.tcfg.to_dict()), "model_config": json.dumps(self.mcfg.to_dict()),
                 "param_groups": json.dumps(groups), "opt_names": json.dumps(self.opt_names),
                 "device": device_name(self.device)}
@@ -160,8 +187,36 @@ class Trainer:
         self.step = int(meta["step"])
         self.train_seconds = float(meta.get("train_seconds", "0"))
         self.wall_seconds = float(meta.get("wall_seconds", "0"))
+        self.gpu_seconds = float(meta.get("gpu_seconds", meta.get("wall_seconds", "0")))
         self.history = json.loads(meta.get("config_history", "[]"))
         return meta
+
+    def init_from(self, path: str) -> dict:
+        """A warm start from exported weights (safetensors, `models.io`): the live network and its
+        EMA both start from them, AdamW's moments fresh; the step count, the training time and the
+        config history continue from the file's metadata."""
+        from ..models.io import load_model, read_config, read_metadata
+
+        if read_config(path).to_dict() != self.mcfg.to_dict():
+            raise ValueError(f"{path}: its network config differs from {self.tcfg.model!r}; warm-start a run "
+                             f"of the config the weights were trained with")
+        meta = read_metadata(path)
+        sd = load_model(path).state_dict()
+        self.net.load_state_dict(sd)
+        self.ema.load_state_dict(sd)
+        self.step = int(meta.get("training_steps", "0"))
+        self.train_seconds = 60 * float(meta.get("optimisation_minutes", "0"))
+        self.wall_seconds = 60 * float(meta.get("train_wall_minutes", meta.get("train_gpu_minutes", "0")))
+        self.gpu_seconds = 60 * float(meta.get("train_gpu_minutes", "0"))
+        self.history = json.loads(meta.get("config_history", "[]"))
+        return meta
+
+
+def _group() -> tuple[int, int]:
+    """(rank, processes) of the data-parallel group (torchrun), (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def device_name(device) -> str:
@@ -215,20 +270,52 @@ def _log(run_dir: str, rec: dict) -> None:
 def train(run_dir: str, tcfg: Optional[TrainConfig] = None, device="cpu", minutes: Optional[float] = None,
           resume: bool = False, compile: bool = False, log_every: int = 50, val_every_min: float = 2.0,
           ckpt_every_min: float = 4.0, validate: bool = True, steps: Optional[int] = None,
-          overrides: Optional[dict] = None) -> Trainer:
+          overrides: Optional[dict] = None, init_from: Optional[str] = None) -> Trainer:
     """Trains until tcfg.total_steps (or `steps` more steps) or until `minutes` are nearly spent,
     then saves. Time reserved at the end covers the final save.
 
     resume=True takes the config saved in run_dir; `overrides` then changes fields of it (a longer
     schedule, or a fine-tune of the data or noise distribution), and the change is recorded in the
-    state's config_history. With no overrides a resumed run repeats the uninterrupted one exactly."""
+    state's config_history. With no overrides a resumed run repeats the uninterrupted one exactly.
+
+    init_from=PATH (exported weights, .safetensors) starts a new run in run_dir from them: the
+    config is the one in their metadata with `overrides` applied, the step count continues from
+    theirs, and warm-up and cosine restart there, over overrides["total_steps"] more steps (the
+    AdamW moments start fresh, so the warm-up is needed again).
+
+    Under torchrun (a process group initialised) each process trains on its own scenes, gradients
+    are averaged every step, and rank 0 alone logs, validates and saves."""
     t_start = time.time()
     device = torch.device(device)
     overrides = dict(overrides or {})
     if overrides.get("model") not in (None, (tcfg or TrainConfig()).model) and resume:
         raise ValueError("a resumed run keeps its model config; start a new run for another one")
+    if resume and init_from:
+        raise ValueError("--resume continues the run in --out; --init-from starts a new run from weights: pick one")
+    rank, world = _group()
+    overrides["data_parallel"] = world
     changes = {}
-    if resume:
+    if init_from:
+        from ..models.io import read_metadata
+
+        if os.path.isfile(os.path.join(run_dir, "state.safetensors")):
+            raise ValueError(f"{run_dir} already holds a training state: continue it with --resume, or warm-start "
+                             f"into an empty --out")
+        meta = read_metadata(init_from)
+        if "train_config" not in meta:
+            raise ValueError(f"{init_from} has no training record (train_config) in its metadata; warm-start from "
+                             f"weights exported by `python -m turbo_core.train --export`")
+        saved = TrainConfig.from_dict(json.loads(meta["train_config"]))
+        if tcfg is not None and tcfg.model != saved.model:
+            raise ValueError(f"{init_from} holds a {saved.model!r} network, not {tcfg.model!r}; pass --config {saved.model}")
+        start = int(meta.get("training_steps", "0"))
+        more = overrides.pop("total_steps", None)
+        if not more:
+            raise ValueError("a warm start needs the length of its new schedule: --steps N (steps after the weights')")
+        overrides.update(total_steps=start + more, schedule_start=start)
+        changes = {k: v for k, v in overrides.items() if getattr(saved, k) != (tuple(v) if isinstance(v, list) else v)}
+        tcfg = TrainConfig.from_dict({**saved.to_dict(), **changes})
+    elif resume:
         _, meta = load_sharded(run_dir)
         saved = TrainConfig.from_dict(json.loads(meta["train_config"]))
         changes = {k: v for k, v in overrides.items() if getattr(saved, k) != (tuple(v) if isinstance(v, list) else v)}
@@ -240,15 +327,22 @@ def train(run_dir: str, tcfg: Optional[TrainConfig] = None, device="cpu", minute
         trainer.load(run_dir)
         if changes:
             trainer.history.append({"step": trainer.step, "changes": changes})
-    wall0 = trainer.wall_seconds
+    if init_from:
+        trainer.init_from(init_from)
+        trainer.history.append({"step": trainer.step, "changes": changes,
+                                "warm_start": os.path.basename(init_from), "optimizer": "fresh AdamW moments"})
+    trainer.sync_weights()
+    wall0, gpu0 = trainer.wall_seconds, trainer.gpu_seconds
+    main = rank == 0
+    log = (lambda d, rec: _log(d, rec)) if main else (lambda d, rec: None)
     os.makedirs(run_dir, exist_ok=True)
     stop_step = tcfg.total_steps if steps is None else min(tcfg.total_steps, trainer.step + steps)
-    _log(run_dir, {"event": "start", "step": trainer.step, "stop_step": stop_step, "device": device_name(device),
+    log(run_dir, {"event": "start", "step": trainer.step, "stop_step": stop_step, "device": device_name(device),
                    "attention_choice": trainer.attention.choice, "attention_ms": trainer.attention.timings,
                    "params": sum(p.numel() for p in trainer.net.parameters()), "train_config": tcfg.to_dict(),
-                   "minutes": minutes, "resume": resume})
+                   "minutes": minutes, "resume": resume, "init_from": init_from, "processes": world})
     deadline = None if minutes is None else t_start + 60 * minutes
-    validator = Validator(trainer.mcfg, device) if validate else None
+    validator = Validator(trainer.mcfg, device) if validate and main else None
     reserve = 15.0  # seconds kept for the final save
     step_time, val_time = 0.0, 0.0
     last_val = last_ckpt = t_loop = time.time()
@@ -259,7 +353,12 @@ def train(run_dir: str, tcfg: Optional[TrainConfig] = None, device="cpu", minute
     last_val_rec: dict = {}
     stopped = "steps"
     while trainer.step < stop_step:
-        if deadline is not None and time.time() + 2 * step_time + reserve > deadline:
+        late = deadline is not None and time.time() + 2 * step_time + reserve > deadline
+        if world > 1:  # the processes stop at the same step: one flag, the latest clock decides
+            flag = torch.tensor([float(late)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            late = bool(flag.item())
+        if late:
             stopped = "time"
             break
         loss, gn = trainer.train_step()
@@ -273,9 +372,9 @@ def train(run_dir: str, tcfg: Optional[TrainConfig] = None, device="cpu", minute
             step_time = (now - t_mark) / max(1, trainer.step - s_mark)
             if not math.isfinite(lv):
                 raise FloatingPointError(f"loss became {lv} at step {trainer.step}; lower --lr or raise warmup")
-            _log(run_dir, {"step": trainer.step, "loss": round(lv, 5), "grad_norm_max": round(float(gn_max), 4),
-                           "lr": trainer.lr_at(trainer.step - 1), "s_per_step": round(step_time, 4),
-                           "images_per_s": round(tcfg.images_per_step / max(step_time, 1e-9), 1),
+            log(run_dir, {"step": trainer.step, "loss": round(lv, 5), "grad_norm_max": round(float(gn_max), 4),
+                          "lr": trainer.lr_at(trainer.step - 1), "s_per_step": round(step_time, 4),
+                          "images_per_s": round(world * tcfg.images_per_step / max(step_time, 1e-9), 1),
                            "elapsed_s": round(now - t_start, 1)})
             trainer.train_seconds += now - t_mark
             t_mark, s_mark = now, trainer.step
@@ -290,8 +389,9 @@ def train(run_dir: str, tcfg: Optional[TrainConfig] = None, device="cpu", minute
                 last_val_rec["val_seconds"] = round(val_time, 2)
                 _log(run_dir, last_val_rec)
                 last_val = t_mark = time.time()
-            if now - last_ckpt > 60 * ckpt_every_min:
+            if main and now - last_ckpt > 60 * ckpt_every_min:
                 trainer.wall_seconds = wall0 + now - t_start
+                trainer.gpu_seconds = gpu0 + world * (now - t_start)
                 trainer.save(run_dir, {"last_validation": json.dumps(last_val_rec)})
                 last_ckpt = t_mark = time.time()
     if n_sum:
@@ -301,6 +401,9 @@ def train(run_dir: str, tcfg: Optional[TrainConfig] = None, device="cpu", minute
         last_val_rec = {"step": trainer.step, **validator(trainer.ema, trainer.autocast)}
         _log(run_dir, last_val_rec)
     trainer.wall_seconds = wall0 + time.time() - t_start
+    trainer.gpu_seconds = gpu0 + world * (time.time() - t_start)
+    if not main:
+        return trainer
     files = trainer.save(run_dir, {"last_validation": json.dumps(last_val_rec)})
     _log(run_dir, {"event": "saved", "step": trainer.step, "stopped_by": stopped, "files": files,
                    "train_seconds": round(trainer.train_seconds, 1), "elapsed_s": round(time.time() - t_start, 1)})
