@@ -81,6 +81,37 @@ def split_call(dispatch, note: str) -> bool:
     return True
 
 
+# A bound that holds no span at all: one from the memory fraction (an estimate, a share of the working
+# set measured before the call's peak, see bound.py) may be exceeded by SPAN_SLACK for one span,
+# rather than the level caching nothing at a bound that sits at the edge of one span. Never a bound
+# the user set (max_cache_mb) nor the Turbo4D Memory node's budget.
+SPAN_SLACK = 0.05
+
+
+def slack_fit(cfg, st, bound: int, sizes: list) -> Optional[int]:
+    """The index of the first of `sizes` (one span's bytes, in order of preference) within
+    SPAN_SLACK over `bound`, where the bound comes from the memory fraction alone; None where none
+    is, or the bound is hard (max_cache_mb, or reserved in the Memory node's budget). Call it only
+    where no size fits the bound itself."""
+    if cfg.max_cache_mb > 0 or st.bound.reserved is not None:
+        return None
+    for i, size in enumerate(sizes):
+        if size <= bound * (1.0 + SPAN_SLACK):
+            return i
+    return None
+
+
+def hold_one(dispatch, st, cfg, bound: int, size: int, level: str) -> None:
+    """Raises the stream's bound to one span of `size` bytes (slack_fit found it within the slack),
+    so that the run's statistics show the bound held, and notes why."""
+    st.bound.bytes = int(size)
+    if dispatch.stats is not None:
+        how = "measured" if st.bound.measured else "estimated"
+        dispatch.stats.notes.append(
+            f"{level}: the memory bound ({bound / 2**20:.1f} MB, {cfg.memory_fraction:.0%} of the {how} working set) "
+            f"was {size / max(bound, 1) - 1:.1%} short of one span; it holds one ({size / 2**20:.1f} MB)")
+
+
 @dataclass(frozen=True)
 class SpanReuseConfig(MechanismConfig):
     """The settings both per-call levels have (each level's module says how it reads threshold)."""
