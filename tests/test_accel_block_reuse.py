@@ -223,6 +223,23 @@ def test_calls_skipped_whole_beyond_max_skipped_recompute_every_span():
         BlockReuseConfig(max_age=2, max_skipped=2)
 
 
+def test_skip_weight_reuses_across_short_gaps_only():
+    # The span's estimate (the prior 0.5 times the distance in log(sigma) to its compute at call 0)
+    # stays under the threshold at call 4; after a call skipped whole it is weighed by
+    # 1 + skip_weight * 1, which puts it over: every span runs there, while a call with no skip
+    # before it still reuses.
+    def cfg(w):
+        return BlockReuseConfig(threshold=1.0, max_age=4, spans=3, refresh=0, forecast=0, drift_prior=0.5,
+                                max_cache_mb=BIG, weigh_output=False, max_skipped=1, skip_weight=w)
+
+    _, ran = _drive(cfg(0.0), 6, lambda call, b, sigma: 1.0, skip=(3,))
+    assert ran[2] == [0] and ran[4] == [0]
+    _, ran = _drive(cfg(1.0), 6, lambda call, b, sigma: 1.0, skip=(3,))
+    assert ran[2] == [0] and ran[4] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="skip_weight"):
+        BlockReuseConfig(skip_weight=-1.0)
+
+
 def test_rotating_share_spreads_the_refresh():
     cfg = BlockReuseConfig(threshold=1.0, max_age=2, spans=3, forecast=0, drift_prior=1e-6, max_cache_mb=BIG,
                            weigh_output=False)

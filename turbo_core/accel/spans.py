@@ -120,6 +120,7 @@ class SpanReuseConfig(MechanismConfig):
     weigh_output: bool = True   # weigh the estimate by how much the call's output moves the image
     max_age: int = 2            # calls a cached residual may be reused after it was computed
     max_skipped: int = 0        # calls skipped whole (the step skip) between two that run, still reused across
+    skip_weight: float = 0.0    # the estimate times (1 + skip_weight * calls skipped whole just before): reuse across short gaps
     head: int = 1               # first blocks, always computed
     tail: int = 0               # last blocks, always computed
     spans: int = 0              # cached spans at most (0 = as many as the memory bound holds)
@@ -133,6 +134,8 @@ class SpanReuseConfig(MechanismConfig):
         check_bound(self)
         if self.threshold < 0:
             raise ValueError(f"{owner}.threshold must be >= 0 (0 = never reuse), got {self.threshold}")
+        if self.skip_weight < 0:
+            raise ValueError(f"{owner}.skip_weight must be >= 0 (0 = the gap the step skip left does not count), got {self.skip_weight}")
         if self.drift_prior < 0:
             raise ValueError(f"{owner}.drift_prior must be >= 0 (0 = measure first), got {self.drift_prior}")
         if int(self.max_age) < 1:
@@ -210,6 +213,10 @@ class SpanReuse(Accelerator):
         else:
             st.mode = "plan"
             weight = output_weight(step.sigma, space) if cfg.weigh_output else 1.0
+            # The calls the step skip skipped just before this one held a forecast output: a span
+            # reused across them compounds the two approximations, so a longer gap asks a smaller
+            # estimated error (skip_weight; 0: the gap does not count).
+            weight *= 1.0 + cfg.skip_weight * (gap - 1)
             st.plan = self._plan(st, step.index, position(step.sigma), weight)
         shared = (getattr(dispatch, "decided", None) or {}).get(self.name)
         if shared is not None:
