@@ -384,6 +384,11 @@ def compose_sweep_rows() -> list[dict]:
                 rows.append({"name": f"cb-s{s}-{prior}-t{t}", "family": "sweep-compose",
                              "specs": _step_at(s) + [("block_reuse", BlockReuseConfig(
                                  threshold=t, max_age=6, max_skipped=5, drift_prior=dp))]})
+    # Around the best point of the grid on the large configuration (s0.05, m, t0.4).
+    for s, t in ((0.04, 0.4), (0.06, 0.4), (0.05, 0.35), (0.05, 0.5), (0.04, 0.5), (0.06, 0.5)):
+        rows.append({"name": f"cb-s{s}-m-t{t}", "family": "sweep-compose",
+                     "specs": _step_at(s) + [("block_reuse", BlockReuseConfig(
+                         threshold=t, max_age=6, max_skipped=5, drift_prior=0.0))]})
     for s, prior, dp, t in ((0.05, "p", 0.08, 0.4), (0.07, "p", 0.08, 0.4), (0.1, "p", 0.08, 0.4), (0.1, "m", 0.0, 0.4)):
         for w in (0.5, 2.0):
             rows.append({"name": f"cb-s{s}-{prior}-t{t}-w{w}", "family": "sweep-compose",
