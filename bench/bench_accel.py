@@ -33,6 +33,7 @@ otherwise it names where the first sync was.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -53,7 +54,7 @@ from turbo_core.accel.presets import apply_preset, turbo4d_specs
 from turbo_core.accel.prune import TokenPrunerConfig
 from turbo_core.accel.registry import build_run
 from turbo_core.accel.run import Turbo4DRun
-from turbo_core.accel.step_skip import StepSkipConfig
+from turbo_core.accel.step_skip import PRESETS as STEP_PRESETS, StepSkipConfig
 from turbo_core.accel.script import sample_accelerated
 from turbo_core.accel.token_reuse import TokenReuseConfig
 from turbo_core.data.scenes import EVAL_SEED_START, scene_samples
@@ -361,6 +362,41 @@ def per_call_rows(args) -> list[dict]:
     rows.append({"name": "full-unfused", "family": "full", "specs": [], "env": {"TURBO4D_TOKEN_FUSE": "torch"}})
     if getattr(args, "percall_sweep", False):
         rows += percall_sweep_rows()
+    if getattr(args, "compose_sweep", False):
+        rows += compose_sweep_rows()
+    return rows
+
+
+def _step_at(t: float):
+    """The step skip's balanced preset at step_threshold t."""
+    return [("step", dataclasses.replace(STEP_PRESETS["balanced"], step_threshold=t))]
+
+
+def compose_sweep_rows() -> list[dict]:
+    """Candidates for Turbo4D balanced ("cb-..." rows, --compose-sweep): a more careful step skip
+    (step_threshold s, so more calls run and closer together) with block reuse on the calls it runs,
+    kept across up to 5 skipped calls (max_age 6), measured first "m" or on the prior "p"; "-wW"
+    weighs the estimate by 1 + W per call skipped just before (skip_weight: reuse across short gaps
+    only). "step-sS" is the step skip alone at that threshold (its own frontier), "sw-br-m-t0.25-s1"
+    and "-s5" the earlier sweep's rows again, for their call patterns."""
+    rows = []
+    for s in (0.03, 0.05, 0.07):
+        rows.append({"name": f"step-s{s}", "family": "sweep-compose", "specs": _step_at(s)})
+        for prior, dp, ts in (("m", 0.0, (0.25, 0.4, 0.6)), ("p", 0.08, (0.25, 0.4))):
+            for t in ts:
+                rows.append({"name": f"cb-s{s}-{prior}-t{t}", "family": "sweep-compose",
+                             "specs": _step_at(s) + [("block_reuse", BlockReuseConfig(
+                                 threshold=t, max_age=6, max_skipped=5, drift_prior=dp))]})
+    # Around the best point of the grid on the large configuration (s0.05, m, t0.4).
+    for s, t in ((0.04, 0.4), (0.06, 0.4), (0.05, 0.35), (0.05, 0.5), (0.04, 0.5), (0.06, 0.5)):
+        rows.append({"name": f"cb-s{s}-m-t{t}", "family": "sweep-compose",
+                     "specs": _step_at(s) + [("block_reuse", BlockReuseConfig(
+                         threshold=t, max_age=6, max_skipped=5, drift_prior=0.0))]})
+    for s, prior, dp, t in ((0.05, "p", 0.08, 0.4), (0.07, "p", 0.08, 0.4), (0.1, "p", 0.08, 0.4), (0.1, "m", 0.0, 0.4)):
+        for w in (0.5, 2.0):
+            rows.append({"name": f"cb-s{s}-{prior}-t{t}-w{w}", "family": "sweep-compose",
+                         "specs": _step_at(s) + [("block_reuse", BlockReuseConfig(
+                             threshold=t, max_age=6, max_skipped=5, drift_prior=dp, skip_weight=w))]})
     return rows
 
 
@@ -481,6 +517,10 @@ def bench(args, net, edm, batch, views, frames, steps, device, rows, log, on_row
             "tokens_computed": s["tokens_computed"], "tokens_offered": s["tokens_offered"],
             "blocks_reused": s["blocks_reused"], "spans_reused": s["spans_reused"],
             "host_sync_in_call": syncs, "env": row.get("env", {}),
+            # One character a call: "#" ran whole, "r" some span reused, "." skipped whole.
+            "pattern": "".join("." if t["cells"] and all(v == "bypassed" for v in t["cells"].values())
+                               else "r" if any(v != "ran" for v in t["cells"].values()) else "#"
+                               for t in stats.timeline),
         }
         results.append(res)
         log(f"{row['name']:<44} {seconds:8.3f}s  compute {stats.compute_fraction:6.3f}  "
@@ -577,6 +617,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="store_true", help="also sweep each mechanism's main settings")
     ap.add_argument("--percall-sweep", action="store_true",
                     help="also the step skip balanced with block/token reuse across skipped calls (sw-* rows)")
+    ap.add_argument("--compose-sweep", action="store_true",
+                    help="also a more careful step skip with block reuse on the calls it runs (cb-* rows)")
     ap.add_argument("--only", default="", help="comma-separated configuration names to run (plus full)")
     ap.add_argument("--scenes", type=int, default=None, help="held-out scenes, batched into one run")
     ap.add_argument("--views", type=int, default=None)

@@ -119,6 +119,50 @@ def test_default_bound_is_a_tenth_of_the_estimated_call_on_cpu(deep):
     assert st.summary()["cache_memory_peak_mb"] <= st.summary()["cache_bound_mb"]
 
 
+def test_a_bound_just_short_of_one_span_holds_one_within_the_slack_never_over_a_hard_bound(deep):
+    # The large configuration's edge: a tenth of the working set measured just under one 16-bit
+    # residual cached nothing. A bound from the memory fraction (the estimate on a CPU:
+    # ESTIMATE_ACTIVATIONS stream tensors) within SPAN_SLACK of one span holds it, as-is, and says so.
+    from turbo_core.accel.spans import SPAN_SLACK
+    from turbo_core.memory import CacheBudget, cache_budget
+
+    lay = deep.token_layout(12, 3, 4)
+    stream = lay.images * lay.tokens * deep.cfg.width * 4   # float32
+    one_span = stream // 2                                  # its 16-bit residual
+    for over, held in ((0.99, True), (0.96, True), (0.9, False)):
+        frac = over * one_span / (ESTIMATE_ACTIVATIONS * stream)
+        run = build_run(apply_block_reuse([], BlockReuseConfig(threshold=0.5, drift_prior=0.05, memory_fraction=frac)))
+        seen = cache_probe(run)
+        plans = plan_probe(run, "block_reuse")
+        x, st = sample(deep, None, run=run)
+        bound = int(frac * ESTIMATE_ACTIVATIONS * stream)
+        spans, forecast, _ = plans[-1]
+        s = st.summary()
+        if held:
+            assert spans == [(1, 3)] and not forecast and st.spans_reused > 0, over
+            shown = s["cache_bound_mb"] * 2**20
+            assert bound < shown <= bound * (1 + SPAN_SLACK) + 600  # the bound held, shown
+            assert bound < max(seen) <= shown + 600
+            assert any("block reuse" in n and "short of one span" in n for n in st.notes)
+        else:
+            assert spans == [] and st.blocks_reused == 0 and max(seen) == 0
+    # A hard bound is never exceeded, however close: max_cache_mb ...
+    mb = 0.99 * one_span / 2**20
+    run = build_run(apply_block_reuse([], BlockReuseConfig(threshold=0.5, drift_prior=0.05, max_cache_mb=mb)))
+    seen = cache_probe(run)
+    x, st = sample(deep, None, run=run)
+    assert max(seen) <= mb * 2**20 and st.blocks_reused == 0
+    assert not any("short of one span" in n for n in st.notes)
+    # ... nor the Turbo4D Memory node's budget, though the fraction's bound alone would take the slack.
+    frac = 0.99 * one_span / (ESTIMATE_ACTIVATIONS * stream)
+    budget = CacheBudget(gpu_bytes=int(frac * ESTIMATE_ACTIVATIONS * stream))
+    run = build_run(apply_block_reuse([], BlockReuseConfig(threshold=0.5, drift_prior=0.05, memory_fraction=frac)))
+    seen = cache_probe(run)
+    with cache_budget(budget):
+        x, st = sample(deep, None, run=run)
+    assert max(seen) <= int(frac * ESTIMATE_ACTIVATIONS * stream) and st.blocks_reused == 0
+
+
 def _drive(cfg, calls, residual, skip=(), stream=True):
     """Runs blocks 0..3 through the dispatch directly: block b adds residual(call, b); the output
     says which call's residuals were used. Calls in `skip` are skipped whole (as the step skip
@@ -177,6 +221,23 @@ def test_calls_skipped_whole_beyond_max_skipped_recompute_every_span():
     assert ran[4] == [0]  # one skipped call allowed: still reused
     with pytest.raises(ValueError, match="max_skipped"):
         BlockReuseConfig(max_age=2, max_skipped=2)
+
+
+def test_skip_weight_reuses_across_short_gaps_only():
+    # The span's estimate (the prior 0.5 times the distance in log(sigma) to its compute at call 0)
+    # stays under the threshold at call 4; after a call skipped whole it is weighed by
+    # 1 + skip_weight * 1, which puts it over: every span runs there, while a call with no skip
+    # before it still reuses.
+    def cfg(w):
+        return BlockReuseConfig(threshold=1.0, max_age=4, spans=3, refresh=0, forecast=0, drift_prior=0.5,
+                                max_cache_mb=BIG, weigh_output=False, max_skipped=1, skip_weight=w)
+
+    _, ran = _drive(cfg(0.0), 6, lambda call, b, sigma: 1.0, skip=(3,))
+    assert ran[2] == [0] and ran[4] == [0]
+    _, ran = _drive(cfg(1.0), 6, lambda call, b, sigma: 1.0, skip=(3,))
+    assert ran[2] == [0] and ran[4] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="skip_weight"):
+        BlockReuseConfig(skip_weight=-1.0)
 
 
 def test_rotating_share_spreads_the_refresh():

@@ -235,6 +235,39 @@ def test_memory_bound_is_never_exceeded_and_spans_are_chosen_outermost_first(une
         assert torch.isfinite(x).all()
 
 
+def test_declared_spans_a_fraction_bound_just_short_of_the_smallest_holds_it_within_the_slack(unet):
+    # The bound from the memory fraction (estimated on a CPU from the outermost span's input: a
+    # float32 stream, twice its 16-bit residual) just under the smallest span: that span is cached,
+    # as-is, and the run says so; a bound further off still caches nothing.
+    from turbo_core.accel.bound import ESTIMATE_ACTIVATIONS
+    from turbo_core.accel.spans import SPAN_SLACK
+
+    sizes = span_sizes(unet)
+    small = min(sizes)
+    for over, keys in ((0.98, [sizes.index(small) + 1]), (0.9, [])):
+        frac = over * small / (ESTIMATE_ACTIVATIONS * 2 * sizes[0])
+        cfg = reuse(forecast=1, max_cache_mb=0.0, memory_fraction=frac)
+        run = build_run(cfg, backend="sdpa")
+        seen, plans = [], []
+
+        def listener(stats, entry, run=run, seen=seen, plans=plans):
+            if entry is not None:
+                acc = run.accelerators[0]
+                seen.append(acc.cache_bytes())
+                plans.extend((list(st.spans), st.forecast) for st in acc.streams.values())
+
+        run.listeners.append(listener)
+        x, st, _ = sv4d_sample(unet, run=run)
+        bound = int(frac * ESTIMATE_ACTIVATIONS * 2 * sizes[0])
+        assert plans[-1] == ([("unet", k) for k in keys], False), over
+        if keys:
+            assert st.spans_reused > 0 and bound < max(seen) <= bound * (1 + SPAN_SLACK)
+            assert st.summary()["cache_bound_mb"] == pytest.approx(small / 2**20, abs=1e-3)
+            assert any("block reuse" in n and "short of one span" in n for n in st.notes)
+        else:
+            assert st.spans_reused == 0 and max(seen) == 0
+
+
 def test_no_host_sync_inside_a_call(unet):
     x, st, _ = sv4d_sample(unet, reuse(), guard=True)
     assert st.spans_reused > 0

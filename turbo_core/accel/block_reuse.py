@@ -6,7 +6,9 @@ r = y - x) drifts slowly from one call to the next (DeepCache's and FBCache's ob
 residual covers a span of consecutive blocks: reusing it skips every block of the span, and it is
 one cached tensor of the stream's size however long the span is. So the memory bound (bound.py)
 sets the number of spans: the blocks between `head` and `tail` are cut into as many spans as the
-bound holds (each span's residual in 16 bits; two tensors with the forecast), at most `spans`.
+bound holds (each span's residual in 16 bits; two tensors with the forecast), at most `spans`;
+a bound from the memory fraction just short of one span holds one, as-is, up to SPAN_SLACK over
+it (spans.slack_fit, as token reuse does; never over max_cache_mb nor the Memory node's budget).
 
 Which spans run at a call is decided on the host before the call, from figures read after the
 previous one, so nothing inside a call waits for the device:
@@ -50,7 +52,7 @@ import torch
 
 from .bound import half_dtype
 from .signals import means
-from .spans import SpanReuse, SpanReuseConfig, SpanState, is_split, least, position
+from .spans import SpanReuse, SpanReuseConfig, SpanState, hold_one, is_split, least, position, slack_fit
 from ..memory import nbytes
 
 NAME = "block_reuse"
@@ -140,9 +142,14 @@ class BlockReuse(SpanReuse):
 
     def _fits(self, dispatch, st, x: torch.Tensor, bound: int) -> int:
         one = x.numel() * half_dtype(x.dtype).itemsize
+        two, single = bound // (2 * one), bound // one
+        # A bound from the memory fraction just short of one span holds one, as-is (spans.slack_fit).
+        slack = not single and slack_fit(self.config, st, bound, [one]) is not None
         # Under a split each rank's share and bound are its own: the least over the ranks, which
         # every rank's bound holds, so that every rank plans the same spans.
-        two, single = least(dispatch, [bound // (2 * one), bound // one])
+        two, single = least(dispatch, [two, max(single, int(slack))])
+        if slack and single:
+            hold_one(dispatch, st, self.config, bound, one, "block reuse")
         # The forecast holds two tensors a span; where the bound cannot hold even one span so,
         # the spans reuse as-is (one tensor each) rather than not at all.
         st.forecast = bool(self.config.forecast) and two >= 1
@@ -251,16 +258,23 @@ class BlockReuse(SpanReuse):
             if used + per * size <= bound:
                 chosen.append(s)
                 used += per * size
+        # None fits: a bound from the memory fraction just short of one holds the outermost span
+        # within the slack, as-is (spans.slack_fit).
+        slack = None if chosen else slack_fit(cfg, st, bound, sizes)
+        if slack is not None:
+            chosen = [declared[slack]]
         # Under a split: the spans every rank chose, with the forecast where every rank holds it
         # (as-is takes less, so each rank's bound still holds its choice).
         flags = least(dispatch, [int(forecast)] + [int(s in chosen) for s in declared])
         st.forecast = bool(flags[0])
         chosen = [s for s, keep in zip(declared, flags[1:]) if keep]
+        if slack is not None and chosen:
+            hold_one(dispatch, st, cfg, bound, sizes[slack], "block reuse")
         st.spans = [s.key for s in chosen]
         st.inner = {s.key: i for i, s in enumerate(chosen)}
         st.shapes = [tuple(s.shape) for s in chosen]
-        if dispatch.stats is not None:
-            dispatch.stats.cache_bound(bound)
+        if dispatch.stats is not None:  # raised to the one span where it was just short (hold_one)
+            dispatch.stats.cache_bound(st.bound.bytes)
 
     def _start(self, st, span: int, x: torch.Tensor) -> _Open:
         """Starts a span's new residual as -x in one of its 16-bit tensors, so that neither the span

@@ -81,6 +81,37 @@ def split_call(dispatch, note: str) -> bool:
     return True
 
 
+# A bound that holds no span at all: one from the memory fraction (an estimate, a share of the working
+# set measured before the call's peak, see bound.py) may be exceeded by SPAN_SLACK for one span,
+# rather than the level caching nothing at a bound that sits at the edge of one span. Never a bound
+# the user set (max_cache_mb) nor the Turbo4D Memory node's budget.
+SPAN_SLACK = 0.05
+
+
+def slack_fit(cfg, st, bound: int, sizes: list) -> Optional[int]:
+    """The index of the first of `sizes` (one span's bytes, in order of preference) within
+    SPAN_SLACK over `bound`, where the bound comes from the memory fraction alone; None where none
+    is, or the bound is hard (max_cache_mb, or reserved in the Memory node's budget). Call it only
+    where no size fits the bound itself."""
+    if cfg.max_cache_mb > 0 or st.bound.reserved is not None:
+        return None
+    for i, size in enumerate(sizes):
+        if size <= bound * (1.0 + SPAN_SLACK):
+            return i
+    return None
+
+
+def hold_one(dispatch, st, cfg, bound: int, size: int, level: str) -> None:
+    """Raises the stream's bound to one span of `size` bytes (slack_fit found it within the slack),
+    so that the run's statistics show the bound held, and notes why."""
+    st.bound.bytes = int(size)
+    if dispatch.stats is not None:
+        how = "measured" if st.bound.measured else "estimated"
+        dispatch.stats.notes.append(
+            f"{level}: the memory bound ({bound / 2**20:.1f} MB, {cfg.memory_fraction:.0%} of the {how} working set) "
+            f"was {size / max(bound, 1) - 1:.1%} short of one span; it holds one ({size / 2**20:.1f} MB)")
+
+
 @dataclass(frozen=True)
 class SpanReuseConfig(MechanismConfig):
     """The settings both per-call levels have (each level's module says how it reads threshold)."""
@@ -89,6 +120,7 @@ class SpanReuseConfig(MechanismConfig):
     weigh_output: bool = True   # weigh the estimate by how much the call's output moves the image
     max_age: int = 2            # calls a cached residual may be reused after it was computed
     max_skipped: int = 0        # calls skipped whole (the step skip) between two that run, still reused across
+    skip_weight: float = 0.0    # the estimate times (1 + skip_weight * calls skipped whole just before): reuse across short gaps
     head: int = 1               # first blocks, always computed
     tail: int = 0               # last blocks, always computed
     spans: int = 0              # cached spans at most (0 = as many as the memory bound holds)
@@ -102,6 +134,8 @@ class SpanReuseConfig(MechanismConfig):
         check_bound(self)
         if self.threshold < 0:
             raise ValueError(f"{owner}.threshold must be >= 0 (0 = never reuse), got {self.threshold}")
+        if self.skip_weight < 0:
+            raise ValueError(f"{owner}.skip_weight must be >= 0 (0 = the gap the step skip left does not count), got {self.skip_weight}")
         if self.drift_prior < 0:
             raise ValueError(f"{owner}.drift_prior must be >= 0 (0 = measure first), got {self.drift_prior}")
         if int(self.max_age) < 1:
@@ -179,6 +213,10 @@ class SpanReuse(Accelerator):
         else:
             st.mode = "plan"
             weight = output_weight(step.sigma, space) if cfg.weigh_output else 1.0
+            # The calls the step skip skipped just before this one held a forecast output: a span
+            # reused across them compounds the two approximations, so a longer gap asks a smaller
+            # estimated error (skip_weight; 0: the gap does not count).
+            weight *= 1.0 + cfg.skip_weight * (gap - 1)
             st.plan = self._plan(st, step.index, position(step.sigma), weight)
         shared = (getattr(dispatch, "decided", None) or {}).get(self.name)
         if shared is not None:

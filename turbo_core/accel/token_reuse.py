@@ -44,7 +44,7 @@ import torch
 from ..kernels import token_fuse
 from ..memory import nbytes
 from .bound import half_dtype
-from .spans import SpanReuse, SpanReuseConfig, SpanState, position, split_call
+from .spans import SPAN_SLACK, SpanReuse, SpanReuseConfig, SpanState, hold_one, position, slack_fit, split_call  # noqa: F401 (SPAN_SLACK: re-exported)
 
 NAME = "token_reuse"
 SPLIT_ASIDE = ("token reuse stood aside: the call was split over processes (Turbo4D Multi-GPU), whose ranks "
@@ -52,11 +52,8 @@ SPLIT_ASIDE = ("token reuse stood aside: the call was split over processes (Turb
 NO_STREAM = ("token reuse (Semantic Prune's default method) found no block stream in this model and reused nothing: choose method 'sequence prune'")
 _FORCED = 1e6  # added to the score of a position past max_age: always in the top k
 # A span whose residual alone takes the whole bound: its input sample may be as coarse as every
-# MAX_STRIDE-th channel, and a bound from the memory fraction may be exceeded by SPAN_SLACK for one
-# span (the fraction is itself an estimate: a tenth of the working set measured, which is below
-# the call's peak, see bound.py).
+# MAX_STRIDE-th channel (then spans.slack_fit: SPAN_SLACK over a bound from the memory fraction).
 MAX_STRIDE = 64
-SPAN_SLACK = 0.05
 
 
 @dataclass(frozen=True)
@@ -169,18 +166,12 @@ class TokenReuse(SpanReuse):
             if per_span(s) <= bound:
                 st.stride = s
                 return 1
-        if self.config.max_cache_mb > 0 or st.bound.reserved is not None:
+        i = slack_fit(self.config, st, bound, [per_span(s) for s in strides])
+        if i is None:
             return 0
-        for s in strides:
-            if per_span(s) <= bound * (1.0 + SPAN_SLACK):
-                st.stride = s
-                st.bound.bytes = per_span(s)
-                if dispatch.stats is not None:
-                    dispatch.stats.notes.append(
-                        f"token reuse: the memory bound ({bound / 2**20:.1f} MB, a tenth of the measured working set) "
-                        f"was {per_span(s) / bound - 1:.1%} short of one span; it holds one ({per_span(s) / 2**20:.1f} MB)")
-                return 1
-        return 0
+        st.stride = strides[i]
+        hold_one(dispatch, st, self.config, bound, per_span(strides[i]), "token reuse")
+        return 1
 
     # --- the blocks ---------------------------------------------------------------------------
     def chain(self, dispatch, block, x, nxt):
