@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import warnings
@@ -358,6 +359,29 @@ def per_call_rows(args) -> list[dict]:
     rows.append({"name": "full-unfused", "family": "full", "specs": [], "env": {"TURBO4D_TOKEN_FUSE": "torch"}})
     if getattr(args, "percall_sweep", False):
         rows += percall_sweep_rows()
+    rows += token_sweep_rows(getattr(args, "only", ""))
+    return rows
+
+
+TOKEN_SWEEP = re.compile(r"token-reuse-t(\d*\.?\d+)((?:-[bahkw]\d*\.?\d+)*)")
+TOKEN_SWEEP_FIELDS = {"b": ("buckets", int), "a": ("max_age", int), "h": ("head", int), "k": ("keep_min", float),
+                      "w": ("weigh_final", lambda v: bool(int(v)))}
+
+
+def token_sweep_rows(only: str) -> list[dict]:
+    """Token reuse at the settings a row's name in --only spells: "token-reuse-t0.35" (threshold),
+    then any of -b<buckets>, -a<max_age>, -h<head blocks>, -k<keep_min>, -w0 (weighed by the call's
+    denoised image only: the planning rule before weigh_final), e.g. "token-reuse-t0.3-b8-a3"."""
+    rows = []
+    for name in (only or "").split(","):
+        m = TOKEN_SWEEP.fullmatch(name)
+        if m is None:
+            continue
+        kw = {"threshold": float(m.group(1))}
+        for part in filter(None, m.group(2).split("-")):
+            field, cast = TOKEN_SWEEP_FIELDS[part[0]]
+            kw[field] = cast(part[1:])
+        rows.append({"name": name, "family": "per-call", "specs": [("token_reuse", TokenReuseConfig(**kw))]})
     return rows
 
 

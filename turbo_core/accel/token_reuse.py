@@ -44,7 +44,7 @@ import torch
 from ..kernels import token_fuse
 from ..memory import nbytes
 from .bound import half_dtype
-from .spans import SpanReuse, SpanReuseConfig, SpanState, position, split_call
+from .spans import SpanReuse, SpanReuseConfig, SpanState, final_weight, output_weight, position, split_call
 
 NAME = "token_reuse"
 SPLIT_ASIDE = ("token reuse stood aside: the call was split over processes (Turbo4D Multi-GPU), whose ranks "
@@ -65,6 +65,10 @@ class TokenReuseConfig(SpanReuseConfig):
     keep_min: float = 0.25      # share of the positions a span computes at least
     buckets: int = 4            # subset sizes: T/buckets, 2T/buckets, ..., T
     channel_stride: int = 8     # every n-th channel enters the change score
+    # weigh the estimate by what of an error reaches the final image (spans.final_weight): the
+    # high-noise calls, whose errors the later ones denoise away, reuse more; False: by the call's
+    # denoised image only (spans.output_weight), as block reuse does
+    weigh_final: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -124,6 +128,11 @@ class TokenReuse(SpanReuse):
     name = NAME
     state_class = TokenReuseState
     config_class = TokenReuseConfig
+
+    def _weight(self, step, space) -> float:
+        if self.config.weigh_final:
+            return final_weight(step.sigma, step.sigma_next, space)
+        return output_weight(step.sigma, space)
 
     def _plan(self, st, call: int, pos: float, weight: float) -> dict:
         return {i: self._k(st, i, call, pos, weight) for i in range(len(st.spans))}
