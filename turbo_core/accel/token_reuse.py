@@ -14,8 +14,10 @@ How many: the share of positions a span computes is its estimated error over `th
 least `keep_min`: the estimate is, as in block reuse, the span's measured drift (the relative
 change of its residual at the positions it computed, per unit of log(sigma) since the span last
 ran, read on the host once per call) times the distance in log(sigma) to the span's last run,
-weighed by how much the call's output moves the denoised image (spans.output_weight). So a
-call where the residuals move runs every position, and the last steps of a schedule few. The share
+weighed by how much of an error of the call's output reaches the final image (spans.final_weight:
+how much it moves the call's denoised image, times what the later calls leave of an error the
+Euler step puts in at the schedule's next sigma). So a call where the residuals move runs every
+position, and the first (high-noise) and the last steps of a schedule few. The share
 is rounded up to one of `buckets` fixed sizes (a bounded set of shapes for the kernels' plans and
 caches), on the host, from figures of the previous call.
 
