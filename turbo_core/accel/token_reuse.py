@@ -388,8 +388,9 @@ class TokenReuse(SpanReuse):
             dispatch.stats.cache_bound(bound)
 
 
-# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels"): balanced (the default) and fast;
-# quality, reusing less, was not measured there.
+# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels", "Token reuse weighed by what reaches
+# the final image"): balanced (the default) and fast, with weigh_final; quality, reusing less, was
+# not measured there.
 PRESETS = {
     "off": None,
     "quality": TokenReuseConfig(threshold=0.15),
