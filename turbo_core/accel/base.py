@@ -55,6 +55,16 @@ class Accelerator:
     def end_call(self, dispatch: SCMDispatch) -> None:
         pass
 
+    def call_decision(self, dispatch: SCMDispatch):
+        """What rank 0 decided for this call, sent to the workers of a split call (picklable host
+        values: the workers' `dispatch.decided[name]`); None: nothing to send."""
+        return None
+
+    def end_share(self, dispatch: SCMDispatch) -> None:
+        """A split call's share ran on this rank (turbo_core.parallel): called on every rank at the
+        same point, before the outputs are gathered and inside the signal reduction, so that a
+        level may reduce what it measured over the ranks here, in step with the other ranks."""
+
     def cache_bytes(self) -> int:
         return sum(st.nbytes() for st in self.streams.values())
 

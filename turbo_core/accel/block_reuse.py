@@ -32,6 +32,13 @@ Bypass's step skip) beyond `max_skipped`: a skipped call's output is already a f
 residual reused across it compounds two approximations (measured on the embedded model at 6 steps
 with one skipped call between: 29.0 dB against the step skip's own 47.2 dB). Past end_percent the
 residuals are freed and every block runs.
+
+On a call split over processes (turbo_core.parallel) every rank holds the residuals of its own
+images and takes rank 0's decisions (sent with the call): the same spans planned (their count the
+least any rank's bound holds), the same spans reused at the same calls, so the ranks' collectives
+(a frame/view split's all-to-all inside a span) stay in step. Each span's drift is the whole
+call's: the ranks' sums go through one all-reduce per call (`end_share`), so every rank, and rank 0
+deciding, reads what one process would.
 """
 from __future__ import annotations
 
@@ -42,13 +49,12 @@ from dataclasses import dataclass
 import torch
 
 from .bound import half_dtype
-from .spans import SpanReuse, SpanReuseConfig, SpanState, position, split_call
+from .signals import means
+from .spans import SpanReuse, SpanReuseConfig, SpanState, is_split, least, position
 from ..memory import nbytes
 
 NAME = "block_reuse"
 NO_STREAM = ("block reuse (Turbo4D Cache's default method) found no block stream in this model and reused nothing: choose method 'sub-attention cache'")
-SPLIT_ASIDE = ("block reuse stood aside: the call was split over processes (Turbo4D Multi-GPU), where its "
-               "per-rank decisions are not yet made to agree; every block ran")
 
 # A span being computed: its index, the 16-bit tensor its new residual accumulates in, and the old
 # residual's samples for the drift (None for a new entry).
@@ -82,7 +88,9 @@ class _Entry:
         self.pos = self.prev_pos = None  # log(sigma) of the last two computes
         self.drift = None    # host float: relative change per unit of log(sigma) (as-is), or the
                              # forecast's error rate
-        self.pending = None  # device scalar measured at this call, read in end_call
+        self.pending = None  # device scalar measured at this call, read in end_call; on a split
+                             # call first (error sum, scale sum, distance) of this rank's share,
+                             # reduced over the ranks in end_share
 
 
 class BlockReuseState(SpanState):
@@ -101,6 +109,7 @@ class BlockReuse(SpanReuse):
     name = NAME
     state_class = BlockReuseState
     config_class = BlockReuseConfig
+    composes_with_splits = True
 
     def _plan(self, st, call: int, pos: float, weight: float) -> dict:
         """span -> run (True) or reuse (False) at this call, from host figures only."""
@@ -131,17 +140,18 @@ class BlockReuse(SpanReuse):
 
     def _fits(self, dispatch, st, x: torch.Tensor, bound: int) -> int:
         one = x.numel() * half_dtype(x.dtype).itemsize
+        # Under a split each rank's share and bound are its own: the least over the ranks, which
+        # every rank's bound holds, so that every rank plans the same spans.
+        two, single = least(dispatch, [bound // (2 * one), bound // one])
         # The forecast holds two tensors a span; where the bound cannot hold even one span so,
         # the spans reuse as-is (one tensor each) rather than not at all.
-        st.forecast = bool(self.config.forecast) and bound >= 2 * one
-        return bound // (one * (2 if st.forecast else 1))
+        st.forecast = bool(self.config.forecast) and two >= 1
+        return two if st.forecast else single
 
     # --- the blocks ---------------------------------------------------------------------------
     def chain(self, dispatch, block, x, nxt):
         step = dispatch.step
         if step is None or dispatch.spans:  # a network with its own spans: they are the units (span)
-            return nxt(x)
-        if split_call(dispatch, SPLIT_ASIDE):
             return nxt(x)
         if not getattr(nxt, "stream", False):  # not a stream of blocks (e.g. a UNet's attention layers)
             if dispatch.stats is not None and NO_STREAM not in dispatch.stats.notes:
@@ -170,7 +180,7 @@ class BlockReuse(SpanReuse):
                 raise RuntimeError("block reuse: a block handed back its own input tensor (updated in place); "
                                    "the span's residual cannot be taken")
             opened, st.open = st.open, None
-            self._finish(st, span, opened, y, step.index, position(step.sigma))
+            self._finish(st, span, opened, y, step.index, position(step.sigma), is_split(dispatch))
             if dispatch.stats is not None:
                 dispatch.stats.span_ran()
         return y
@@ -188,7 +198,7 @@ class BlockReuse(SpanReuse):
         """A declared span: reused from its residual when the call's plan says so, else run with its
         new residual taken. The spans may nest; one inside a reused span is never reached."""
         step = dispatch.step
-        if step is None or split_call(dispatch, SPLIT_ASIDE):
+        if step is None:
             return nxt(x)
         st = self.state(dispatch)
         if st.spans is None:
@@ -213,7 +223,7 @@ class BlockReuse(SpanReuse):
         if y is x:
             raise RuntimeError("block reuse: a span handed back its own input tensor (updated in place); "
                                "its residual cannot be taken")
-        self._finish(st, i, opened, y, step.index, position(step.sigma))
+        self._finish(st, i, opened, y, step.index, position(step.sigma), is_split(dispatch))
         if dispatch.stats is not None:
             dispatch.stats.span_ran()
         return y
@@ -232,8 +242,8 @@ class BlockReuse(SpanReuse):
         # chains' first cached block's stream is.
         bound = st.bound.settle(cfg, x)
         sizes = [math.prod(s.shape) * half_dtype(x.dtype).itemsize for s in declared]
-        st.forecast = bool(cfg.forecast) and bound >= 2 * sizes[0]
-        per = 2 if st.forecast else 1
+        forecast = bool(cfg.forecast) and bound >= 2 * sizes[0]
+        per = 2 if forecast else 1
         chosen, used = [], 0
         for s, size in zip(declared, sizes):
             if cfg.spans and len(chosen) >= cfg.spans:
@@ -241,6 +251,11 @@ class BlockReuse(SpanReuse):
             if used + per * size <= bound:
                 chosen.append(s)
                 used += per * size
+        # Under a split: the spans every rank chose, with the forecast where every rank holds it
+        # (as-is takes less, so each rank's bound still holds its choice).
+        flags = least(dispatch, [int(forecast)] + [int(s in chosen) for s in declared])
+        st.forecast = bool(flags[0])
+        chosen = [s for s, keep in zip(declared, flags[1:]) if keep]
         st.spans = [s.key for s in chosen]
         st.inner = {s.key: i for i, s in enumerate(chosen)}
         st.shapes = [tuple(s.shape) for s in chosen]
@@ -271,9 +286,10 @@ class BlockReuse(SpanReuse):
         acc.copy_(x.detach()).neg_()
         return _Open(span, acc, old)
 
-    def _finish(self, st, span: int, opened: _Open, y: torch.Tensor, call: int, pos: float) -> None:
+    def _finish(self, st, span: int, opened: _Open, y: torch.Tensor, call: int, pos: float,
+                split: bool = False) -> None:
         """The span's new residual y - x into its tensors, in place, with its drift measure left on
-        the device for end_call."""
+        the device for end_call (on a split call, this rank's sums, for end_share)."""
         cfg = self.config
         _, acc, old = opened
         e = st.entries[span]
@@ -284,13 +300,18 @@ class BlockReuse(SpanReuse):
         old_r, old_d = old
         new_s = acc[:, ::cfg.signal_stride].float()
         if pos != e.pos:  # (a second call at the same noise level, e.g. Heun's, measures nothing)
-            scale = new_s.abs().mean().clamp_min(1e-12)
             if st.forecast and old_d is not None:
                 # The forecast this call would have made, against what it computed: the error rate.
                 guess = old_r + old_d * ((pos - e.pos) / (e.pos - e.prev_pos))
-                e.pending = (new_s - guess).abs().mean() / scale / abs((pos - e.pos) * (pos - e.prev_pos))
+                err, dist = (new_s - guess).abs(), abs((pos - e.pos) * (pos - e.prev_pos))
             else:
-                e.pending = (new_s - old_r).abs().mean() / scale / abs(pos - e.pos)
+                err, dist = (new_s - old_r).abs(), abs(pos - e.pos)
+            if split:
+                # mean|err| / mean|new| over the whole call is the ratio of the sums over every
+                # rank's share (the same count of samples in both): end_share reduces them.
+                e.pending = (err.sum(), new_s.abs().sum(), dist)
+            else:
+                e.pending = err.mean() / new_s.abs().mean().clamp_min(1e-12) / dist
         if acc is e.d:
             e.d.sub_(e.r)          # the difference to the residual before
             e.r.add_(e.d)          # the new residual
@@ -299,6 +320,22 @@ class BlockReuse(SpanReuse):
             e.prev_pos, e.pos = e.pos, pos
         else:
             e.prev_pos = None      # no difference over a step: no forecast until the next compute
+
+    def end_share(self, dispatch) -> None:
+        """Every span's drift of this split call from the sums of every rank, in one all-reduce
+        (signals.means, inside the split's reduction: the mean of each rank's sum is the sum over
+        the ranks over their number, the same factor in both sums of a ratio). Every rank reaches
+        this with the same spans measured (the same decisions on the same entries), so every rank
+        makes the collective or none does."""
+        if dispatch.step is None:
+            return
+        st = self.state(dispatch)
+        waiting = [e for _, e in sorted(st.entries.items()) if isinstance(e.pending, tuple)]
+        if not waiting:
+            return
+        sums = means(*[t for e in waiting for t in e.pending[:2]])
+        for k, e in enumerate(waiting):
+            e.pending = sums[2 * k] / sums[2 * k + 1].clamp_min(1e-12) / e.pending[2]
 
     def _read(self, dispatch, st) -> None:
         waiting = [(i, e) for i, e in st.entries.items() if e.pending is not None]

@@ -70,11 +70,27 @@ def plan_spans(depth: int, head: int, tail: int, count: int) -> list[tuple[int, 
     return out
 
 
+def is_split(dispatch) -> bool:
+    """Whether this call is split over processes (turbo_core.parallel's ShardedDispatch has a plan);
+    read by duck typing: the core never imports the parallel engine."""
+    return getattr(dispatch, "plan", None) is not None
+
+
+def least(dispatch, values: list) -> list:
+    """The per-element minimum of `values` (ints) over every rank of a split call, in one
+    collective (dispatch.least); `values` as they are otherwise. A rank's figures that depend on
+    its share (the memory bound it measured, the share's size) become one figure every rank holds,
+    so the spans planned from them are the same on every rank."""
+    agree = getattr(dispatch, "least", None) if is_split(dispatch) else None
+    return list(values) if agree is None else agree(list(values))
+
+
 def split_call(dispatch, note: str) -> bool:
-    """A call split over processes (turbo_core.parallel's ShardedDispatch has a plan): the per-call
-    levels stand aside there, on every rank alike, so no rank skips work (a span holding another
-    rank's all-to-all) that another rank runs. Noted once in the run's statistics."""
-    if getattr(dispatch, "plan", None) is None:
+    """A call split over processes: a level whose per-rank decisions are not made to agree (token
+    reuse: each rank would pick its top-k tokens from its own share) stands aside there, on every
+    rank alike, so no rank skips work (a span holding another rank's all-to-all) that another rank
+    runs. Noted once in the run's statistics."""
+    if not is_split(dispatch):
         return False
     if dispatch.stats is not None and note not in dispatch.stats.notes:
         dispatch.stats.notes.append(note)
@@ -142,6 +158,9 @@ class SpanReuse(Accelerator):
 
     bounded = True  # its cache within the bound of bound.py (RunStats.cache_bound)
     config_class = SpanReuseConfig
+    # Whether the level runs on split calls with every rank taking rank 0's decisions (block reuse);
+    # False: it stands aside there (split_call).
+    composes_with_splits = False
 
     def __init__(self, config=None):
         super().__init__()
@@ -177,12 +196,28 @@ class SpanReuse(Accelerator):
             st.mode = "plan"
             weight = self._weight(step, space) if cfg.weigh_output else 1.0
             st.plan = self._plan(st, step.index, position(step.sigma), weight)
+        shared = (getattr(dispatch, "decided", None) or {}).get(self.name)
+        if shared is not None:
+            # A worker's share of a split call takes rank 0's decision, which rank 0 sent with the
+            # call: a worker is not handed the call's output space (its weight would be 1 where rank
+            # 0's is below, and the ranks would reuse different spans: a span run on one rank only
+            # waits forever in its drift's all-reduce), and every other input of the decision (the
+            # step, the spans, the all-reduced drifts) is the same on every rank anyway.
+            st.mode, st.plan = shared
         return nxt()
 
     def _weight(self, step, space) -> float:
         """How much an error of this call's output counts (spans.output_weight; token reuse may
         weigh by what reaches the final image, spans.final_weight)."""
         return output_weight(step.sigma, space)
+
+    def call_decision(self, dispatch):
+        """This call's decision (mode, plan), as rank 0 sends it to the workers of a split call
+        (picklable host values); None where the level does not compose with splits."""
+        if not self.composes_with_splits or dispatch.step is None:
+            return None
+        st = self.state(dispatch)
+        return st.mode, dict(st.plan) if st.mode == "plan" else {}
 
     def _plan(self, st, call: int, pos: float, weight: float) -> dict:
         """span -> this call's decision, from host figures only."""

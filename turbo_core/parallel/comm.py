@@ -98,6 +98,14 @@ class Comm:
         n = len(xs)
         return list((part[:n] / part[n:]).to(torch.float32).unbind())
 
+    def least(self, values: list) -> list:
+        """The per-element minimum of every rank's `values` (ints), in one all-reduce: figures a
+        rank measured on its own share (an accelerator's memory bound) made one for every rank.
+        Read on the host (a sync), so only once per run, not per call."""
+        t = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self.device)
+        self._timed(lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN), t.numel() * 8)
+        return t.tolist()
+
     def to_tokens(self, x: torch.Tensor, plan: ShardPlan) -> torch.Tensor:
         """The crossing sub-attention's input: this rank's images (local layout, image-major
         (images, tokens, c)) -> every image of the call at this rank's token slice (token layout)."""

@@ -31,6 +31,14 @@ class ShardedDispatch(SCMDispatch):
         super().__init__(plan.local_layout(comm.rank), step, accelerators, backend=backend, stats=stats, grid=grid)
         self.plan, self.comm = plan, comm
         self._crossing: Optional[str] = None  # the axis being computed on the token layout
+        # On a worker: rank 0's per-call decisions for this call ({accelerator name: decision}, see
+        # Accelerator.call_decision), which its accelerators take instead of their own.
+        self.decided: Optional[dict] = None
+
+    def least(self, values: list) -> list:
+        """The per-element minimum over every rank (the accelerators' agreement on figures that
+        depend on a rank's share, see turbo_core.accel.spans.least)."""
+        return self.comm.least(values)
 
     @classmethod
     def like(cls, d: SCMDispatch, plan: ShardPlan, comm: Comm) -> "ShardedDispatch":
@@ -66,6 +74,27 @@ class ShardedDispatch(SCMDispatch):
             axis, layout = self._crossing, self.layout
             view = lambda t: layout.axis_view(t, axis)  # noqa: E731
         return super().grid_attention(view)
+
+
+def call_decisions(dispatch) -> Optional[dict]:
+    """Rank 0's per-call decisions for the call `dispatch` makes (sent with the call's header):
+    {accelerator name: decision}, None without a dispatch."""
+    if dispatch is None:
+        return None
+    out = {}
+    for a in dispatch.accelerators:
+        d = a.call_decision(dispatch)
+        if d is not None:
+            out[a.name] = d
+    return out
+
+
+def end_share(sd: "ShardedDispatch") -> None:
+    """This rank's share of the call ran: its accelerators reduce what they measured over the ranks
+    (Accelerator.end_share). Every rank calls it at the same point, inside `reduced_signals`,
+    before the outputs are gathered, so its collectives are in step with the other ranks'."""
+    for a in sd.accelerators:
+        a.end_share(sd)
 
 
 def reduced_signals(comm: Comm):

@@ -32,7 +32,7 @@ from ..dispatch import BACKENDS
 from ..layout import AXES
 from ..models.scm_net import SCMNet
 from ..models.trajectorycrafter import PerceiverReference, TrajectoryCrafterTransformer
-from .dispatch import ShardedDispatch, item_rows, reduced_signals, slice_inputs
+from .dispatch import ShardedDispatch, call_decisions, end_share, item_rows, reduced_signals, slice_inputs
 from .engine import ParallelError, ParallelGroup
 from .plan import choose_plan
 
@@ -257,7 +257,8 @@ def _summary(group: ParallelGroup, stats, started: Optional[float]) -> dict:
 def decisions(stats) -> dict:
     """The accelerator decisions a rank took (the same on every rank of a split run)."""
     return {"chains_ran": stats.chains_ran, "chains_bypassed": stats.chains_bypassed, "cache_hits": stats.cache_hits,
-            "cache_misses": stats.cache_misses, "calls_aside": dict(stats.calls_aside)}
+            "cache_misses": stats.cache_misses, "calls_aside": dict(stats.calls_aside),
+            "spans_reused": stats.spans_reused, "blocks_reused": stats.blocks_reused}
 
 
 def _done(stats) -> dict:
@@ -355,6 +356,8 @@ class ParallelNet:
                   "cond_view": cond_view}
         inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
         header = {"op": "call_items", "plan": plan, "step": None if dispatch is None else dispatch.step,
+                  # The per-call levels' decisions rank 0 took for this call: every rank takes them.
+                  "decided": call_decisions(dispatch),
                   "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
                   "grid": True if dispatch is None else dispatch.grid,
                   "memory": None if memory is None else (memory.piece_bytes, memory.reserve_bytes, memory.min_piece),
@@ -368,6 +371,7 @@ class ParallelNet:
             xs, ts, cs, ys, cvs = item_rows(plan, 0, *(v.to(x.device) for v in inputs.values()))
             with reduced_signals(group.comm):
                 out = net(xs, ts, cs, ys, cvs, views, frames, dispatch=sd, memory=memory)
+                end_share(sd)
             return group.comm.gather_images(out, plan).to(x.device)
 
         return group.command(header, body)
@@ -396,6 +400,8 @@ class ParallelNet:
             inputs["inpaint"] = inpaint
         inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
         header = {"op": "call_joint", "plan": plan, "step": None if dispatch is None else dispatch.step,
+                  # The per-call levels' decisions rank 0 took for this call: every rank takes them.
+                  "decided": call_decisions(dispatch),
                   "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
                   "grid": True if dispatch is None else dispatch.grid,
                   "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
@@ -410,6 +416,7 @@ class ParallelNet:
             with reduced_signals(group.comm):
                 out = net(rows["latents"], rows["text"], rows["timestep"], inpaint=rows.get("inpaint"), reference=ref,
                           dispatch=sd, rope=rope)
+                end_share(sd)
             # The gather moves "images": a JointLayout's are latent frames, batch-major.
             full = group.comm.gather_images(out.flatten(0, 1), plan)
             return full.view(b, *out.shape[1:]).to(latents.device)
@@ -448,6 +455,8 @@ class ParallelNet:
         }
         inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
         header = {"op": "call", "plan": plan, "step": None if dispatch is None else dispatch.step,
+                  # The per-call levels' decisions rank 0 took for this call: every rank takes them.
+                  "decided": call_decisions(dispatch),
                   "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
                   "grid": True if dispatch is None else dispatch.grid,
                   "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
@@ -461,6 +470,7 @@ class ParallelNet:
             lay = sd.layout
             with reduced_signals(group.comm):
                 out = net(xs, cs, cams, lay.views, lay.frames, frame_index=fis, dispatch=sd, layout=lay)
+                end_share(sd)
             return group.comm.gather_images(out, plan).to(x.device)
 
         return group.command(header, body)
@@ -595,11 +605,13 @@ class ShardWorker:
         # that reaches a worker runs; only the per-call mechanisms act here.
         sd = ShardedDispatch(plan, comm, step, run.per_call, backend=header["backend"], stats=run.stats,
                              grid=header["grid"])
+        sd.decided = header.get("decided")
         run.stats.begin_call(step, sd.layout, work)
         for a in run.per_call:
             a.begin_call(sd)
         with reduced_signals(comm):
             out = run.model_call(sd, x, lambda: network(sd))
+            end_share(sd)  # where rank 0 makes it: after its share, before the gather
         run.end_call(sd)
         comm.gather_images(out, plan)
 
