@@ -39,6 +39,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
 import warnings
@@ -364,6 +365,7 @@ def per_call_rows(args) -> list[dict]:
         rows += percall_sweep_rows()
     if getattr(args, "compose_sweep", False):
         rows += compose_sweep_rows()
+    rows += token_sweep_rows(getattr(args, "only", ""))
     return rows
 
 
@@ -397,6 +399,28 @@ def compose_sweep_rows() -> list[dict]:
             rows.append({"name": f"cb-s{s}-{prior}-t{t}-w{w}", "family": "sweep-compose",
                          "specs": _step_at(s) + [("block_reuse", BlockReuseConfig(
                              threshold=t, max_age=6, max_skipped=5, drift_prior=dp, skip_weight=w))]})
+    return rows
+
+
+TOKEN_SWEEP = re.compile(r"token-reuse-t(\d*\.?\d+)((?:-[bahkw]\d*\.?\d+)*)")
+TOKEN_SWEEP_FIELDS = {"b": ("buckets", int), "a": ("max_age", int), "h": ("head", int), "k": ("keep_min", float),
+                      "w": ("weigh_final", lambda v: bool(int(v)))}
+
+
+def token_sweep_rows(only: str) -> list[dict]:
+    """Token reuse at the settings a row's name in --only spells: "token-reuse-t0.35" (threshold),
+    then any of -b<buckets>, -a<max_age>, -h<head blocks>, -k<keep_min>, -w0 (weighed by the call's
+    denoised image only: the planning rule before weigh_final), e.g. "token-reuse-t0.3-b8-a3"."""
+    rows = []
+    for name in (only or "").split(","):
+        m = TOKEN_SWEEP.fullmatch(name)
+        if m is None:
+            continue
+        kw = {"threshold": float(m.group(1))}
+        for part in filter(None, m.group(2).split("-")):
+            field, cast = TOKEN_SWEEP_FIELDS[part[0]]
+            kw[field] = cast(part[1:])
+        rows.append({"name": name, "family": "per-call", "specs": [("token_reuse", TokenReuseConfig(**kw))]})
     return rows
 
 

@@ -229,3 +229,52 @@ def test_interrupted_run_leaves_nothing_and_next_run_is_fresh(deep):
         fresh, st_fresh = sample(deep, specs)
         assert torch.equal(again, fresh)
         assert st_again.summary() | {"seconds": 0} == st_fresh.summary() | {"seconds": 0}
+
+
+def test_high_noise_calls_reuse_more_weighed_by_what_reaches_the_final_image(deep):
+    # An error of a high-noise call's output is mostly denoised away by the later calls
+    # (spans.final_weight); weighed by the call's denoised image alone (weigh_final False) the
+    # second call of 6 counts as much as the fourth. Work counted through the dispatch's attention
+    # backend (camera sequences per call), the output held to its bound, the cache to its bound.
+    lay = deep.token_layout(V * F, V, F)
+    per_span = lay.images * lay.tokens * (32 + 4) * 2 + lay.batch * lay.tokens * 4
+    mb = per_span * 1.5 / 2**20
+    full_seqs = lay.images * lay.tokens // V * (deep.cfg.depth - 1)  # camera sequences of the span's blocks
+    per_call, outs = {}, {}
+    for final in (False, True):
+        counting = CountingAttention()
+        run = build_run(apply_token_reuse([], TokenReuseConfig(threshold=0.2, spans=1, max_cache_mb=mb,
+                                                                weigh_final=final)), backend=counting)
+        seen = cache_probe(run)
+        counts = []
+        run.listeners.append(lambda stats, entry: entry is not None and counts.append(counting.sequences[V]))
+        x, st = sample(deep, None, run=run, steps=6)
+        per_call[final] = [b - a for a, b in zip([0] + counts, counts)]
+        outs[final] = (x, st)
+        assert max(seen) <= mb * 2**20
+    ref = sample(deep, [], steps=6)[0]
+    old, new = per_call[False], per_call[True]
+    head = lay.images * lay.tokens // V  # the head block runs every position
+    # The second call (sigma 24): the old weight computes half the positions, the new one the
+    # least bucket (keep_min 0.25).
+    assert old[1] == head + full_seqs // 2
+    assert new[1] == head + full_seqs // 4
+    assert sum(new) < sum(old)
+    assert outs[True][1].compute_fraction < outs[False][1].compute_fraction
+    assert 0 < rel_err(outs[True][0], ref) < 0.05
+
+
+def test_final_weight_follows_the_schedule():
+    from turbo_core.accel.spans import final_weight, output_weight
+    from turbo_core.diffusion import EDM, karras_sigmas
+    from turbo_core.schedule import next_sigma
+
+    edm = EDM(sigma_data=0.5)
+    s = karras_sigmas(6).tolist()
+    x = torch.zeros(1, 3, 4, 4)
+    w = [final_weight(s[i], next_sigma(s[i], s), edm.output_space(x, s[i])) for i in range(6)]
+    assert [round(v, 3) for v in w] == [0.02, 0.085, 0.458, 0.875, 0.168, 0.004]
+    assert next_sigma(s[5], s) == 0.0 and next_sigma(1.0, None) is None
+    # Without the schedule's next sigma (or the output space), the call's own weight.
+    assert final_weight(s[1], None, edm.output_space(x, s[1])) == output_weight(s[1], edm.output_space(x, s[1]))
+    assert final_weight(s[1], s[2], None) == 1.0

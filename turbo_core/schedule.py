@@ -18,6 +18,7 @@ class StepInfo:
     percent: float
     total: int  # model calls the schedule implies for a one-call-per-step sampler
     stream: str  # which forward this is (cond, uncond, both batched): caches are per stream
+    sigma_next: Optional[float] = None  # the schedule's next sigma below this one (None: no schedule)
 
 
 def schedule_position(sigma: float, sample_sigmas: Optional[Sequence[float] | torch.Tensor]) -> tuple[float, int]:
@@ -44,3 +45,12 @@ def schedule_position(sigma: float, sample_sigmas: Optional[Sequence[float] | to
     hi, lo = s_eval[i], s_eval[i + 1]
     frac = (hi - sig) / max(hi - lo, 1e-12)
     return (i + frac) / (len(s_eval) - 1), total
+
+
+def next_sigma(sigma: float, sample_sigmas: Optional[Sequence[float]]) -> Optional[float]:
+    """The first sigma of a decreasing schedule (a list of floats) below `sigma`: where an Euler
+    step from `sigma` lands (0 after the last); None without a schedule."""
+    if sample_sigmas is None or len(sample_sigmas) < 2:
+        return None
+    sig = float(sigma)
+    return next((float(v) for v in sample_sigmas if float(v) < sig), 0.0)

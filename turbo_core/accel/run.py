@@ -9,7 +9,7 @@ import torch
 from ..diffusion import DenoisedSpace
 from ..dispatch import SCMDispatch
 from ..layout import SCMLayout
-from ..schedule import StepInfo, schedule_position
+from ..schedule import StepInfo, next_sigma, schedule_position
 from .base import Accelerator, StepAccelerator, StepDecision
 from .stats import RunStats
 
@@ -85,7 +85,8 @@ class Turbo4DRun:
                 self._schedule = (sample_sigmas, sample_sigmas.detach().flatten().double().cpu().tolist())
             sample_sigmas = self._schedule[1]
         percent, total = schedule_position(sigma, sample_sigmas)
-        return StepInfo(index=index, sigma=float(sigma), percent=percent, total=total, stream=stream)
+        return StepInfo(index=index, sigma=float(sigma), percent=percent, total=total, stream=stream,
+                        sigma_next=next_sigma(sigma, sample_sigmas))
 
     def step(self, x: torch.Tensor, sigma: float, sample_sigmas, denoise: Callable[[], torch.Tensor],
              sigma_data: Optional[float] = None) -> torch.Tensor:

@@ -31,6 +31,22 @@ def output_weight(sigma: float, space) -> float:
     return float(sigma) / math.sqrt(float(sigma) ** 2 + float(space.sigma_data) ** 2)
 
 
+def final_weight(sigma: float, sigma_next, space) -> float:
+    """How strongly an error of this call's network output reaches the final image: output_weight
+    (how much it moves this call's denoised image) times how much of an error the Euler step puts
+    into the noisy images at sigma_next still stands in the result, sigma_data / sqrt(sigma_next^2 +
+    sigma_data^2) (what the probability-flow ODE from sigma_next to 0 keeps of a perturbation, exact
+    for Gaussian data: the later calls denoise most of an early error away). A 6-step Karras
+    schedule: 0.02, 0.085, 0.46, 0.88, 0.17, 0.004, where output_weight alone gives 1.0, 1.0, 1.0,
+    0.89, 0.17, 0.004; on the embedded model, computing a quarter of the positions at the second
+    call cost nothing measurable (66 dB against full compute) and at the fourth 25 dB. output_weight
+    where the schedule's next sigma or the output space is not known."""
+    w = output_weight(sigma, space)
+    if space is None or sigma_next is None:
+        return w
+    return w * float(space.sigma_data) / math.sqrt(float(sigma_next) ** 2 + float(space.sigma_data) ** 2)
+
+
 def position(sigma: float) -> float:
     """Where a call is in the schedule for the drift and the forecast: log(sigma). Measured on the
     embedded model at 6 steps, a span residual's change per unit of log(sigma) varied 4-fold over
@@ -212,7 +228,7 @@ class SpanReuse(Accelerator):
             st.mode = "store"
         else:
             st.mode = "plan"
-            weight = output_weight(step.sigma, space) if cfg.weigh_output else 1.0
+            weight = self._weight(step, space) if cfg.weigh_output else 1.0
             # The calls the step skip skipped just before this one held a forecast output: a span
             # reused across them compounds the two approximations, so a longer gap asks a smaller
             # estimated error (skip_weight; 0: the gap does not count).
@@ -227,6 +243,11 @@ class SpanReuse(Accelerator):
             # step, the spans, the all-reduced drifts) is the same on every rank anyway.
             st.mode, st.plan = shared
         return nxt()
+
+    def _weight(self, step, space) -> float:
+        """How much an error of this call's output counts (spans.output_weight; token reuse may
+        weigh by what reaches the final image, spans.final_weight)."""
+        return output_weight(step.sigma, space)
 
     def call_decision(self, dispatch):
         """This call's decision (mode, plan), as rank 0 sends it to the workers of a split call

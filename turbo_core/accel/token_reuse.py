@@ -14,8 +14,10 @@ How many: the share of positions a span computes is its estimated error over `th
 least `keep_min`: the estimate is, as in block reuse, the span's measured drift (the relative
 change of its residual at the positions it computed, per unit of log(sigma) since the span last
 ran, read on the host once per call) times the distance in log(sigma) to the span's last run,
-weighed by how much the call's output moves the denoised image (spans.output_weight). So a
-call where the residuals move runs every position, and the last steps of a schedule few. The share
+weighed by how much of an error of the call's output reaches the final image (spans.final_weight:
+how much it moves the call's denoised image, times what the later calls leave of an error the
+Euler step puts in at the schedule's next sigma). So a call where the residuals move runs every
+position, and the first (high-noise) and the last steps of a schedule few. The share
 is rounded up to one of `buckets` fixed sizes (a bounded set of shapes for the kernels' plans and
 caches), on the host, from figures of the previous call.
 
@@ -44,7 +46,7 @@ import torch
 from ..kernels import token_fuse
 from ..memory import nbytes
 from .bound import half_dtype
-from .spans import SPAN_SLACK, SpanReuse, SpanReuseConfig, SpanState, hold_one, position, slack_fit, split_call  # noqa: F401 (SPAN_SLACK: re-exported)
+from .spans import SPAN_SLACK, SpanReuse, SpanReuseConfig, SpanState, final_weight, hold_one, output_weight, position, slack_fit, split_call  # noqa: F401 (SPAN_SLACK: re-exported)
 
 NAME = "token_reuse"
 SPLIT_ASIDE = ("token reuse stood aside: the call was split over processes (Turbo4D Multi-GPU), whose ranks "
@@ -62,6 +64,10 @@ class TokenReuseConfig(SpanReuseConfig):
     keep_min: float = 0.25      # share of the positions a span computes at least
     buckets: int = 4            # subset sizes: T/buckets, 2T/buckets, ..., T
     channel_stride: int = 8     # every n-th channel enters the change score
+    # weigh the estimate by what of an error reaches the final image (spans.final_weight): the
+    # high-noise calls, whose errors the later ones denoise away, reuse more; False: by the call's
+    # denoised image only (spans.output_weight), as block reuse does
+    weigh_final: bool = True
 
     def validate(self) -> None:
         super().validate()
@@ -121,6 +127,11 @@ class TokenReuse(SpanReuse):
     name = NAME
     state_class = TokenReuseState
     config_class = TokenReuseConfig
+
+    def _weight(self, step, space) -> float:
+        if self.config.weigh_final:
+            return final_weight(step.sigma, step.sigma_next, space)
+        return output_weight(step.sigma, space)
 
     def _plan(self, st, call: int, pos: float, weight: float) -> dict:
         return {i: self._k(st, i, call, pos, weight) for i in range(len(st.spans))}
@@ -368,8 +379,9 @@ class TokenReuse(SpanReuse):
             dispatch.stats.cache_bound(bound)
 
 
-# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels"): balanced (the default) and fast;
-# quality, reusing less, was not measured there.
+# Measured on an H200 GPU (BENCHMARKS.md, "Per-call levels", "Token reuse weighed by what reaches
+# the final image"): balanced (the default) and fast, with weigh_final; quality, reusing less, was
+# not measured there.
 PRESETS = {
     "off": None,
     "quality": TokenReuseConfig(threshold=0.15),
