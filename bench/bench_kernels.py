@@ -29,6 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from bench.device import call_ms
 from turbo_core.kernels import short_axis as sa
 from turbo_core.layout import SCMLayout
 from turbo_core.models.sv4d_blocks import CameraAxis
@@ -194,20 +195,7 @@ def unet_inputs(b, frames, views, side, device, dtype):
 
 
 def cuda_ms(fn, calls):
-    if DEVICE != "cuda":
-        out = []
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t0) * 1e3)
-        return sorted(out)
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return sorted(s.elapsed_time(e) for s, e in ev)
+    return sorted(call_ms(fn, calls, DEVICE))
 
 
 def unet_table(args):

@@ -38,6 +38,7 @@ import time
 
 import torch
 
+from bench.device import EventTimer, allocated_gb, call_ms, is_cuda, peak_bytes, peak_gb, reset_peak, sync
 from turbo_core.accel.presets import turbo4d_specs
 from turbo_core.accel.registry import build_run
 from turbo_core.dispatch import FullCompute, chunked_sdpa
@@ -70,71 +71,29 @@ def short_broadcast(q, k, v):
 BACKENDS = {"sdpa": "sdpa", "chunked-sdpa": chunked_sdpa, "short-broadcast": short_broadcast}
 
 
-def timed(fn, calls):
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(calls)]
-    for s, e in ev:
-        s.record()
-        fn()
-        e.record()
-    torch.cuda.synchronize()
-    return [s.elapsed_time(e) for s, e in ev]
-
-
 # --- whole runs with a per-step breakdown ---------------------------------------------------------
 CATEGORIES = ("spatial", "camera", "motion", "convolutions", "rest")
 
 
-class Timer:
-    """Intervals per category: CUDA events on a GPU (read after one synchronise per step), wall
-    clock on the CPU. Forward hooks time the convolution modules; `TimedDispatch` the
-    sub-attentions."""
+class Timer(EventTimer):
+    """Intervals per category (bench.device.EventTimer): forward hooks time the convolution
+    modules; `timed_dispatch` the sub-attentions."""
+
+    categories = CATEGORIES
 
     def __init__(self, net, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.marks, self.handles = [], []
+        super().__init__(device)
         conv = (VideoResBlock, Downsample, Upsample)
         mods = [m for m in net.modules() if isinstance(m, conv)] + [net.input_blocks[0][0], net.out]
         for m in mods:
             self.handles.append(m.register_forward_pre_hook(lambda mod, args: self._open(mod)))
             self.handles.append(m.register_forward_hook(lambda mod, args, out: self._close(mod)))
-        self._open_at = {}
-        self.classes = {}  # dispatch class -> its timed subclass
-
-    def now(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
 
     def _open(self, mod):
         self._open_at[id(mod)] = self.now()
 
     def _close(self, mod):
         self.marks.append(("convolutions", self._open_at.pop(id(mod)), self.now()))
-
-    def span(self, category, start, end):
-        self.marks.append((category, start, end))
-
-    def elapsed_ms(self, start, end) -> float:
-        return start.elapsed_time(end) if self.cuda else (end - start) * 1000
-
-    def collect(self, total_start, total_end) -> dict:
-        """ms per category since the last collect; "rest" = the step's time minus the others."""
-        if self.cuda:
-            torch.cuda.synchronize()
-        out = dict.fromkeys(CATEGORIES, 0.0)
-        for cat, a, b in self.marks:
-            out[cat] += self.elapsed_ms(a, b)
-        total = self.elapsed_ms(total_start, total_end)
-        out["rest"] = total - sum(out[c] for c in CATEGORIES if c != "rest")
-        out["total"] = total
-        self.marks.clear()
-        return out
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
 
 
 def timed_dispatch(d, timer):
@@ -212,7 +171,7 @@ def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2
     step_ms, parts = [], []
     if timer:
         timer.marks.clear()
-    cuda = torch.device(device).type == "cuda"
+    cuda = is_cuda(device)
     try:
         with torch.inference_mode():
             for i in range(steps if calls is None else min(calls, steps)):
@@ -256,15 +215,13 @@ def euler_cfg_run(net, frames, views, side, steps, specs, device, dtype, scale=2
                     parts.append(timer.collect(start, timer.now()))
                     step_ms.append(parts[-1]["total"])
                 else:
-                    if cuda:
-                        torch.cuda.synchronize()
+                    sync(device)
                     step_ms.append((time.perf_counter() - t0) * 1000)
                 if progress:
-                    print(json.dumps({"step": i, "ms": round(step_ms[-1], 1),
-                                      "allocated_gb": round(torch.cuda.memory_allocated() / 2**30, 2) if cuda else None}),
+                    print(json.dumps({"step": i, "ms": round(step_ms[-1], 1), "allocated_gb": allocated_gb(device)}),
                           flush=True)
     finally:
-        stats = run.end(torch.cuda.max_memory_allocated() if cuda else None)
+        stats = run.end(peak_bytes(device))
     assert torch.isfinite(x).all(), "the sample is not finite"
     if sample_out is not None:
         sample_out.append(x)
@@ -302,8 +259,8 @@ def breakdown(args, dev, dtype, emit):
             if time.perf_counter() > args.deadline:
                 emit({"version": version, "preset": preset, "skipped": "deadline"})
                 continue
-            if dev == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            reset_peak(dev)
+            held = allocated_gb(dev)
             specs = turbo4d_specs(preset) if preset != "off" else []
             calls = args.baseline_calls if preset == "off" else None
             ms, parts, stats = euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, timer=timer,
@@ -317,7 +274,7 @@ def breakdown(args, dev, dtype, emit):
                                     if len(ms) < steps else "measured, whole schedule"),
                    "ms_per_step_mean": round(measured / len(ms), 1), "ms_per_step": [round(m, 1) for m in ms],
                    "breakdown_ms_per_step": mean_parts(parts),
-                   "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
+                   "peak_gb": peak_gb(dev), "held_at_start_gb": held,
                    "cache_mb": summ["cache_memory_peak_mb"], "compute_fraction": summ["compute_fraction"],
                    "chains_bypassed": f"{summ['chains_bypassed']}/{summ['chains_total']}",
                    "camera_motion_sequences_skipped": f"{summ['tokens_pruned_camera_motion']}/{summ['tokens_total_camera_motion']}",
@@ -325,8 +282,7 @@ def breakdown(args, dev, dtype, emit):
             emit(row)
         timer.close()
         del net
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+        reset_peak(dev)
 
 
 # --- the per-call levels (block reuse on the UNet's spans) ---------------------------------------
@@ -384,14 +340,13 @@ def percall(args, dev, dtype, emit):
     """Whole SV4D 2.0 12 x 4 runs (CFG batched) at each of --percall-steps: full compute, block
     reuse on the UNet's spans alone, with the step skip, the presets: latency and speedup against
     full compute in the same process, PSNR of the final latent vs full, peak memory, cache memory,
-    spans reused; a CUDA-event breakdown per step for the rows marked so."""
-    import gc
-
+    spans reused; a CUDA-event breakdown per step for the rows marked so. Each row's peak starts
+    afresh (bench.device.reset_peak) with what the row starts on reported beside it."""
     frames, views = GRIDS["sv4d2"]
     torch.manual_seed(0)
     net = make_net("sv4d2", args, dev, dtype)
     timer = Timer(net, dev)
-    cuda = dev == "cuda"
+    cuda = is_cuda(dev)
     euler_cfg_run(net, frames, views, args.side, 6, [], dev, dtype, calls=2)  # warm-up
     for steps in args.percall_steps:
         ref, full_s = None, None
@@ -402,26 +357,22 @@ def percall(args, dev, dtype, emit):
             if time.perf_counter() > args.deadline:
                 emit({"steps": steps, "row": label, "skipped": "deadline"})
                 continue
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            sync = None
+            reset_peak(dev)
+            sync_log = None
             if cuda and label in ("block reuse balanced", "token reuse balanced") and steps == min(args.percall_steps):
                 # Three calls (a store, then reuses) under set_sync_debug_mode("error"), apart from
                 # the timed run: a sync raises there, and the row records it instead of failing.
-                sync = []
+                sync_log = []
                 try:
-                    euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, calls=3, sync_check=sync)
+                    euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, calls=3, sync_check=sync_log)
                 except RuntimeError as e:
-                    if not sync:
-                        sync.append(str(e)[:300])
-                gc.collect()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
+                    if not sync_log:
+                        sync_log.append(str(e)[:300])
+                reset_peak(dev)
+            held = allocated_gb(dev)
             out = []
             ms, _, stats = euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, sample_out=out)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+            peak = peak_gb(dev)
             parts = None
             if timed_row:  # the same run again, timed per category (the events cost a little)
                 _, parts, _ = euler_cfg_run(net, frames, views, args.side, steps, specs, dev, dtype, timer=timer)
@@ -431,13 +382,13 @@ def percall(args, dev, dtype, emit):
             summ = stats.summary()
             row = {"steps": steps, "row": label, "latency_s": round(total, 3),
                    "speedup": round(full_s / total, 2), "psnr_vs_full": None if label == "full" else latent_psnr(out[0], ref),
-                   "peak_gb": None if peak is None else round(peak, 2),
+                   "peak_gb": peak, "held_at_start_gb": held,
                    "model_calls_run": summ["model_calls_run"], "compute_fraction": summ["compute_fraction"],
                    "spans_reused": stats.spans_reused, "spans_run": stats.spans_run,
                    "blocks_reused": stats.blocks_reused, "calls_aside": dict(stats.calls_aside),
                    "notes": list(stats.notes),
                    "cache_mb": summ["cache_memory_peak_mb"], "cache_bound_mb": summ.get("cache_bound_mb"),
-                   "ms_per_step": [round(m, 1) for m in ms], "sync_check": sync,
+                   "ms_per_step": [round(m, 1) for m in ms], "sync_check": sync_log,
                    "specs": [(n, c.to_dict() if hasattr(c, "to_dict") else c) for n, c in specs]}
             if parts:
                 row["breakdown_ms_per_step"] = mean_parts(parts)
@@ -449,22 +400,16 @@ def percall(args, dev, dtype, emit):
 def one_pass(net, frames, views, side, dev, dtype, memory=None, specs=(), calls=1, budget=None, steps=20,
              progress=False):
     """Peak memory and ms per call of `calls` CFG-batched calls; None when out of memory."""
-    import gc
-
     from turbo_core.memory import cache_budget
 
-    if dev == "cuda":
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(dev)
     failed, row = False, None
     try:
         with cache_budget(budget):
             ms, _, stats = euler_cfg_run(net, frames, views, side, steps, list(specs), dev, dtype, memory=memory,
                                          calls=calls, progress=progress)
         row = {"ms_per_call": [round(m, 1) for m in ms],
-               "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None,
-               "cache_mb": stats.summary()["cache_memory_peak_mb"]}
+               "peak_gb": peak_gb(dev), "cache_mb": stats.summary()["cache_memory_peak_mb"]}
         if budget is not None:
             row["cache_budget"] = budget.summary()
         if memory is not None:
@@ -472,9 +417,7 @@ def one_pass(net, frames, views, side, dev, dtype, memory=None, specs=(), calls=
     except torch.cuda.OutOfMemoryError:
         failed = True
     if failed:
-        gc.collect()
-        if dev == "cuda":
-            torch.cuda.empty_cache()
+        reset_peak(dev)  # frees what the failed pass left (outside the except clause: its traceback held it)
         return None
     return row
 
@@ -619,17 +562,17 @@ def main():
             inp = inputs(b, frames, views, args.side, dev, dtype)
             lay = net.token_layout(inp["x"].shape[0], views, frames, args.side, args.side)
             for backend in args.backends:
-                torch.cuda.reset_peak_memory_stats()
+                reset_peak(dev)
                 d = FullCompute(lay, backend=BACKENDS[backend])
                 with torch.inference_mode():
                     for _ in range(2):
                         net(**inp, dispatch=d)
-                    torch.cuda.synchronize()
-                    ms = timed(lambda: net(**inp, dispatch=d), args.calls)
+                    sync(dev)
+                    ms = call_ms(lambda: net(**inp, dispatch=d), args.calls, dev)
                 row = {"version": version, "params": params, "batch": b, "frames": frames, "views": views,
                        "latent": args.side, "images": b * frames * views, "backend": backend,
                        "ms_per_call": round(sorted(ms)[len(ms) // 2], 1), "ms_all": [round(m, 1) for m in ms],
-                       "peak_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+                       "peak_gb": peak_gb(dev)}
                 print(json.dumps(row), flush=True)
                 results.append(row)
             if args.accel and b == 2:
@@ -643,9 +586,9 @@ def main():
                         t0 = time.perf_counter()
                         net(**inp, dispatch=d)
                         run.end_call(d)
-                        torch.cuda.synchronize()
+                        sync(dev)
                         times.append((time.perf_counter() - t0) * 1000)
-                stats = run.end(torch.cuda.max_memory_allocated())
+                stats = run.end(peak_bytes(dev))
                 acc = {"version": version, "accel": args.accel, "backend": args.backends[-1],
                        "ms_per_step": [round(t, 1) for t in times], "accelerators": stats.configs,
                        "cache_mb": stats.summary()["cache_memory_peak_mb"]}
@@ -653,7 +596,7 @@ def main():
                 results.append(acc)
             del inp
         del net
-        torch.cuda.empty_cache()
+        reset_peak(dev)
     print(torch.cuda.get_device_name(), torch.__version__)
     return results
 

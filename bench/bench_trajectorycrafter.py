@@ -60,7 +60,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.bench_sv4d import timed_dispatch
-from bench.device import peak_bytes, peak_gb, reset_peak, sync
+from bench.device import EventTimer, peak_bytes, peak_gb, reset_peak, sync
 from turbo_core.accel import mechanisms
 from turbo_core.accel.registry import build_run
 from turbo_core.diffusion import DenoisedSpace
@@ -134,46 +134,21 @@ def latent_psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 # --- timing -------------------------------------------------------------------------------------------
-class Timer:
-    """Intervals per category: CUDA events on a GPU (read once per step), wall clock on the CPU.
-    The dispatch's sub-attentions time self-attention and the perceiver (timed_dispatch); forward
-    hooks time the feed-forwards."""
+class Timer(EventTimer):
+    """Intervals per category (bench.device.EventTimer). The dispatch's sub-attentions time
+    self-attention and the perceiver (timed_dispatch); forward hooks time the feed-forwards."""
+
+    categories = CATEGORIES
 
     def __init__(self, net, device):
-        self.cuda = torch.device(device).type == "cuda"
-        self.marks, self.handles, self._open_at, self.classes = [], [], {}, {}
+        super().__init__(device)
         for blk in net.transformer_blocks:
             self.handles.append(blk.ff.register_forward_pre_hook(lambda m, a: self._open_at.__setitem__(id(m), self.now())))
             self.handles.append(blk.ff.register_forward_hook(
                 lambda m, a, o: self.marks.append(("mlp", self._open_at.pop(id(m)), self.now()))))
 
-    def now(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
     def span(self, axis, start, end):
-        self.marks.append(({"joint": "self_attention"}.get(axis, axis), start, end))
-
-    def ms(self, a, b) -> float:
-        return a.elapsed_time(b) if self.cuda else (b - a) * 1000
-
-    def collect(self, start, end) -> dict:
-        if self.cuda:
-            torch.cuda.synchronize()
-        out = dict.fromkeys(CATEGORIES, 0.0)
-        for cat, a, b in self.marks:
-            out[cat] += self.ms(a, b)
-        out["total"] = self.ms(start, end)
-        out["rest"] = out["total"] - sum(out[c] for c in CATEGORIES if c != "rest")
-        self.marks.clear()
-        return out
-
-    def close(self):
-        for h in self.handles:
-            h.remove()
+        super().span({"joint": "self_attention"}.get(axis, axis), start, end)
 
 
 def sample_ours(net, inp: Inputs, steps: int, specs=(), cfg_scale: float = 6.0, timer: Timer = None,

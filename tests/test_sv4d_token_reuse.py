@@ -7,30 +7,16 @@ independent of RunStats) within its bound, without a host sync, bit for bit at t
 network that declares no token spans still gets the note. Reduced-width UNets on the CPU."""
 import torch
 
-import pytest
-
 from per_call_fixtures import deep_net
+from sv4d_fixtures import FRAMES, SIDE, VIEWS, rel_err, reuse_kwargs, sv4d_sample, unet, unet_full  # noqa: F401
 from test_sv4d import random_net
-from test_sv4d_block_reuse import BIG, FRAMES, SIDE, VIEWS, rel_err, sv4d_sample
 from turbo_core.accel.token_reuse import NO_STREAM, TokenReuseConfig
 from turbo_core.dispatch import sdpa
 from turbo_core.models import sv4d as S
 
 
-@pytest.fixture(scope="module", params=["sv4d", "sv4d2"])
-def unet(request):
-    return random_net(request.param)
-
-
-@pytest.fixture(scope="module")
-def unet_full(unet):
-    return sv4d_sample(unet)[0]
-
-
 def tokens(**kw):
-    base = dict(threshold=10.0, drift_prior=0.05, max_cache_mb=BIG, weigh_output=False)
-    base.update(kw)
-    return [("token_reuse", TokenReuseConfig(**base))]
+    return [("token_reuse", TokenReuseConfig(**reuse_kwargs(**kw)))]
 
 
 class CountingAttention:

@@ -104,6 +104,24 @@ def test_forcing_the_kernels_where_they_cannot_run_names_the_fix(monkeypatch):
         tf.fused(x)
 
 
+
+def test_each_kernel_module_reads_its_own_switch(monkeypatch):
+    # The token kernels and the short-axis kernel share one switch (kernels/switch.py), each under
+    # its own variable: setting one leaves the other at its default.
+    from turbo_core.kernels import short_axis as sa
+
+    assert tf.ENV == "TURBO4D_TOKEN_FUSE" and sa.ENV == "TURBO4D_SHORT_AXIS"
+    monkeypatch.delenv(sa.ENV, raising=False)
+    monkeypatch.setenv(tf.ENV, " Torch ")
+    assert (tf.mode(), sa.mode()) == ("torch", "auto")
+    monkeypatch.delenv(tf.ENV)
+    monkeypatch.setenv(sa.ENV, "triton")
+    assert (tf.mode(), sa.mode()) == ("auto", "triton")
+    monkeypatch.setenv(sa.ENV, "fast")
+    with pytest.raises(ValueError, match="TURBO4D_SHORT_AXIS='fast'"):
+        sa.mode()
+    assert tf.mode() == "auto"
+
 def test_unfused_path_runs_the_modules_so_their_work_is_seen(monkeypatch):
     # Off the kernels (CPU, or TURBO4D_TOKEN_FUSE=torch) the norm is the module itself: its hooks
     # (per_call_fixtures.LinearRows) see every row it normalises.

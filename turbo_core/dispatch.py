@@ -173,7 +173,13 @@ class SCMDispatch:
             acc = self.accelerators[i]
             return acc.attend(self, block, axis, s, index, lambda s2, idx2: run_from(i + 1, s2, idx2))
 
-        return run_from(0, seqs, None)
+        try:
+            return run_from(0, seqs, None)
+        finally:
+            # run_from refers to itself: a reference cycle that would keep what the closures hold (the
+            # compute functions and the activations they capture) until the next garbage collection;
+            # unlinked here, all of it is freed when the call returns.
+            run_from = None
 
     def attend_grid(self, block: int, axis: str, x: torch.Tensor, compute: Compute,
                     grid: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
@@ -237,7 +243,10 @@ class SCMDispatch:
                 return chain(h)
             return self.accelerators[i].chain(self, block, h, _Next(lambda h2: run_from(i + 1, h2), counted, stream))
 
-        return run_from(0, x)
+        try:
+            return run_from(0, x)
+        finally:
+            run_from = None  # unlinked as in attend: the call's tensors go when it returns
 
     def _counted_tokens(self, block: int, tokens: Tokens) -> Tokens:
         if self.stats is None:
@@ -298,7 +307,10 @@ class SCMDispatch:
                 return run_from(i + 1, h)
             return hook(self, key, h, lambda h2: run_from(i + 1, h2))
 
-        return run_from(0, x)
+        try:
+            return run_from(0, x)
+        finally:
+            run_from = None  # unlinked as in attend: the call's tensors go when it returns
 
 
 class FullCompute(SCMDispatch):

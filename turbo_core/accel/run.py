@@ -151,7 +151,12 @@ class Turbo4DRun:
                 return network()
             return self.per_call[i].call(dispatch, x, lambda: run_from(i + 1), space)
 
-        return run_from(0)
+        try:
+            return run_from(0)
+        finally:
+            # run_from refers to itself (a reference cycle): unlinked here, the call's input and
+            # network are freed when the call returns, not at the next garbage collection.
+            run_from = None
 
     def end_call(self, dispatch: SCMDispatch) -> None:
         for a in self.per_call:

@@ -25,20 +25,14 @@ kernel (an error where it cannot run; on the CPU it needs TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional: CPU installs and CI have none
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from .switch import MODES, env_mode, interpreting as _interpreting, tl, triton
 
 ENV = "TURBO4D_SHORT_AXIS"
-MODES = ("auto", "triton", "torch")
 MAX_LENGTH = 32
 HEAD_DIMS = (16, 32, 64, 128)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -48,14 +42,7 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def mode() -> str:
-    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ValueError(f"{ENV}={m!r} is not one of {MODES}; unset it or pick one")
-    return m
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_mode(ENV)
 
 
 def available(device) -> bool:

@@ -24,34 +24,21 @@ cannot run; on the CPU they need TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # Triton is optional: CPU installs and CI have none
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
+from .switch import MODES, env_mode, interpreting as _interpreting, tl, triton  # noqa: F401 (MODES: this module's too)
 
 ENV = "TURBO4D_TOKEN_FUSE"
-MODES = ("auto", "triton", "torch")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WIDTH = 4096
 
 
 def mode() -> str:
-    m = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if m not in MODES:
-        raise ValueError(f"{ENV}={m!r} is not one of {MODES}; unset it or pick one")
-    return m
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env_mode(ENV)
 
 
 def why_not(x: torch.Tensor) -> Optional[str]:

@@ -593,7 +593,12 @@ class SV4DUNet(nn.Module):
             h = run(self.input_blocks[i], h)
             if i < a:
                 hs.append(h)
-        h = through(1, h)
+        try:
+            h = through(1, h)
+        finally:
+            # span_fn and through refer to each other: a reference cycle holding this call's
+            # conditioning and dispatch until the next garbage collection; unlinked, they go with it.
+            through = None
         for j in range(m_in - a, m_in):
             h = run(self.output_blocks[j], torch.cat([h, hs.pop()], dim=1))
         return self.out(h)

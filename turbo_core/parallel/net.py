@@ -343,45 +343,29 @@ class ParallelNet:
         """A network that is split by batch items only (SV4D / SV4D 2.0: its res blocks mix frames
         and its camera attention runs over pixel groups, so only the CFG halves split): every
         tensor argument holds whole batch items, contiguous, and each rank takes its items' rows."""
-        net, group = self.net, self.group
+        net = self.net
         n, views, frames = x.shape[0], int(views), int(frames)
         layout = net.token_layout(n, views, frames, *x.shape[-2:])
         self._cfg_only()
         plan = self._plan(layout, dispatch, "cfg")
         if plan is None or plan.mode != "cfg":
             return net(x, timesteps, context, y, cond_view, views, frames, dispatch=dispatch, memory=memory)
-        dev = _comm_device(group)
         t = torch.as_tensor(timesteps, device=x.device).float().reshape(-1)
         inputs = {"x": x, "timesteps": t.expand(n) if t.numel() == 1 else t, "context": context, "y": y,
                   "cond_view": cond_view}
-        inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
-        header = {"op": "call_items", "plan": plan, "step": None if dispatch is None else dispatch.step,
-                  # The per-call levels' decisions rank 0 took for this call: every rank takes them.
-                  "decided": call_decisions(dispatch),
-                  "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
-                  "grid": True if dispatch is None else dispatch.grid,
-                  "memory": None if memory is None else (memory.piece_bytes, memory.reserve_bytes, memory.min_piece),
-                  "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
+        extra = {"memory": None if memory is None else (memory.piece_bytes, memory.reserve_bytes, memory.min_piece)}
 
-        def body():
-            for v in inputs.values():
-                group.comm.broadcast(v)
-            sd = (ShardedDispatch.like(dispatch, plan, group.comm) if dispatch is not None
-                  else ShardedDispatch(plan, group.comm))
-            xs, ts, cs, ys, cvs = item_rows(plan, 0, *(v.to(x.device) for v in inputs.values()))
-            with reduced_signals(group.comm):
-                out = net(xs, ts, cs, ys, cvs, views, frames, dispatch=sd, memory=memory)
-                end_share(sd)
-            return group.comm.gather_images(out, plan).to(x.device)
+        def share(sd, xs, ts, cs, ys, cvs):
+            return net(xs, ts, cs, ys, cvs, views, frames, dispatch=sd, memory=memory)
 
-        return group.command(header, body)
+        return self._split_call("call_items", plan, dispatch, inputs, x.device, item_rows, share, extra)
 
     def _call_joint(self, latents, text, timestep, inpaint=None, reference=None, dispatch=None, rope=None):
         """TrajectoryCrafter (same signature as its forward), split by its CFG halves: its joint
         attention runs over every frame of a batch item, so only batch items split. The perceiver's
         reference keys/values are each rank's own, computed once per reference object (once per
         run: the adapters compute one per run) from the latents it came from."""
-        net, group = self.net, self.group
+        net = self.net
         self._cfg_only()
         if net.cfg.is_train_cross and reference is not None and not isinstance(reference, PerceiverReference):
             reference = net.reference(reference)  # raw latents: for this call alone, as the network does
@@ -393,35 +377,21 @@ class ParallelNet:
         if reference is not None and reference.batch != 1 and b % reference.batch:
             raise ValueError(f"a call of batch {b} cannot use a reference of batch {reference.batch}")
         self._send_reference(reference)
-        dev = _comm_device(group)
         t = torch.as_tensor(timestep, device=latents.device).float().reshape(-1)
         inputs = {"latents": latents, "text": text, "timestep": t.expand(b) if t.numel() == 1 else t}
         if inpaint is not None:
             inputs["inpaint"] = inpaint
-        inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
-        header = {"op": "call_joint", "plan": plan, "step": None if dispatch is None else dispatch.step,
-                  # The per-call levels' decisions rank 0 took for this call: every rank takes them.
-                  "decided": call_decisions(dispatch),
-                  "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
-                  "grid": True if dispatch is None else dispatch.grid,
-                  "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
 
-        def body():
-            for v in inputs.values():
-                group.comm.broadcast(v)
-            sd = (ShardedDispatch.like(dispatch, plan, group.comm) if dispatch is not None
-                  else ShardedDispatch(plan, group.comm))
-            rows = dict(zip(inputs, item_rows(plan, 0, *(v.to(latents.device) for v in inputs.values()))))
+        def share(sd, *local):
+            rows = dict(zip(inputs, local))
             ref = None if reference is None else reference.items(*plan.bounds(0))
-            with reduced_signals(group.comm):
-                out = net(rows["latents"], rows["text"], rows["timestep"], inpaint=rows.get("inpaint"), reference=ref,
-                          dispatch=sd, rope=rope)
-                end_share(sd)
+            out = net(rows["latents"], rows["text"], rows["timestep"], inpaint=rows.get("inpaint"), reference=ref,
+                      dispatch=sd, rope=rope)
             # The gather moves "images": a JointLayout's are latent frames, batch-major.
-            full = group.comm.gather_images(out.flatten(0, 1), plan)
-            return full.view(b, *out.shape[1:]).to(latents.device)
+            return out.flatten(0, 1)
 
-        return group.command(header, body)
+        full = self._split_call("call_joint", plan, dispatch, inputs, latents.device, item_rows, share)
+        return full.unflatten(0, (b, -1))
 
     def _send_reference(self, reference: Optional[PerceiverReference]) -> None:
         """Every worker holds the perceiver keys/values of `reference` (its own, computed from the
@@ -440,38 +410,52 @@ class ParallelNet:
         group.state["references_sent"] = group.state.get("references_sent", 0) + 1
 
     def _call_scm(self, x, c_noise, camera, views, frames, frame_index=None, dispatch=None, layout=None):
-        net, group = self.net, self.group
+        net = self.net
         layout = layout or net.token_layout(x.shape[0], int(views), int(frames))
         plan = self._plan(layout, dispatch, self.mode)
         if plan is None:
             return net(x, c_noise, camera, views, frames, frame_index=frame_index, dispatch=dispatch, layout=layout)
         n = x.shape[0]
-        dev = _comm_device(group)
         inputs = {
             "x": x,
             "c_noise": torch.as_tensor(c_noise, device=x.device).float().reshape(-1).expand(n),
             "camera": camera,
             "frame_index": frame_index if frame_index is not None else layout.frame_index(device=x.device),
         }
+
+        def share(sd, xs, cs, cams, fis):
+            lay = sd.layout
+            return net(xs, cs, cams, lay.views, lay.frames, frame_index=fis, dispatch=sd, layout=lay)
+
+        return self._split_call("call", plan, dispatch, inputs, x.device, slice_inputs, share)
+
+    def _split_call(self, op: str, plan, dispatch, inputs: dict, device, rows, share, extra: Optional[dict] = None):
+        """One call split by `plan` (rank 0's side of every split call): the header that tells the
+        workers (with the per-call decisions rank 0 took), the broadcast of `inputs`, then rank 0's
+        share: `rows(plan, 0, *inputs)` its rows of them, `share(sd, *those rows)` its output
+        images, through a ShardedDispatch with the signals all-reduced; the gathered images come
+        back on `device`."""
+        group = self.group
+        dev = _comm_device(group)
         inputs = {k: v.to(dev).contiguous() for k, v in inputs.items()}
-        header = {"op": "call", "plan": plan, "step": None if dispatch is None else dispatch.step,
+        header = {"op": op, "plan": plan, "step": None if dispatch is None else dispatch.step,
                   # The per-call levels' decisions rank 0 took for this call: every rank takes them.
                   "decided": call_decisions(dispatch),
                   "backend": backend_name(dispatch.attention) if dispatch is not None else "sdpa",
                   "grid": True if dispatch is None else dispatch.grid,
+                  **(extra or {}),
                   "inputs": [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in inputs.items()]}
 
         def body():
-            for t in inputs.values():
-                group.comm.broadcast(t)
+            for v in inputs.values():
+                group.comm.broadcast(v)
             sd = (ShardedDispatch.like(dispatch, plan, group.comm) if dispatch is not None
                   else ShardedDispatch(plan, group.comm))
-            xs, cs, cams, fis = slice_inputs(plan, 0, *(inputs[k].to(x.device) for k in inputs))
-            lay = sd.layout
+            local = rows(plan, 0, *(v.to(device) for v in inputs.values()))
             with reduced_signals(group.comm):
-                out = net(xs, cs, cams, lay.views, lay.frames, frame_index=fis, dispatch=sd, layout=lay)
+                out = share(sd, *local)
                 end_share(sd)
-            return group.comm.gather_images(out, plan).to(x.device)
+            return group.comm.gather_images(out, plan).to(device)
 
         return group.command(header, body)
 
@@ -532,14 +516,21 @@ class ShardWorker:
         else:
             raise ValueError(f"unknown command {op!r} from rank 0")
 
-    def _call_items(self, header: dict) -> None:
-        g, comm = self.group, self.group.comm
+    def _received(self, header: dict) -> dict:
+        """A call's inputs as rank 0 broadcast them (name -> tensor), on this rank's device."""
+        g = self.group
         dev = _comm_device(g)
-        inputs = [comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev)) for _, shape, dt in header["inputs"]]
+        received = {k: g.comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev))
+                    for k, shape, dt in header["inputs"]}
         if self.net is None:
             raise RuntimeError("rank 0 sent a model call before any model")
+        return {k: v.to(g.device) for k, v in received.items()}
+
+    def _call_items(self, header: dict) -> None:
+        g = self.group
+        inputs = self._received(header)
         plan, step, net = header["plan"], header["step"], self.net
-        x, t, context, y, cond_view = item_rows(plan, g.rank, *(v.to(g.device) for v in inputs))
+        x, t, context, y, cond_view = item_rows(plan, g.rank, *inputs.values())
         lay = plan.local_layout(g.rank)
         memory = None
         if header["memory"] is not None:
@@ -556,14 +547,10 @@ class ShardWorker:
         self._run_call(plan, step, header, x, network, work=net.block_work(lay))
 
     def _call_joint(self, header: dict) -> None:
-        g, comm = self.group, self.group.comm
-        dev = _comm_device(g)
-        received = {k: comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev))
-                    for k, shape, dt in header["inputs"]}
-        if self.net is None:
-            raise RuntimeError("rank 0 sent a model call before any model")
+        g = self.group
+        received = self._received(header)
         plan, net = header["plan"], self.net
-        rows = dict(zip(received, item_rows(plan, g.rank, *(v.to(g.device) for v in received.values()))))
+        rows = dict(zip(received, item_rows(plan, g.rank, *received.values())))
         ref = None
         if net.cfg.is_train_cross:
             if self.reference is None:
@@ -581,7 +568,7 @@ class ShardWorker:
     def _run_call(self, plan, step, header, x, network, work=None, cost=None) -> None:
         """One call of this rank's share: through the run's accelerators when rank 0's call had a
         step (a sampling run), plain otherwise; then the outputs go to rank 0."""
-        g, comm, run, net = self.group, self.group.comm, self.run, self.net
+        comm, run, net = self.group.comm, self.run, self.net
         if run is None or step is None:
             sd = ShardedDispatch(plan, comm, backend=header["backend"], grid=header["grid"])
             with reduced_signals(comm):
@@ -616,13 +603,10 @@ class ShardWorker:
         comm.gather_images(out, plan)
 
     def _call(self, header: dict) -> None:
-        g, comm = self.group, self.group.comm
-        dev = _comm_device(g)
-        inputs = [comm.broadcast(torch.empty(shape, dtype=_dtype(dt), device=dev)) for _, shape, dt in header["inputs"]]
-        if self.net is None:
-            raise RuntimeError("rank 0 sent a model call before any model")
+        g = self.group
+        inputs = self._received(header)
         plan, step = header["plan"], header["step"]
-        x, c_noise, camera, frame_index = slice_inputs(plan, g.rank, *(t.to(g.device) for t in inputs))
+        x, c_noise, camera, frame_index = slice_inputs(plan, g.rank, *inputs.values())
         net = self.net
         lay = plan.local_layout(g.rank)
 
