@@ -129,6 +129,21 @@ def test_a_reused_span_skips_every_convolution_and_attention_inside_it(unet, une
     assert 0 < rel_err(x, unet_full) < 0.1
 
 
+def sample_watched(unet, run):
+    """One sample through `run`, with the cache's bytes and the span plans seen at every call."""
+    seen, plans = [], []
+
+    def listener(stats, entry):
+        if entry is not None:
+            acc = run.accelerators[0]
+            seen.append(acc.cache_bytes())
+            plans.extend((list(st.spans), st.forecast) for st in acc.streams.values())
+
+    run.listeners.append(listener)
+    x, st, _ = sv4d_sample(unet, run=run)
+    return x, st, seen, plans
+
+
 def test_memory_bound_is_never_exceeded_and_spans_are_chosen_outermost_first(unet):
     s1, s2, s3, s4 = span_sizes(unet)
     for mb, keys, forecast in (
@@ -137,16 +152,7 @@ def test_memory_bound_is_never_exceeded_and_spans_are_chosen_outermost_first(une
             (2.2 * s1 / 2**20, [1, 4], True),              # the forecast: two tensors a span
             (0.5 * s4 / 2**20, [], False)):                # none fits: nothing cached, nothing reused
         run = build_run(reuse(max_cache_mb=mb, forecast=1 if forecast or not keys else 0), backend="sdpa")
-        seen, plans = [], []
-
-        def listener(stats, entry, run=run, seen=seen, plans=plans):
-            if entry is not None:
-                acc = run.accelerators[0]
-                seen.append(acc.cache_bytes())
-                plans.extend((list(st.spans), st.forecast) for st in acc.streams.values())
-
-        run.listeners.append(listener)
-        x, st, _ = sv4d_sample(unet, run=run)
+        x, st, seen, plans = sample_watched(unet, run)
         assert plans[-1] == ([("unet", k) for k in keys], forecast), mb
         assert max(seen) <= mb * 2**20, (mb, max(seen))
         assert st.summary()["cache_memory_peak_mb"] <= mb + 1e-6
@@ -171,16 +177,7 @@ def test_declared_spans_a_fraction_bound_just_short_of_the_smallest_holds_it_wit
         frac = over * small / (ESTIMATE_ACTIVATIONS * 2 * sizes[0])
         cfg = reuse(forecast=1, max_cache_mb=0.0, memory_fraction=frac)
         run = build_run(cfg, backend="sdpa")
-        seen, plans = [], []
-
-        def listener(stats, entry, run=run, seen=seen, plans=plans):
-            if entry is not None:
-                acc = run.accelerators[0]
-                seen.append(acc.cache_bytes())
-                plans.extend((list(st.spans), st.forecast) for st in acc.streams.values())
-
-        run.listeners.append(listener)
-        x, st, _ = sv4d_sample(unet, run=run)
+        x, st, seen, plans = sample_watched(unet, run)
         bound = int(frac * ESTIMATE_ACTIVATIONS * 2 * sizes[0])
         assert plans[-1] == ([("unet", k) for k in keys], False), over
         if keys:
