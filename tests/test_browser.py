@@ -409,9 +409,23 @@ def click_combo_arrow(page, node_id, name) -> None:
       const r = c.canvas.getBoundingClientRect();
       return [r.left + sx, r.top + sy];
     }""", [node_id, name])
-    settle_overlays(page)
-    page.mouse.click(x, y)
-    page.wait_for_timeout(200)
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    value = """([id, name]) => (window.app.rootGraph ?? window.app.graph).getNodeById(id)
+      .widgets.find(w => w.name === name).value"""
+    before = page.evaluate(value, [node_id, name])
+    # On a loaded CPU the canvas can drop a click that lands while it is still busy after a run
+    # (seen once in a full suite: the value stayed): wait for the change, and click once more if
+    # none came, as a user would. An arrow that never changes the value still fails the caller.
+    for _ in range(2):
+        settle_overlays(page)
+        page.mouse.click(x, y)
+        try:
+            page.wait_for_function(f"([id, name, before]) => ({value})([id, name]) !== before",
+                                   arg=[node_id, name, before], timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            continue
 
 
 def settle_overlays(page, timeout: float = 10_000) -> None:
