@@ -36,11 +36,9 @@ def final_weight(sigma: float, sigma_next, space) -> float:
     (how much it moves this call's denoised image) times how much of an error the Euler step puts
     into the noisy images at sigma_next still stands in the result, sigma_data / sqrt(sigma_next^2 +
     sigma_data^2) (what the probability-flow ODE from sigma_next to 0 keeps of a perturbation, exact
-    for Gaussian data: the later calls denoise most of an early error away). A 6-step Karras
-    schedule: 0.02, 0.085, 0.46, 0.88, 0.17, 0.004, where output_weight alone gives 1.0, 1.0, 1.0,
-    0.89, 0.17, 0.004; on the embedded model, computing a quarter of the positions at the second
-    call cost nothing measurable (66 dB against full compute) and at the fourth 25 dB. output_weight
-    where the schedule's next sigma or the output space is not known."""
+    for Gaussian data: the later calls denoise most of an early error away; BENCHMARKS.md, "Token
+    reuse weighed by what reaches the final image", has the per-call errors that showed it).
+    output_weight where the schedule's next sigma or the output space is not known."""
     w = output_weight(sigma, space)
     if space is None or sigma_next is None:
         return w
